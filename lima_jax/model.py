@@ -1,0 +1,440 @@
+"""The LLaMA decoder family (LLaMA-1, -2, -3 shapes) in Flax NNX, numerically matching Hugging Face.
+
+One config covers multi-head, grouped-query and multi-query attention, rotary embeddings with
+LLaMA-3 scaling, SwiGLU, tied or untied embeddings and a vocabulary padded for even sharding.
+Decoder layers keep their parameters stacked on a leading `layers` axis, so the same checkpoint
+runs under `jax.lax.scan` (one compiled layer) or unrolled. LIMA's residual dropout rate grows
+linearly with depth and is passed to the scanned layer as data.
+
+Parameters cross module boundaries as the plain nested dict of `nnx.to_pure_dict(nnx.state(m))`:
+
+  embed/embedding        [vocab_padded, d_model]
+  layers/attn_norm/scale [L, d_model]
+  layers/attn/{q,k,v}_proj [L, d_model, heads|kv_heads, head_dim]
+  layers/attn/o_proj     [L, heads, head_dim, d_model]
+  layers/mlp_norm/scale  [L, d_model]
+  layers/mlp/{gate,up}_proj [L, d_model, mlp_dim];  layers/mlp/down_proj [L, mlp_dim, d_model]
+  final_norm/scale       [d_model]
+  lm_head                [d_model, vocab_padded]   (absent when embeddings are tied)
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lima_jax import sharding
+
+# Large negative instead of -inf, so a fully masked row (padding) stays finite.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of one model; `configs/lima.py` `config.model` holds the same fields."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  mlp_dim: int
+  n_kv_heads: int = 0  # 0 = n_heads.
+  head_dim: int = 0  # 0 = d_model // n_heads.
+  vocab_pad_multiple: int = 128
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] = ()  # Sorted (key, value) pairs; hashable.
+  tie_embeddings: bool = False
+  max_seq_len: int = 2048
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  residual_dropout: float = 0.0
+  attention: str = "auto"
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+    if self.n_heads % self.kv_heads:
+      raise ValueError(f"model: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if self.attention not in ("auto", "xla", "splash"):
+      raise ValueError(f"model.attention={self.attention!r}; expected auto, xla or splash")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = max(1, self.vocab_pad_multiple)
+    return -(-self.vocab_size // m) * m
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from `config.model` (or JSON); fields that are not model shapes (init_from) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dict(fields)
+    if "rope_scaling" in fields and not isinstance(fields["rope_scaling"], tuple):
+      fields["rope_scaling"] = dict(fields["rope_scaling"] or {})
+    return cls(**{k: v for k, v in fields.items() if k in names})
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["rope_scaling"] = dict(self.rope_scaling)
+    return d
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    """Parameter count with the real (unpadded) vocabulary."""
+    d, f, l = self.d_model, self.mlp_dim, self.n_layers
+    attn = d * self.dim_per_head * (2 * self.n_heads + 2 * self.kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    embed = d * self.vocab_size
+    n = l * per_layer + d + head
+    return n + embed if include_embedding or self.tie_embeddings else n
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj", "mlp_out"),
+}
+
+PARAM_LOGICAL_AXES = {
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("layers", "attn_norm", "scale"): ("layers", "norm"),
+    ("layers", "attn", "q_proj"): ("layers", "embed", "heads", "head_dim"),
+    ("layers", "attn", "k_proj"): ("layers", "embed", "kv_heads", "head_dim"),
+    ("layers", "attn", "v_proj"): ("layers", "embed", "kv_heads", "head_dim"),
+    ("layers", "attn", "o_proj"): ("layers", "heads", "head_dim", "embed"),
+    ("layers", "mlp_norm", "scale"): ("layers", "norm"),
+    ("layers", "mlp", "gate_proj"): ("layers", "embed", "mlp"),
+    ("layers", "mlp", "up_proj"): ("layers", "embed", "mlp"),
+    ("layers", "mlp", "down_proj"): ("layers", "mlp", "embed"),
+    ("final_norm", "scale"): ("norm",),
+    ("lm_head",): ("embed", "vocab"),
+}
+
+
+def _normal(key, shape, dtype, std=0.02):
+  return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, param_dtype, *, stack: tuple[int, ...] = ()):
+    self.scale = nnx.Param(jnp.ones(stack + (dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+  """Inverse frequencies [head_dim/2], with LLaMA-3 ("llama3") or linear position scaling."""
+  dim = config.dim_per_head
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  scaling = dict(config.rope_scaling)
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return inv_freq
+  if kind == "linear":
+    return inv_freq / float(scaling["factor"])
+  if kind == "llama3":
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported (default, linear, llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates [B, S, heads, head_dim] by position, in Hugging Face's half-split layout."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, head_dim/2]
+  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def dot_product_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None):
+  """Causal attention; K/V heads are shared by query groups without being repeated in memory.
+
+  q: [B, S, H, D]; k, v: [B, T, KV, D]. A key is visible when its position is at most the
+  query's and (when segment ids are given) it belongs to the same packed conversation.
+  """
+  b, s, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, s, kv, h // kv, d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (d ** -0.5)
+  mask = k_positions[:, None, :] <= q_positions[:, :, None]
+  if q_segments is not None:
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, h, d)
+
+
+def _attention_kernel(config: ModelConfig):
+  """The attention implementation the config asks for; the Pallas kernel only exists on TPU."""
+  if config.attention == "splash" or (config.attention == "auto" and jax.default_backend() == "tpu"):
+    try:
+      from lima_jax import tpu_attention  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      if config.attention == "splash":
+        raise
+      return dot_product_attention
+    return tpu_attention.make_attention(config)
+  return dot_product_attention
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+    c, pdt = config, config.param_dtype
+    d, h, kv, hd = c.d_model, c.n_heads, c.kv_heads, c.dim_per_head
+    self.q_proj = nnx.Param(_normal(rngs.params(), stack + (d, h, hd), pdt))
+    self.k_proj = nnx.Param(_normal(rngs.params(), stack + (d, kv, hd), pdt))
+    self.v_proj = nnx.Param(_normal(rngs.params(), stack + (d, kv, hd), pdt))
+    self.o_proj = nnx.Param(_normal(rngs.params(), stack + (h, hd, d), pdt))
+    self.config = config
+
+  def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None):
+    dt = x.dtype
+    q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt))
+    k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(dt))
+    q = checkpoint_name(q, "query_proj")
+    k = checkpoint_name(k, "key_proj")
+    v = checkpoint_name(v, "value_proj")
+    q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
+    inv_freq = rope_frequencies(self.config)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if cache is None:
+      out = _attention_kernel(self.config)(q, k, v, positions, positions, segment_ids, segment_ids)
+      new_cache = None
+    else:
+      new_cache = {"k": _write_cache(cache["k"], k, positions), "v": _write_cache(cache["v"], v, positions)}
+      out = dot_product_attention(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
+                                  positions, cache_positions)
+    out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
+    out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
+    return checkpoint_name(out, "out_proj"), new_cache
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """Writes each row's new K or V [B, S, KV, D] into its cache [B, T, KV, D] at its own offset."""
+  def write_row(row_cache, row_new, start):
+    return jax.lax.dynamic_update_slice(row_cache, row_new.astype(row_cache.dtype), (start, 0, 0))
+  return jax.vmap(write_row)(cache, new, positions[:, 0])
+
+
+class MLP(nnx.Module):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+    d, f, pdt = config.d_model, config.mlp_dim, config.param_dtype
+    self.gate_proj = nnx.Param(_normal(rngs.params(), stack + (d, f), pdt))
+    self.up_proj = nnx.Param(_normal(rngs.params(), stack + (d, f), pdt))
+    self.down_proj = nnx.Param(_normal(rngs.params(), stack + (f, d), pdt))
+
+  def __call__(self, x):
+    dt = x.dtype
+    gate = jnp.einsum("bsd,df->bsf", x, self.gate_proj[...].astype(dt))
+    up = jnp.einsum("bsd,df->bsf", x, self.up_proj[...].astype(dt))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    out = jnp.einsum("bsf,fd->bsd", hidden, self.down_proj[...].astype(dt))
+    return checkpoint_name(out, "mlp_out")
+
+
+def _dropout(x, rate, key):
+  """Inverted dropout whose rate is a traced scalar (it differs per scanned layer)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + drop(attn(norm(x))), then + drop(mlp(norm(x)))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+    self.attn_norm = RMSNorm(config.d_model, config.rms_norm_eps, config.param_dtype, stack=stack)
+    self.attn = Attention(config, rngs=rngs, stack=stack)
+    self.mlp_norm = RMSNorm(config.d_model, config.rms_norm_eps, config.param_dtype, stack=stack)
+    self.mlp = MLP(config, rngs=rngs, stack=stack)
+
+  def __call__(self, x, positions, segment_ids, dropout_rate=None, dropout_key=None,
+               cache=None, cache_positions=None):
+    attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_positions)
+    mlp_key = None
+    if dropout_key is not None:
+      attn_key, mlp_key = jax.random.split(dropout_key)
+      attn_out = _dropout(attn_out, dropout_rate, attn_key)
+    x = sharding.constrain(x + attn_out, ("batch", "length", "activation_embed"))
+    mlp_out = self.mlp(self.mlp_norm(x))
+    if mlp_key is not None:
+      mlp_out = _dropout(mlp_out, dropout_rate, mlp_key)
+    x = sharding.constrain(x + mlp_out, ("batch", "length", "activation_embed"))
+    return x, new_cache
+
+
+def residual_dropout_rates(config: ModelConfig) -> jax.Array:
+  """LIMA's schedule: layer i of L drops with rate max_rate * i / (L - 1) (0 at the bottom)."""
+  l = config.n_layers
+  if l == 1:
+    return jnp.zeros((1,), jnp.float32)
+  return config.residual_dropout * jnp.arange(l, dtype=jnp.float32) / (l - 1)
+
+
+class Transformer(nnx.Module):
+  """LlamaForCausalLM: token ids [B, S] -> float32 logits [B, S, vocab_size]."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    embedding = _normal(rngs.params(), (c.padded_vocab_size, c.d_model), c.param_dtype)
+    pad_rows = jnp.arange(c.padded_vocab_size)[:, None] >= c.vocab_size
+    self.embed = nnx.Dict(embedding=nnx.Param(jnp.where(pad_rows, 0, embedding).astype(c.param_dtype)))
+    self.layers = DecoderLayer(c, rngs=rngs, stack=(c.n_layers,))
+    self.final_norm = RMSNorm(c.d_model, c.rms_norm_eps, c.param_dtype)
+    if not c.tie_embeddings:
+      head = _normal(rngs.params(), (c.d_model, c.padded_vocab_size), c.param_dtype)
+      self.lm_head = nnx.Param(jnp.where(pad_rows[:, 0][None, :], 0, head).astype(c.param_dtype))
+
+  def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None,
+               padded_vocab: bool = False):
+    """Logits for a batch. `dropout_key` turns residual dropout on (training); None = eval.
+
+    With `padded_vocab` the logits keep the padded width, with padded entries at a large
+    negative value so they never win a softmax; otherwise they are cut to `vocab_size`.
+    """
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    x, _ = self._decoder(tokens, positions, segment_ids, dropout_key, None, None)
+    return self._logits(x, padded_vocab)
+
+  def decode(self, tokens, positions, cache, *, padded_vocab: bool = False):
+    """One KV-cache step (prefill or a decode token); returns (logits, new cache).
+
+    Each row writes its keys and values at its own `positions` (contiguous within the row) and
+    attends to cache slots at or before them, so right-padded prompts of different lengths can
+    share a batch: slots beyond a row's length are masked until that row overwrites them.
+    """
+    b, t = cache["k"].shape[1], cache["k"].shape[2]
+    cache_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, new_cache = self._decoder(tokens, positions, None, None, cache, cache_positions)
+    return self._logits(x, padded_vocab), new_cache
+
+  def _decoder(self, tokens, positions, segment_ids, dropout_key, cache, cache_positions):
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    x = jnp.take(self.embed["embedding"][...], tokens, axis=0).astype(dt)
+    x = sharding.constrain(x, ("batch", "length", "activation_embed"))
+    layer_def, layer_state = nnx.split(self.layers)
+    rates = residual_dropout_rates(c)
+    keys = None if dropout_key is None else jax.random.split(dropout_key, c.n_layers)
+
+    def layer_step(x, layer_inputs):
+      state, rate, key, layer_cache = layer_inputs
+      layer = nnx.merge(layer_def, state)
+      return layer(x, positions, segment_ids, rate, key, layer_cache, cache_positions)
+
+    policy = REMAT_POLICIES[c.remat_policy]
+    if c.remat_policy != "none":
+      layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=not c.scan_layers)
+    xs = (layer_state, rates, keys, cache)
+    if c.scan_layers:
+      x, new_cache = jax.lax.scan(layer_step, x, xs)
+    else:
+      outputs = []
+      for i in range(c.n_layers):
+        x, layer_cache = layer_step(x, jax.tree.map(lambda a, i=i: a[i], xs))
+        outputs.append(layer_cache)
+      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return self.final_norm(x), new_cache
+
+  def _logits(self, x, padded_vocab):
+    c = self.config
+    if c.tie_embeddings:
+      head = self.embed["embedding"][...].astype(x.dtype).T
+    else:
+      head = self.lm_head[...].astype(x.dtype)
+    logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
+    logits = sharding.constrain(logits, ("batch", "length", "vocab"))
+    if not padded_vocab:
+      return logits[..., :c.vocab_size]
+    if c.padded_vocab_size == c.vocab_size:
+      return logits
+    return jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, _MASK_VALUE)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    return init_cache(self.config, batch_size, max_len, dtype)
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+  """Empty KV cache {"k", "v"}: [layers, batch, max_len, kv_heads, head_dim] each."""
+  shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.dim_per_head)
+  dtype = dtype or config.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+@functools.lru_cache(maxsize=32)
+def graphdef(config: ModelConfig):
+  """The static half of `nnx.split(Transformer(config))`, cached per config."""
+  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  return nnx.split(abstract)[0]
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict:
+  """Random parameters as a plain nested dict (see the module docstring for its layout)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(params=key))))
+
+
+def abstract_params(config: ModelConfig) -> dict:
+  """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without allocating."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def bind(config: ModelConfig, params: Mapping) -> Transformer:
+  """A Transformer that computes with `params` (a plain dict); cheap, and fine inside jit."""
+  return nnx.merge(graphdef(config), params)
+
+
+def param_logical_axes(params: Mapping) -> dict:
+  """Logical axis names for each parameter, in the same tree structure as `params`."""
+  def axes(path, _):
+    key = tuple(p.key for p in path)
+    if key not in PARAM_LOGICAL_AXES:
+      raise KeyError(f"no logical axes for parameter {'/'.join(key)}")
+    return PARAM_LOGICAL_AXES[key]
+  return jax.tree_util.tree_map_with_path(axes, params)
+
+
+def is_norm_scale(path: tuple[str, ...]) -> bool:
+  """Norm scales are excluded from weight decay."""
+  return path[-1] == "scale"

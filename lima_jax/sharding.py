@@ -1,0 +1,127 @@
+"""Device mesh and logical-axis sharding rules, in the MaxText manner.
+
+Arrays are annotated with *logical* axis names ("batch", "embed", "mlp", ...); a table of rules
+maps each name to mesh axes. Changing how a model is split over a slice is a config change (the
+mesh sizes, or the rules), never a model change.
+"""
+
+import contextlib
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+# Logical axis -> mesh axes. A logical axis whose mesh axes are already used by an earlier
+# dimension of the same array is left replicated there (see `logical_to_spec`).
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", ("sequence",)),
+    ("cache_length", ()),
+    ("embed", ("fsdp",)),
+    ("activation_embed", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("mlp", ("tensor",)),
+    ("layers", ()),
+    ("norm", ()),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes of MESH_AXES from the config's `mesh` section; one axis may be -1 (fill the rest)."""
+  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f"config.mesh: {num_devices} devices do not divide by the fixed axes "
+                       f"{dict(zip(MESH_AXES, sizes))} (product {known})")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh: axes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices "
+                     f"but {num_devices} are available; set one axis to -1 to fill")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) shaped by the config, laid out for the interconnect."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    device_array = mesh_utils.create_device_mesh(
+        shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None,
+                    rules: Sequence[tuple[str, Sequence[str]]] = DEFAULT_RULES,
+                    mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+  """PartitionSpec for an array whose dimensions carry `logical_axes`.
+
+  A mesh axis is used at most once per array, and (given `mesh` and `shape`) only where it
+  divides the dimension, so odd sizes stay correct, merely replicated on that axis.
+  """
+  if logical_axes is None:
+    return PartitionSpec()
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(logical_axes):
+    chosen = []
+    size = None if shape is None else shape[dim]
+    for axis in table.get(name, ()) if name else ():
+      if axis in used:
+        continue
+      axis_size = mesh.shape[axis] if mesh is not None else 1
+      if mesh is not None and axis_size == 1:
+        continue
+      if size is not None and mesh is not None:
+        if size % (math.prod(mesh.shape[a] for a in chosen) * axis_size):
+          continue
+      chosen.append(axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return PartitionSpec(*spec)
+
+
+def tree_shardings(logical_tree, shape_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a pytree, from a same-structured tree of logical-axis tuples."""
+  return jax.tree.map(
+      lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)),
+      logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+_ACTIVE: list[tuple[Mesh, tuple]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+  """Within this context, `constrain` pins activations to the mesh; outside it is a no-op."""
+  _ACTIVE.append((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names, so the model never names mesh axes itself."""
+  if not _ACTIVE:
+    return x
+  mesh, rules = _ACTIVE[-1]
+  spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
