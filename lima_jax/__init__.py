@@ -4,6 +4,11 @@ import importlib
 
 __version__ = "0.1.0"
 
+# An installed libtpu must not clutter CPU runs (see lima_jax/hardware.py); stdlib-only, cheap.
+from lima_jax import hardware as _hardware  # pylint: disable=g-import-not-at-top
+
+_hardware.default_to_cpu_without_tpu()
+
 # Public entry points, imported lazily so that `import lima_jax` stays cheap.
 _LAZY = {
     "load_pretrained": "lima_jax.convert",
