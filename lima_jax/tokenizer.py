@@ -1,0 +1,332 @@
+"""Tokenizers for LIMA: a pretrained vocabulary plus one new end-of-turn (EOT) token.
+
+LIMA (Zhou et al., 2023) separates the turns of a conversation with a special EOT token that the
+base model has never seen. Its id is the size of the original vocabulary, so the only change a
+pretrained checkpoint needs is one more embedding / LM-head row (see the model converter).
+
+Two vocabulary formats are supported behind one interface:
+
+* SentencePiece `tokenizer.model` (LLaMA-1/2 and the bundled sample), via `sentencepiece`;
+* Hugging Face `tokenizer.json` (byte-level BPE as LLaMA-3 ships), via `tokenizers`.
+
+Text is always encoded as plain text: a user turn that happens to spell `<EOT>` (or, for
+`tokenizer.json`, `<|end_of_text|>`) becomes ordinary pieces, never a special id. Only the data
+pipeline inserts special ids.
+
+Checkpoints carry the tokenizer as a JSON-able blob (`Tokenizer.to_blob`) so that evaluation and
+export need no tokenizer flag; `Tokenizer.save_files` writes a Hugging Face-loadable directory
+that declares EOT as an added special token with the same id.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+SENTENCEPIECE = "sentencepiece"
+HF_JSON = "hf_json"
+SP_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+HF_SPECIAL_MAP_FILE = "special_tokens_map.json"
+DEFAULT_EOT = "<EOT>"
+
+# Names under which tokenizer.json files commonly ship BOS / EOS, most specific first; used only
+# when no tokenizer_config.json / special_tokens_map.json says so.
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+_EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+class _SentencePieceVocab:
+  """The SentencePiece side of a `Tokenizer`: plain encode/decode and the special ids."""
+
+  kind = SENTENCEPIECE
+
+  def __init__(self, files: Mapping[str, bytes]):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+    self.files = {SP_FILE: files[SP_FILE]}
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(files[SP_FILE])
+    except Exception as e:  # sentencepiece raises a bare RuntimeError with a terse message.
+      raise ValueError(f"{SP_FILE}: not a SentencePiece model ({e})") from e
+    self.size = self._sp.get_piece_size()
+    self.bos_id = self._nonnegative(self._sp.bos_id())
+    self.eos_id = self._nonnegative(self._sp.eos_id())
+    self.pad_id = self._nonnegative(self._sp.pad_id())
+    self.unk_id = self._nonnegative(self._sp.unk_id())
+
+  @staticmethod
+  def _nonnegative(i: int) -> int | None:
+    return i if i >= 0 else None  # SentencePiece says -1 for "no such piece".
+
+  def encode(self, text: str) -> list[int]:
+    # Control and user-defined symbols are not parsed out of the input: a SentencePiece model
+    # has no EOT piece at all, so "<EOT>" in text becomes ordinary pieces (or byte pieces).
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode(list(ids))
+
+  def piece(self, i: int | None) -> str | None:
+    return None if i is None else self._sp.id_to_piece(i)
+
+
+class _HFJsonVocab:
+  """The `tokenizer.json` side of a `Tokenizer` (byte-level BPE and anything `tokenizers` reads).
+
+  The EOT token is not added to the `tokenizers.Tokenizer` object: it would then be parsed out of
+  user text. If the file already declares the EOT text as an added token (a directory that
+  `Tokenizer.save_files` wrote), that entry is removed before loading and its id kept, so loading
+  an exported directory gives the same ids as the original.
+  """
+
+  kind = HF_JSON
+
+  def __init__(self, files: Mapping[str, bytes], eot: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+
+    self.files = {name: files[name] for name in (HF_FILE, HF_CONFIG_FILE, HF_SPECIAL_MAP_FILE)
+                  if name in files}
+    try:
+      spec = json.loads(files[HF_FILE])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{HF_FILE}: not valid JSON ({e})") from e
+    added = spec.get("added_tokens") or []
+    self.declared_eot_id = next((t["id"] for t in added if t.get("content") == eot), None)
+    spec["added_tokens"] = [t for t in added if t.get("content") != eot]
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad spec.
+      raise ValueError(f"{HF_FILE}: the tokenizers library cannot load it ({e})") from e
+    # Special tokens in user text are encoded as text, never as their special ids.
+    self._tok.encode_special_tokens = True
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self.size = max(vocab.values()) + 1 if vocab else 0
+    config = self._special_token_config(files)
+    self.bos_id = self._find(config.get("bos_token"), _BOS_NAMES, vocab)
+    if self.bos_id is None:
+      self.bos_id = self._post_processor_bos(spec, vocab)
+    self.eos_id = self._find(config.get("eos_token"), _EOS_NAMES, vocab)
+    self.pad_id = self._find(config.get("pad_token"), _PAD_NAMES, vocab)
+    self.unk_id = self._find(config.get("unk_token"), (), vocab)
+
+  @staticmethod
+  def _special_token_config(files: Mapping[str, bytes]) -> dict[str, Any]:
+    """Merges special_tokens_map.json under tokenizer_config.json (the latter wins, as in HF)."""
+    merged = {}
+    for name in (HF_SPECIAL_MAP_FILE, HF_CONFIG_FILE):
+      if name in files:
+        try:
+          merged.update(json.loads(files[name]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+          raise ValueError(f"{name}: not valid JSON ({e})") from e
+    return merged
+
+  @staticmethod
+  def _find(declared: Any, fallbacks: Sequence[str], vocab: Mapping[str, int]) -> int | None:
+    """The id of a declared special token (str or {"content": str}), else of a known name."""
+    if isinstance(declared, dict):
+      declared = declared.get("content")
+    if isinstance(declared, str):
+      return vocab.get(declared)
+    return next((vocab[name] for name in fallbacks if name in vocab), None)
+
+  @staticmethod
+  def _post_processor_bos(spec: Mapping[str, Any], vocab: Mapping[str, int]) -> int | None:
+    """BOS from a TemplateProcessing post-processor that starts single inputs with a special."""
+    processors = [spec.get("post_processor") or {}]
+    processors += processors[0].get("processors", [])  # A Sequence post-processor.
+    for proc in processors:
+      single = proc.get("single") or []
+      if proc.get("type") == "TemplateProcessing" and single and "SpecialToken" in single[0]:
+        return vocab.get(single[0]["SpecialToken"]["id"])
+    return None
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=True)
+
+  def piece(self, i: int | None) -> str | None:
+    return None if i is None else self._tok.id_to_token(i)
+
+
+class Tokenizer:
+  """A base vocabulary plus EOT, with LIMA's id conventions.
+
+  Attributes:
+    bos_id, eos_id: the base vocabulary's BOS / EOS ids (None when it has none).
+    eot_id: the EOT id, `base_vocab_size` unless the files already declare it.
+    pad_id: the base vocabulary's pad id, else `eos_id`, else 0. Padded positions are always
+      masked by segment id 0, so its value never reaches attention or the loss.
+    base_vocab_size: ids the base vocabulary knows (for tokenizer.json: max id + 1, added tokens
+      included); a pretrained embedding has this many rows.
+    vocab_size: ids including EOT, the embedding size a fine-tuned model needs.
+    eot_text: the EOT token's text (used only when exporting to Hugging Face).
+    kind: "sentencepiece" or "hf_json".
+  """
+
+  def __init__(self, kind: str, files: Mapping[str, bytes], eot: str = DEFAULT_EOT):
+    if not isinstance(eot, str) or not eot:
+      raise ValueError(f"eot must be a non-empty string, got {eot!r}")
+    if kind == SENTENCEPIECE:
+      self._vocab = _SentencePieceVocab(files)
+      declared_eot = None
+    elif kind == HF_JSON:
+      self._vocab = _HFJsonVocab(files, eot)
+      declared_eot = self._vocab.declared_eot_id
+    else:
+      raise ValueError(f"unknown tokenizer kind {kind!r}; expected {SENTENCEPIECE!r} or {HF_JSON!r}")
+    self.kind = kind
+    self.eot_text = eot
+    self.base_vocab_size = self._vocab.size
+    self.eot_id = self.base_vocab_size if declared_eot is None else declared_eot
+    if self.eot_id < self.base_vocab_size:
+      raise ValueError(f"{HF_FILE}: {eot!r} is declared with id {self.eot_id}, which another "
+                       f"token already uses; remove it from added_tokens to get a fresh id")
+    self.vocab_size = self.eot_id + 1
+    self.bos_id = self._vocab.bos_id
+    self.eos_id = self._vocab.eos_id
+    fallback = self.eos_id if self.eos_id is not None else 0
+    self.pad_id = self._vocab.pad_id if self._vocab.pad_id is not None else fallback
+    # Ids `decode` leaves out: the specials the pipeline inserts, never text.
+    self._special_ids = frozenset(
+        i for i in (self.eot_id, self.bos_id, self.eos_id, self._vocab.pad_id) if i is not None)
+
+  def __repr__(self) -> str:
+    return (f"Tokenizer(kind={self.kind!r}, base_vocab_size={self.base_vocab_size}, "
+            f"eot={self.eot_text!r}@{self.eot_id}, bos={self.bos_id}, eos={self.eos_id}, "
+            f"pad={self.pad_id})")
+
+  def encode(self, text: str) -> list[int]:
+    """Encodes one utterance as plain text: no BOS/EOS, and never a special id."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode takes a str, got {type(text).__name__}")
+    return self._vocab.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Decodes ids to text, leaving out EOT, BOS, EOS and pad.
+
+    Raises ValueError for an id outside [0, vocab_size): a model whose embedding is padded beyond
+    the vocabulary must never emit those rows, and hiding it here would hide a sampler bug.
+    """
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}) "
+                       f"({self.base_vocab_size} base ids + EOT)")
+    return self._vocab.decode([i for i in ids if i not in self._special_ids])
+
+  # -- Serialisation: checkpoints and exports carry the original files. --------------------------
+
+  def to_blob(self) -> dict[str, Any]:
+    """A JSON-able description from which `from_blob` rebuilds an identical tokenizer."""
+    return {
+        "eot": self.eot_text,
+        "kind": self.kind,
+        "files": {name: base64.b64encode(data).decode("ascii")
+                  for name, data in sorted(self._vocab.files.items())},
+    }
+
+  @classmethod
+  def from_blob(cls, blob: Mapping[str, Any]) -> "Tokenizer":
+    """Inverse of `to_blob`."""
+    missing = {"eot", "kind", "files"} - set(blob)
+    if missing:
+      raise ValueError(f"tokenizer blob lacks {sorted(missing)}; it must come from "
+                       f"Tokenizer.to_blob (keys eot, kind, files)")
+    files = {name: base64.b64decode(data) for name, data in blob["files"].items()}
+    return cls(blob["kind"], files, eot=blob["eot"])
+
+  def save_files(self, directory: str | os.PathLike[str]) -> list[pathlib.Path]:
+    """Writes the tokenizer as a Hugging Face directory, with EOT declared as a special token.
+
+    Writes the original `tokenizer.model` or `tokenizer.json` (the latter with EOT appended to
+    its added tokens), `tokenizer_config.json` and `special_tokens_map.json`, so that
+    `transformers.AutoTokenizer` maps the EOT text to `eot_id` and `load_tokenizer` on the
+    directory gives back this tokenizer. Returns the written paths.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    eot_entry = {"content": self.eot_text, "lstrip": False, "rstrip": False,
+                 "normalized": False, "single_word": False, "special": True}
+    names = {key: self._vocab.piece(i) for key, i in
+             (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+              ("unk_token", self._vocab.unk_id), ("pad_token", self._vocab.pad_id))}
+    names = {k: v for k, v in names.items() if v is not None}
+    config: dict[str, Any] = {}
+    outputs: dict[str, bytes] = {}
+    if self.kind == SENTENCEPIECE:
+      outputs[SP_FILE] = self._vocab.files[SP_FILE]
+      config.update(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+                    legacy=True, clean_up_tokenization_spaces=False)
+    else:
+      spec = json.loads(self._vocab.files[HF_FILE])
+      added = [t for t in spec.get("added_tokens") or [] if t.get("content") != self.eot_text]
+      spec["added_tokens"] = added + [{"id": self.eot_id, **eot_entry}]
+      outputs[HF_FILE] = json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
+      if HF_CONFIG_FILE in self._vocab.files:
+        config.update(json.loads(self._vocab.files[HF_CONFIG_FILE]))
+    config.update(names)
+    decoder = dict(config.get("added_tokens_decoder") or {})
+    decoder[str(self.eot_id)] = eot_entry
+    config["added_tokens_decoder"] = decoder
+    extra = [t for t in config.get("additional_special_tokens") or [] if t != self.eot_text]
+    config["additional_special_tokens"] = extra + [self.eot_text]
+    special_map = {**names, "additional_special_tokens": config["additional_special_tokens"]}
+    outputs[HF_CONFIG_FILE] = json.dumps(config, ensure_ascii=False, indent=2).encode("utf-8")
+    outputs[HF_SPECIAL_MAP_FILE] = json.dumps(special_map, ensure_ascii=False,
+                                              indent=2).encode("utf-8")
+    written = []
+    for name, data in outputs.items():
+      (directory / name).write_bytes(data)
+      written.append(directory / name)
+    return written
+
+
+def _read_tokenizer_files(path: pathlib.Path) -> tuple[str, dict[str, bytes]]:
+  """Finds the vocabulary at `path` (a file or a model directory) and reads it, with its configs."""
+  if path.is_dir():
+    if (path / SP_FILE).is_file():  # LLaMA-1/2 HF directories hold both; the .model is canonical.
+      path = path / SP_FILE
+    elif (path / HF_FILE).is_file():
+      path = path / HF_FILE
+    else:
+      raise FileNotFoundError(f"{path}: no {SP_FILE} or {HF_FILE} in this directory; point "
+                              f"data.tokenizer_path at a tokenizer file or a model directory")
+  elif not path.is_file():
+    raise FileNotFoundError(f"{path}: tokenizer not found (expected a SentencePiece .model file, "
+                            f"a Hugging Face {HF_FILE}, or a directory holding either)")
+  if path.suffix == ".json":
+    files = {HF_FILE: path.read_bytes()}
+    for name in (HF_CONFIG_FILE, HF_SPECIAL_MAP_FILE):
+      if (path.parent / name).is_file():
+        files[name] = (path.parent / name).read_bytes()
+    return HF_JSON, files
+  return SENTENCEPIECE, {SP_FILE: path.read_bytes()}
+
+
+def load_tokenizer(path: str | os.PathLike[str], eot: str = DEFAULT_EOT) -> Tokenizer:
+  """Loads a SentencePiece `.model`, a `tokenizer.json`, or a directory holding either.
+
+  A directory with both uses `tokenizer.model`. Next to a `tokenizer.json`, a
+  `tokenizer_config.json` / `special_tokens_map.json` (if present) names BOS, EOS and pad.
+  """
+  path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  kind, files = _read_tokenizer_files(path)
+  try:
+    return Tokenizer(kind, files, eot=eot)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
+
+
+def load_tokenizer_from_blob(blob: Mapping[str, Any]) -> Tokenizer:
+  """Rebuilds the tokenizer a checkpoint recorded with `Tokenizer.to_blob`."""
+  return Tokenizer.from_blob(blob)
