@@ -66,6 +66,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.data.test_path = ""
   config.data.tfds_name = ""  # e.g. "lima"; used instead of the paths when set.
   config.data.tfds_data_dir = ""
+  config.data.tfds_manual_dir = ""  # train/dev/test.jsonl; "" = <tfds_data_dir>/downloads/manual.
   config.data.tokenizer_path = ""  # tokenizer.model, tokenizer.json or a model directory.
   config.data.eot_token = "<EOT>"
   config.data.max_len = 2048

@@ -1,0 +1,705 @@
+"""LIMA data: JSONL (or TFDS) conversations -> EOT token layout -> Grain batches -> jax.Arrays.
+
+The pipeline, one small function per step:
+
+1. `read_jsonl` / `load_conversations` parse LIMA's published format, one conversation a line,
+   `{"conversations": [user, assistant, user, ...], "source": ...}`, and validate every line.
+   A bad line raises `DataError` naming file, line and field; with `skip_bad_lines` it is skipped
+   and recorded in `DataStats` instead, so nothing disappears unreported.
+2. `tokenize_conversation` lays a conversation out exactly as LIMA does,
+   `[BOS] + sp(turn_1) + [EOT] + sp(turn_2) + [EOT] + ...`, with the loss on assistant turns and
+   their EOT, and truncates to `max_len`.
+3. Rows: one conversation per row (padded mode: a batch is `batch_size` conversations, LIMA's
+   unit) or several per row (`pack_best_fit`, packing mode: segment ids keep them apart).
+4. Grain shards rows over processes, shuffles them per epoch from a seed, batches them, and gives
+   the iterator a small checkpointable state (`TrainData.get_state` / `set_state`).
+5. `to_global_batch` assembles the per-process batches into global `jax.Array`s.
+
+Every process reads and tokenizes the whole file (LIMA has ~1,000 conversations: about a second)
+and then batches only its share. That keeps two things identical on all processes without any
+communication: the rows (packing is global) and the step count; and a bad line fails every
+process at once, instead of leaving the others waiting in a collective.
+
+Batch format (each a numpy array of shape [local_rows, max_len]):
+  inputs       int32    token ids fed to the model.
+  targets      int32    next token of the same conversation: targets[t] = inputs[t + 1].
+  loss_mask    float32  1 where targets[t] is trained on; 0 on prompts (by default), on padding
+                        and across conversation boundaries.
+  positions    int32    position within its conversation, restarting at 0.
+  segment_ids  int32    1, 2, ... for the conversations of a row; 0 for padding. Attention is
+                        allowed only between equal nonzero segment ids (and causally).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from lima_jax import tokenizer as tokenizer_lib
+
+_log = logging.getLogger(__name__)
+
+ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
+
+# Kinds of file, which decide what a valid line is.
+TRAIN = "train"  # Conversations with replies to learn from: [user, assistant, ...], even length.
+PROMPTS = "prompts"  # Generation inputs: one or more turns ending on a user turn.
+SPLIT_KINDS = {"train": TRAIN, "dev": TRAIN, "test": PROMPTS}
+
+USER, ASSISTANT = "user", "assistant"
+# Role names accepted in {"role": ..., "content": ...} / {"from": ..., "value": ...} turns.
+_ROLES = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT,
+          "model": ASSISTANT, "bot": ASSISTANT}
+_LIMA_LINE = '{"conversations": [user, assistant, ...], "source": "..."}'
+_MAX_LISTED = 20  # Bad lines / skipped conversations named one by one in a summary.
+# A batch is a few numpy copies of tokens already in memory, so a couple of batches read ahead on
+# one thread keep up with any accelerator step; Grain's default (500 elements on 16 threads)
+# would hold hundreds of [rows, max_len] batches and keep the host's cores busy.
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+
+
+def bundled_paths() -> dict[str, str]:
+  """Paths of the bundled sample (train/dev/test JSONL and its SentencePiece tokenizer).
+
+  Used whenever `data.train_path`, `dev_path`, `test_path` or `tokenizer_path` is empty, so the
+  tiny preset runs from a fresh clone with no download.
+  """
+  sample = ASSETS_DIR / "lima_sample"
+  return {"train": str(sample / "train.jsonl"), "dev": str(sample / "dev.jsonl"),
+          "test": str(sample / "test.jsonl"),
+          "tokenizer": str(ASSETS_DIR / "tokenizer" / "tokenizer.model")}
+
+
+# -- Records and their validation ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """One validated line: turns alternate user, assistant, user, ... (user first)."""
+
+  turns: tuple[str, ...]
+  source: str = ""
+  path: str = ""
+  line: int = 0
+  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+  @property
+  def where(self) -> str:
+    return f"{self.path}:{self.line}"
+
+  @property
+  def prompt_turns(self) -> tuple[str, ...]:
+    """The turns up to the last user turn: what a model is asked to continue."""
+    return self.turns[:-1] if len(self.turns) % 2 == 0 else self.turns
+
+
+class DataError(ValueError):
+  """Bad input data; the message starts with `path:line:` (or `path:` for whole-file problems)."""
+
+  def __init__(self, path: str, line: int, message: str):
+    self.path, self.line, self.reason = path, line, message
+    super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+  path: str
+  line: int
+  reason: str
+
+  def __str__(self) -> str:
+    return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclasses.dataclass
+class DataStats:
+  """What reading and tokenizing did, so that no conversation is dropped without a count.
+
+  Attributes:
+    conversations: valid conversations read.
+    bad_lines: lines skipped under `skip_bad_lines` (empty otherwise: a bad line raises).
+    truncated: conversations longer than `max_len`, cut to it.
+    skipped: "path:line" of conversations left with nothing to learn after truncation.
+    examples: conversations kept for training / evaluation.
+    tokens: tokens of the kept conversations, after truncation.
+    loss_tokens: of which the loss is taken on.
+  """
+
+  conversations: int = 0
+  bad_lines: list[BadLine] = dataclasses.field(default_factory=list)
+  truncated: int = 0
+  skipped: list[str] = dataclasses.field(default_factory=list)
+  examples: int = 0
+  tokens: int = 0
+  loss_tokens: int = 0
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"conversations": self.conversations, "bad_lines": len(self.bad_lines),
+            "bad_line_locations": [f"{b.path}:{b.line}" for b in self.bad_lines],
+            "truncated": self.truncated, "skipped": len(self.skipped),
+            "skipped_locations": list(self.skipped), "examples": self.examples,
+            "tokens": self.tokens, "loss_tokens": self.loss_tokens}
+
+  def summary(self) -> str:
+    text = (f"{self.conversations} conversations read, {len(self.bad_lines)} bad lines skipped, "
+            f"{self.truncated} truncated, {len(self.skipped)} skipped with nothing to learn "
+            f"after truncation; {self.examples} kept: {self.tokens} tokens, "
+            f"{self.loss_tokens} in the loss")
+    for title, items in (("bad lines", [str(b) for b in self.bad_lines]),
+                         ("skipped", self.skipped)):
+      if items:
+        more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+        text += f"\n  {title}: " + "; ".join(items[:_MAX_LISTED]) + more
+    return text
+
+
+def _parse_turn(turn: Any, i: int) -> str:
+  """A turn's text; role-tagged turns must sit where their role belongs (user at even i)."""
+  field = f"conversations[{i}]"
+  if isinstance(turn, dict):
+    role = turn.get("role", turn.get("from"))
+    text = turn.get("content", turn.get("value"))
+    if role not in _ROLES:
+      raise ValueError(f"{field}: role {role!r} is not one of {sorted(_ROLES)} (LIMA "
+                       f"conversations are user and assistant turns only)")
+    expected = USER if i % 2 == 0 else ASSISTANT
+    if _ROLES[role] != expected:
+      start = "does not start with a user turn" if i == 0 else "does not alternate"
+      raise ValueError(f"{field}: role {role!r} where a {expected} turn belongs; the conversation "
+                       f"{start} (turns go user, assistant, user, ...)")
+    turn = text
+  if not isinstance(turn, str):
+    raise ValueError(f"{field}: a turn must be a string (or a {{\"role\", \"content\"}} object), "
+                     f"got {type(turn).__name__}")
+  if not turn.strip():
+    raise ValueError(f"{field}: the turn is empty")
+  return turn
+
+
+def parse_record(record: Any, kind: str = TRAIN) -> tuple[tuple[str, ...], str, dict[str, Any]]:
+  """Validates one decoded line; returns (turns, source, extra fields).
+
+  Raises ValueError whose message names the offending field; readers prefix `path:line`.
+  Unknown fields are returned in `extra` and otherwise ignored; `source` is optional.
+  """
+  if kind not in (TRAIN, PROMPTS):
+    raise ValueError(f"unknown kind {kind!r}; expected {TRAIN!r} or {PROMPTS!r}")
+  if not isinstance(record, dict):
+    raise ValueError(f"a line must be a JSON object like {_LIMA_LINE}, got "
+                     f"{type(record).__name__}")
+  extra = dict(record)
+  if "conversations" in extra:
+    raw = extra.pop("conversations")
+    if not isinstance(raw, list):
+      raise ValueError(f"conversations: must be a list of turns, got {type(raw).__name__}")
+    if not raw:
+      raise ValueError("conversations: the list is empty")
+  elif kind == PROMPTS and "prompt" in extra:
+    raw = [extra.pop("prompt")]
+  else:
+    also = ' (or {"prompt": "..."})' if kind == PROMPTS else ""
+    raise ValueError(f"conversations: missing; expected {_LIMA_LINE}{also}")
+  turns = tuple(_parse_turn(turn, i) for i, turn in enumerate(raw))
+  source = extra.pop("source", None)
+  if source is not None and not isinstance(source, str):
+    raise ValueError(f"source: must be a string, got {type(source).__name__}")
+  if kind == TRAIN:
+    if len(turns) < 2:
+      raise ValueError("conversations: no assistant turn; a training conversation is "
+                       "[user, assistant, ...] (prompt-only files belong in data.test_path)")
+    if len(turns) % 2:
+      raise ValueError(f"conversations: ends on a user turn (conversations[{len(turns) - 1}]); "
+                       f"a training conversation must end with an assistant reply")
+  elif len(turns) % 2 == 0:
+    raise ValueError(f"conversations: ends on an assistant turn (conversations[{len(turns) - 1}])"
+                     f"; a prompt must end on a user turn")
+  return turns, source or "", extra
+
+
+def read_jsonl(path: str | os.PathLike[str], *, kind: str = TRAIN, skip_bad_lines: bool = False,
+               stats: DataStats | None = None) -> list[Conversation]:
+  """Reads and validates one JSONL file; blank lines are allowed and ignored.
+
+  Raises:
+    FileNotFoundError: no such file.
+    DataError: the first bad line (unless `skip_bad_lines`), or a file without any record.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: data file not found")
+  stats = stats if stats is not None else DataStats()
+  conversations, bad = [], []
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      try:
+        try:
+          record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+          raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+          raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        turns, source, extra = parse_record(record, kind)
+      except ValueError as e:
+        if not skip_bad_lines:
+          raise DataError(path, line_number, str(e)) from None
+        bad.append(BadLine(path, line_number, str(e)))
+        _log.warning("skipping bad line %s", bad[-1])
+        continue
+      conversations.append(Conversation(turns, source, path, line_number, extra))
+  if not conversations:
+    reason = (f"every line is bad ({len(bad)} skipped)" if bad
+              else "the file has no records (it is empty or holds only blank lines)")
+    raise DataError(path, 0, reason)
+  stats.conversations += len(conversations)
+  stats.bad_lines.extend(bad)
+  return conversations
+
+
+def expand_paths(paths: str | Sequence[str]) -> list[str]:
+  """Comma-separated files or glob patterns (or a list of them) -> files, globs sorted."""
+  patterns = paths.split(",") if isinstance(paths, str) else list(paths)
+  patterns = [p.strip() for p in patterns if p.strip()]
+  if not patterns:
+    raise ValueError("no data path given")
+  files = []
+  for pattern in patterns:
+    pattern = os.path.expanduser(pattern)
+    if glob.has_magic(pattern):
+      matches = sorted(glob.glob(pattern))
+      if not matches:
+        raise FileNotFoundError(f"{pattern}: the pattern matches no file")
+      files.extend(matches)
+    else:
+      files.append(pattern)
+  return files
+
+
+def read_conversations(paths: str | Sequence[str], *, kind: str = TRAIN,
+                       skip_bad_lines: bool = False,
+                       stats: DataStats | None = None) -> list[Conversation]:
+  """`read_jsonl` over every file of `expand_paths(paths)`, in order."""
+  stats = stats if stats is not None else DataStats()
+  return [c for path in expand_paths(paths)
+          for c in read_jsonl(path, kind=kind, skip_bad_lines=skip_bad_lines, stats=stats)]
+
+
+def load_conversations(data_config, split: str,
+                       stats: DataStats | None = None) -> list[Conversation]:
+  """The train, dev or test split named by a `config.data` section.
+
+  `data.tfds_name` (when set) reads the split from TFDS; otherwise `data.<split>_path`, and an
+  empty path means the bundled sample. The test split holds prompts (ending on a user turn).
+  """
+  if split not in SPLIT_KINDS:
+    raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_KINDS)}")
+  kind = SPLIT_KINDS[split]
+  if data_config.tfds_name:
+    from lima_jax import lima_tfds  # pylint: disable=g-import-not-at-top  # TFDS is optional.
+    return lima_tfds.read_conversations(
+        data_config.tfds_name, split, data_dir=data_config.tfds_data_dir or None,
+        manual_dir=data_config.get("tfds_manual_dir") or None, kind=kind,
+        skip_bad_lines=data_config.skip_bad_lines, stats=stats)
+  return read_conversations(split_location(data_config, split), kind=kind,
+                            skip_bad_lines=data_config.skip_bad_lines, stats=stats)
+
+
+def split_location(data_config, split: str) -> str:
+  """Where a split comes from: its path(s) (the bundled sample when empty) or `tfds:name/split`."""
+  if data_config.tfds_name:
+    return f"tfds:{data_config.tfds_name}/{split}"
+  return data_config.get(f"{split}_path") or bundled_paths()[split]
+
+
+def tokenizer_from_config(data_config) -> tokenizer_lib.Tokenizer:
+  """The tokenizer `data.tokenizer_path` names (the bundled one when empty), with its EOT."""
+  path = data_config.tokenizer_path or bundled_paths()["tokenizer"]
+  return tokenizer_lib.load_tokenizer(path, eot=data_config.eot_token)
+
+
+# -- Token layout ------------------------------------------------------------------------------------
+
+
+def _layout(tokenizer, turns: Sequence[str], train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Untruncated `[BOS] + sp(t1) + [EOT] + sp(t2) + [EOT] + ...` and its loss mask.
+
+  Each utterance is encoded on its own, with no role tags (as in LIMA). The loss covers assistant
+  turns (odd indices) and their EOT; `train_on_prompt` covers every token but BOS.
+  """
+  tokens = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  mask = [False] * len(tokens)
+  for i, turn in enumerate(turns):
+    ids = tokenizer.encode(turn) + [tokenizer.eot_id]
+    tokens += ids
+    mask += [train_on_prompt or i % 2 == 1] * len(ids)
+  return np.asarray(tokens, np.int32), np.asarray(mask, np.bool_)
+
+
+def tokenize_conversation(tokenizer, turns: Sequence[str], max_len: int = 2048,
+                          train_on_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """LIMA's layout of one conversation, truncated to `max_len`: (int32[n], bool[n])."""
+  tokens, mask = _layout(tokenizer, turns, train_on_prompt)
+  return tokens[:max_len], mask[:max_len]
+
+
+def tokenize_prompt(tokenizer, turns: Sequence[str]) -> np.ndarray:
+  """A generation prompt: the same layout, ending with the last user turn's EOT (int32[n]).
+
+  The model continues with the assistant's reply and ends it with EOT.
+  """
+  if not turns or len(turns) % 2 == 0:
+    raise ValueError(f"a prompt must end on a user turn (an odd number of turns), got "
+                     f"{len(turns)} turns")
+  return _layout(tokenizer, turns, train_on_prompt=False)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """A tokenized conversation; it fills `len(tokens) - 1` (input, target) positions of a row."""
+
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  where: str
+
+  @property
+  def slots(self) -> int:
+    return len(self.tokens) - 1
+
+
+def tokenize_conversations(conversations: Sequence[Conversation], tokenizer, *, max_len: int,
+                           train_on_prompt: bool = False,
+                           stats: DataStats | None = None) -> list[Example]:
+  """Tokenizes, truncates and counts; drops (and records) conversations with nothing to learn."""
+  if max_len < 2:
+    raise ValueError(f"data.max_len must be at least 2 (BOS and one target), got {max_len}")
+  stats = stats if stats is not None else DataStats()
+  examples = []
+  for conversation in conversations:
+    tokens, mask = _layout(tokenizer, conversation.turns, train_on_prompt)
+    if len(tokens) > max_len:
+      stats.truncated += 1
+      tokens, mask = tokens[:max_len], mask[:max_len]
+    if not mask[1:].any():  # Position 0 is never a target.
+      stats.skipped.append(conversation.where)
+      continue
+    examples.append(Example(tokens, mask, conversation.where))
+    stats.tokens += len(tokens)
+    stats.loss_tokens += int(mask[1:].sum())
+  stats.examples += len(examples)
+  if stats.skipped:
+    _log.warning("%d conversations have nothing to learn from after truncation to %d tokens "
+                 "and are skipped: %s", len(stats.skipped), max_len,
+                 ", ".join(stats.skipped[:_MAX_LISTED]))
+  return examples
+
+
+def load_examples(data_config, tokenizer, split: str) -> tuple[list[Example], DataStats]:
+  """Reads, validates and tokenizes one split of a `config.data` section."""
+  stats = DataStats()
+  conversations = load_conversations(data_config, split, stats)
+  examples = tokenize_conversations(conversations, tokenizer, max_len=data_config.max_len,
+                                    train_on_prompt=data_config.train_on_prompt, stats=stats)
+  if not examples:
+    raise DataError(split_location(data_config, split), 0,
+                    f"no conversation is left to learn from after truncation to "
+                    f"data.max_len={data_config.max_len}: {stats.summary()}")
+  return examples, stats
+
+
+# -- Rows: which conversations share a row ----------------------------------------------------------
+
+Row = tuple[int, ...]  # Indices of the examples in one row; () is an empty (all padding) row.
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[Row]:
+  """Packs items into rows of `capacity` positions: best-fit decreasing.
+
+  Each item, longest first, goes into the fullest row that still has room for it. On LIMA-like
+  length mixes this fills >95% of positions (see benchmarks/packing_efficiency.py), and it is
+  deterministic, so every process computes the same rows. The rows are fixed for the run and
+  Grain reshuffles them each epoch; which conversations share a row does not affect training,
+  since attention and the loss never cross conversations.
+  """
+  rows: list[list[int]] = []
+  free: list[tuple[int, int]] = []  # (room left, row index), sorted.
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    if not 0 < lengths[i] <= capacity:
+      raise ValueError(f"item {i} has length {lengths[i]}, outside [1, {capacity}]")
+    k = bisect.bisect_left(free, (lengths[i], -1))
+    if k < len(free):
+      room, r = free.pop(k)
+    else:
+      room, r = capacity, len(rows)
+      rows.append([])
+    rows[r].append(i)
+    bisect.insort(free, (room - lengths[i], r))
+  return [tuple(row) for row in rows]
+
+
+def make_rows(examples: Sequence[Example], max_len: int, packing: bool) -> list[Row]:
+  """One conversation per row, or best-fit packed rows of `max_len` positions."""
+  if not packing:
+    return [(i,) for i in range(len(examples))]
+  return pack_best_fit([ex.slots for ex in examples], max_len)
+
+
+class RowToArrays(grain.transforms.Map):
+  """Grain map: a row of example indices -> the per-row arrays of the batch format."""
+
+  def __init__(self, examples: Sequence[Example], max_len: int, pad_id: int):
+    self._examples = examples
+    self._max_len = max_len
+    self._pad_id = pad_id
+
+  def map(self, element: Row) -> dict[str, np.ndarray]:
+    n = self._max_len
+    row = {"inputs": np.full(n, self._pad_id, np.int32),
+           "targets": np.full(n, self._pad_id, np.int32),
+           "loss_mask": np.zeros(n, np.float32),
+           "positions": np.zeros(n, np.int32),
+           "segment_ids": np.zeros(n, np.int32)}
+    start = 0
+    for segment, index in enumerate(element, start=1):
+      example = self._examples[index]
+      end = start + example.slots
+      row["inputs"][start:end] = example.tokens[:-1]
+      row["targets"][start:end] = example.tokens[1:]
+      row["loss_mask"][start:end] = example.loss_mask[1:]
+      row["positions"][start:end] = np.arange(example.slots)
+      row["segment_ids"][start:end] = segment
+      start = end
+    if start > n:
+      raise ValueError(f"row {element} holds {start} positions, more than max_len={n}")
+    return row
+
+
+def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Grain batch_fn: per-row dicts -> one dict of [rows, max_len] arrays."""
+  return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def resolve_shard(process_index: int | None,
+                  process_count: int | None) -> grain.sharding.ShardOptions:
+  """This process's share: given explicitly (both) or from JAX (neither)."""
+  if process_index is None and process_count is None:
+    return grain.sharding.ShardByJaxProcess()
+  if process_index is None or process_count is None:
+    raise ValueError("give both process_index and process_count, or neither (then JAX's)")
+  return grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
+
+
+def local_rows_per_batch(global_batch_size: int, shard: grain.sharding.ShardOptions) -> int:
+  if global_batch_size <= 0 or global_batch_size % shard.shard_count:
+    raise ValueError(f"the global batch size ({global_batch_size}) must be a positive multiple "
+                     f"of the process count ({shard.shard_count})")
+  return global_batch_size // shard.shard_count
+
+
+def batched_rows(rows: Sequence[Row], row_to_arrays: RowToArrays, *, local_rows: int,
+                 shard: grain.sharding.ShardOptions, seed: int | None,
+                 num_epochs: int | None) -> tuple[grain.MapDataset, int]:
+  """This process's batches over epochs, as a Grain MapDataset; returns it and steps per epoch.
+
+  Shares are strided (`rows[i::n]`, Grain's idiom for MapDataset sharding): disjoint, together
+  complete, and balanced in length even when rows are sorted by size. Every share is filled up
+  with empty rows to `steps_per_epoch * local_rows`, the same on all processes, so that an epoch
+  is a whole number of steps and every row is seen exactly once per epoch. With a seed, Grain
+  shuffles each epoch differently (seed + epoch); without, the order is the file order.
+  """
+  largest_share = math.ceil(len(rows) / shard.shard_count)
+  steps_per_epoch = max(1, math.ceil(largest_share / local_rows))
+  share = list(rows[shard.shard_index::shard.shard_count])
+  share += [()] * (steps_per_epoch * local_rows - len(share))
+  dataset = grain.MapDataset.source(share)
+  if seed is not None:
+    dataset = dataset.shuffle(seed=seed)
+  # Batching before repeating keeps each batch inside one epoch; Grain passes the epoch through
+  # to the shuffle, which reseeds for each.
+  dataset = dataset.map(row_to_arrays).batch(local_rows, batch_fn=stack_rows)
+  return dataset.repeat(num_epochs), steps_per_epoch
+
+
+def _digest(examples: Sequence[Example], rows: Sequence[Row]) -> str:
+  """Identifies the data a loader state belongs to (tokens, masks and rows)."""
+  h = hashlib.sha256()
+  for example in examples:
+    h.update(example.tokens.tobytes())
+    h.update(np.packbits(example.loss_mask).tobytes())
+    h.update(b"|")
+  h.update(repr(list(rows)).encode())
+  return h.hexdigest()[:16]
+
+
+# -- Loaders -----------------------------------------------------------------------------------------
+
+
+class TrainData:
+  """Training batches over epochs: `for epoch, batch in train_data: ...`.
+
+  Iteration continues from the current position (step); `get_state()` is a small JSON-able dict
+  that `set_state()` restores exactly, after which the same batches follow. It holds the step,
+  Grain's own iterator state, and a fingerprint of the data and settings; restoring a state from
+  different data, seed, batch size or process layout raises ValueError rather than silently
+  producing a different order.
+
+  Attributes:
+    steps_per_epoch: optimizer steps per epoch (identical on every process).
+    num_epochs: epochs to iterate, or None for no end.
+    local_rows, global_rows: rows per batch on this process / over all processes.
+    stats: DataStats of reading and tokenizing (global: every process reads everything).
+    rows: number of rows over all processes (conversations, or packed rows).
+  """
+
+  def __init__(self, dataset: grain.MapDataset, *, steps_per_epoch: int, num_epochs: int | None,
+               local_rows: int, global_rows: int, rows: int, stats: DataStats,
+               fingerprint: dict[str, Any], worker_count: int = 0):
+    self.steps_per_epoch = steps_per_epoch
+    self.num_epochs = num_epochs
+    self.local_rows = local_rows
+    self.global_rows = global_rows
+    self.rows = rows
+    self.stats = stats
+    self._fingerprint = fingerprint
+    iter_dataset = dataset.to_iter_dataset(read_options=READ_OPTIONS)
+    if worker_count > 0:
+      _allow_grain_multiprocessing()
+      iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    self._iterator = iter(iter_dataset)
+    self._step = 0
+
+  @property
+  def step(self) -> int:
+    """The step the next batch is for (0-based, counted over epochs)."""
+    return self._step
+
+  @property
+  def total_steps(self) -> int | None:
+    return None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+
+  def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    return self
+
+  def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
+    batch = next(self._iterator)  # StopIteration after num_epochs.
+    epoch = self._step // self.steps_per_epoch
+    self._step += 1
+    return epoch, batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"step": self._step, "grain": self._iterator.get_state(),
+            "fingerprint": dict(self._fingerprint)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if not {"step", "grain", "fingerprint"} <= set(state):
+      raise ValueError(f"not a TrainData state (keys {sorted(state)}); expected step, grain and "
+                       f"fingerprint as TrainData.get_state returns")
+    saved = state["fingerprint"]
+    differ = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self._fingerprint.items()
+              if saved.get(k) != v]
+    if differ:
+      raise ValueError("the data state was saved for other data or settings, so resuming would "
+                       "not continue the same order (" + "; ".join(differ) + "); resume with the "
+                       "original data and config, or start the data from scratch")
+    self._iterator.set_state(state["grain"])
+    self._step = int(state["step"])
+
+
+def _allow_grain_multiprocessing() -> None:
+  """Grain's worker processes read an absl flag; a program not started by absl.app never parsed
+  flags, so mark them parsed (every flag keeps its default) instead of failing in a worker."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_loader(data_config, tokenizer, *, global_batch_size: int, seed: int | None = None,
+                      process_index: int | None = None, process_count: int | None = None,
+                      num_epochs: int | None = None) -> TrainData:
+  """Training batches for this process from a `config.data` section.
+
+  Args:
+    data_config: `config.data` (train_path or tfds_name, max_len, packing, train_on_prompt,
+      skip_bad_lines, shuffle_seed, worker_count).
+    tokenizer: a `lima_jax.tokenizer.Tokenizer` (e.g. `tokenizer_from_config(data_config)`).
+    global_batch_size: rows per step over all processes: conversations (padded mode, LIMA's
+      `batch_size`) or packed rows of `max_len` tokens (packing mode).
+    seed: shuffle seed; defaults to `data_config.shuffle_seed`.
+    process_index, process_count: this process's share; both None means JAX's.
+    num_epochs: epochs to iterate; None never stops.
+
+  Raises:
+    DataError / FileNotFoundError: bad or missing data, before any batch is made.
+  """
+  examples, stats = load_examples(data_config, tokenizer, "train")
+  shard = resolve_shard(process_index, process_count)
+  local_rows = local_rows_per_batch(global_batch_size, shard)
+  seed = data_config.shuffle_seed if seed is None else seed
+  rows = make_rows(examples, data_config.max_len, data_config.packing)
+  dataset, steps_per_epoch = batched_rows(
+      rows, RowToArrays(examples, data_config.max_len, tokenizer.pad_id), local_rows=local_rows,
+      shard=shard, seed=seed, num_epochs=num_epochs)
+  worker_count = int(data_config.get("worker_count", 0) or 0)
+  fingerprint = {"data": _digest(examples, rows), "seed": seed, "global_rows": global_batch_size,
+                 "process_index": shard.shard_index, "process_count": shard.shard_count,
+                 "worker_count": worker_count}
+  _log.info("train data: %s; %d rows, %d steps per epoch", stats.summary(), len(rows),
+            steps_per_epoch)
+  return TrainData(dataset, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs,
+                   local_rows=local_rows, global_rows=global_batch_size, rows=len(rows),
+                   stats=stats, fingerprint=fingerprint, worker_count=worker_count)
+
+
+@dataclasses.dataclass
+class EvalData:
+  """Evaluation batches in file order: every example exactly once over all processes.
+
+  The last batches are filled with empty rows (loss_mask 0), so a loss summed over `loss_mask`
+  and divided by its sum is the exact per-token loss of the split.
+  """
+
+  batches: list[dict[str, np.ndarray]]
+  stats: DataStats
+  num_examples: int
+
+
+def make_eval_batches(data_config, tokenizer, *, global_batch_size: int, split: str = "dev",
+                      process_index: int | None = None,
+                      process_count: int | None = None) -> EvalData:
+  """Dev-loss batches for this process (same row mode as training, no shuffle, one epoch)."""
+  examples, stats = load_examples(data_config, tokenizer, split)
+  shard = resolve_shard(process_index, process_count)
+  rows = make_rows(examples, data_config.max_len, data_config.packing)
+  dataset, _ = batched_rows(
+      rows, RowToArrays(examples, data_config.max_len, tokenizer.pad_id),
+      local_rows=local_rows_per_batch(global_batch_size, shard), shard=shard, seed=None,
+      num_epochs=1)
+  return EvalData(batches=[dataset[i] for i in range(len(dataset))], stats=stats,
+                  num_examples=len(examples))
+
+
+def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh, partition_spec=None):
+  """Per-process batch -> dict of global `jax.Array`s sharded by `partition_spec` on `mesh`.
+
+  Each process passes its own rows; `jax.make_array_from_process_local_data` places them on its
+  devices, and the global batch has `process_count` times the local rows. The default spec
+  shards the batch dimension over every mesh axis.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if partition_spec is None:
+    partition_spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+  sharding = jax.sharding.NamedSharding(mesh, partition_spec)
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in local_batch.items()}
