@@ -14,18 +14,22 @@ those means (sigma 0.5, a fixed seed) and truncated to max_len, as the pipeline 
 For comparison it also runs Grain's own streaming packer (`BestFitPackIterDataset`, MaxText's
 choice) over the same shuffled stream, with as many open bins as rows per step.
 
-    python benchmarks/packing_efficiency.py [--json out.json] [--max_len 2048] [--batch 64 16]
+    python benchmarks/packing_efficiency.py [--json benchmarks/results/packing.json]
+        [--max_len 2048] [--batch 64 22 16]
 """
 
 import argparse
 import json
 import math
+import os
 import sys
 
 import grain
 import numpy as np
 
-from lima_jax import data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lima_jax import data  # pylint: disable=wrong-import-position
 
 # (source, conversations, mean input tokens, mean output tokens): LIMA, Table 1.
 LIMA_MIX = (
@@ -92,7 +96,7 @@ def grain_best_fit_share(examples, max_len: int, batch_rows: int, seed: int = 0)
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--max_len", type=int, default=2048)
-  parser.add_argument("--batch", type=int, nargs="+", default=[64, 16, 8],
+  parser.add_argument("--batch", type=int, nargs="+", default=[64, 22, 16],
                       help="rows per step (padded mode: conversations, LIMA uses 64)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", default="", help="also write the results to this file")
