@@ -167,8 +167,8 @@ BAD_LINES = [
 
 @pytest.mark.parametrize("line,kind,message", BAD_LINES)
 def test_bad_line_names_file_line_and_field(tmp_path, line, kind, message):
-  path = _write(tmp_path / "bad.jsonl", [{"conversations": ["q", "a", "q"][:1 + (kind == data.TRAIN)]},
-                                         line])
+  first = {"conversations": ["q", "a"] if kind == data.TRAIN else ["q"]}  # A valid line 1.
+  path = _write(tmp_path / "bad.jsonl", [first, line])
   with pytest.raises(data.DataError, match=message) as e:
     data.read_jsonl(path, kind=kind)
   assert str(e.value).startswith(f"{path}:2: ")
