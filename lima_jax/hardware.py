@@ -6,7 +6,7 @@ MFU all read the chip facts below, so a corrected number changes them together.
 Usable HBM is what libtpu's compiler itself allows a program ("exceeds available HBM (X)" in
 its RESOURCE_EXHAUSTED message), measured with libtpu 0.0.42.1 by compiling an oversized program
 for each chip; it is a little under the marketed capacity. Peak bf16 FLOP/s, chips per host and
-TensorCores per chip are from the Cloud TPU system-architecture pages.
+TensorCores per chip and HBM bandwidth are from the Cloud TPU system-architecture pages.
 
 Slice names follow Cloud TPU: `v4-N` and `v5p-N` count TensorCores (two per chip, fused into one
 "megacore" JAX device), `v5e-N` / `v5litepod-N` and `v6e-N` count chips (one core each). So
@@ -36,6 +36,7 @@ class Chip:
   topology_prefix: str  # libtpu's name: "v5:2x2x4", "v5e:16x16", ...
   torus_dims: int  # 3 (v4, v5p: 3D torus of chips) or 2 (v5e, v6e).
   device_kinds: tuple[str, ...]  # jax `Device.device_kind` strings of this chip.
+  hbm_bandwidth: float  # Bytes/s per chip.
 
   @property
   def counts_cores(self) -> bool:
@@ -48,10 +49,10 @@ class Chip:
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", int(30.75 * GiB), 275e12, 4, 2, "v4", 3, ("TPU v4",)),
-    "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 4, 2, "v5", 3, ("TPU v5p", "TPU v5")),
-    "v5e": Chip("v5e", int(15.75 * GiB), 197e12, 4, 1, "v5e", 2, ("TPU v5 lite", "TPU v5e")),
-    "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 4, 1, "v6e", 2, ("TPU v6 lite", "TPU v6e")),
+    "v4": Chip("v4", int(30.75 * GiB), 275e12, 4, 2, "v4", 3, ("TPU v4",), 1228e9),
+    "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 4, 2, "v5", 3, ("TPU v5p", "TPU v5"), 2765e9),
+    "v5e": Chip("v5e", int(15.75 * GiB), 197e12, 4, 1, "v5e", 2, ("TPU v5 lite", "TPU v5e"), 819e9),
+    "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 4, 1, "v6e", 2, ("TPU v6 lite", "TPU v6e"), 1640e9),
 }
 
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
@@ -228,3 +229,73 @@ def default_to_cpu_without_tpu() -> bool:
     if not xla_bridge.backends_are_initialized():
       jax.config.update("jax_platforms", "cpu")
   return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-slice defaults: the mesh, micro-batching and remat a preset uses when the user sets none.
+
+DEFAULT_MESH = {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
+
+
+def default_mesh(num_devices: int, batch_size: int, seq_len: int, num_slices: int = 1) -> dict:
+  """Mesh axis sizes for `num_devices` that keep every device busy on a `batch_size` batch.
+
+  Fully sharded data parallelism over as many devices as there are rows (each device holds
+  1/fsdp of the state and computes its own rows); one replica per slice across the data-center
+  network (`data` = num_slices); where a slice has more devices than rows, the rest split each
+  row's tokens (`sequence`) when the length allows 128-token pieces, else the heads (`tensor`).
+  Plain FSDP would instead leave the batch unsplit there, every device repeating the whole
+  batch's activations (MaxText refuses such a mesh outright).
+  """
+  if num_devices % num_slices:
+    raise ValueError(f"{num_devices} devices do not split into {num_slices} slices")
+  per_slice = num_devices // num_slices
+  rows = batch_size // num_slices if batch_size % num_slices == 0 else batch_size
+  fsdp = math.gcd(per_slice, max(rows, 1))
+  rest = per_slice // fsdp
+  mesh = {"data": num_slices, "fsdp": fsdp, "sequence": 1, "tensor": 1}
+  if rest > 1:
+    mesh["sequence" if seq_len % (rest * 128) == 0 else "tensor"] = rest
+  return mesh
+
+
+def train_bytes_estimate(model_config, mesh: dict, batch_size: int, seq_len: int,
+                         micro_batches: int = 1) -> int:
+  """A rough per-device HBM estimate of one training step, only to choose defaults.
+
+  fp32 parameters + two fp32 AdamW moments + fp32 gradients (+ an fp32 accumulator when
+  micro-batching), all split over fsdp x tensor; with full remat the bf16 layer inputs of every
+  layer, plus one layer's working set and the float32 logits. The compiler's figure
+  (tools/aot_compile.py) is the one to trust.
+  """
+  c = model_config
+  shards = mesh["fsdp"] * mesh.get("tensor", 1) * mesh.get("sequence", 1)
+  params = c.num_params() + (c.padded_vocab_size - c.vocab_size) * c.d_model * (
+      1 if c.tie_embeddings else 2)
+  state = params * (16 + (4 if micro_batches > 1 else 0)) / shards
+  rows = max(1, batch_size // (mesh["data"] * mesh["fsdp"] * micro_batches))
+  tokens = rows * seq_len / mesh.get("sequence", 1)
+  act = 2  # bf16
+  layer_inputs = c.n_layers * tokens * c.d_model * act
+  if c.remat_policy == "none":
+    layer_inputs *= 6 + 3 * c.mlp_dim / c.d_model
+  working = tokens * (8 * c.d_model + 4 * c.mlp_dim / mesh.get("tensor", 1)) * act
+  logits = 3 * tokens * c.padded_vocab_size * 4 / mesh.get("tensor", 1)
+  return int(state + layer_inputs + working + logits)
+
+
+def default_micro_batches(model_config, mesh: dict, batch_size: int, seq_len: int,
+                          hbm_bytes: int) -> int:
+  """1 when the step fits; else the fewest halvings of each device's rows that make it fit.
+
+  Micro-batching trades activation memory for an fp32 gradient accumulator, which at 65B costs
+  more than it saves (measured: 78.8 -> 89.3 GiB on v5p-32), so it is only chosen when the
+  estimate says one batch does not fit and the split one does.
+  """
+  rows = batch_size // (mesh["data"] * mesh["fsdp"])
+  micro = 1
+  while train_bytes_estimate(model_config, mesh, batch_size, seq_len, micro) > 0.9 * hbm_bytes:
+    if rows % (micro * 2) or batch_size % (micro * 2):
+      return 1
+    micro *= 2
+  return micro

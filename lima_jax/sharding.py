@@ -118,6 +118,11 @@ def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
     _ACTIVE.pop()
 
 
+def active_mesh() -> tuple[Mesh, tuple] | None:
+  """The (mesh, rules) set by the innermost `activation_sharding`, or None outside any."""
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names, so the model never names mesh axes itself."""
   if not _ACTIVE:

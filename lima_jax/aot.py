@@ -1,0 +1,442 @@
+"""Ahead-of-time compilation of the training and evaluation programs for Cloud TPU topologies.
+
+libtpu contains the TPU compiler; given a topology description it produces "compile-only"
+devices, and `jax.jit(...).lower(...).compile()` over a mesh of those devices runs the full TPU
+compiler on this (CPU) host: partitioning, fusion, rematerialisation, memory assignment. Its
+`memory_analysis()` is therefore the memory the program needs on each chip, before anyone pays
+for a slice. `tools/aot_compile.py` is the command line; `tools/make_tpu_table.py` the README table.
+
+The programs compiled are the real ones: `lima_jax.train.make_train_step` (the jitted step
+that training runs, with the preset's mesh, remat policy and micro-batching) and
+`lima_jax.sampling.make_decode_fns(...).generate` (prefill + KV-cache sampling loop).
+
+Model FLOPs come from an analytic count (`train_flops`), not `cost_analysis()`: the compiler
+counts a while-loop body once, so a step scanned over 80 layers reports about 1% of its work.
+"""
+
+import functools
+import glob
+import math
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+from lima_jax import hardware
+
+GiB = hardware.GiB
+DEFAULT_MFU = 0.4
+
+
+def prepare_environment(log_dir: str | None = None) -> str:
+  """Environment libtpu reads when it loads; call before the first topology is built.
+
+  No metadata server is queried (no network), the lock another libtpu process holds on this
+  host is shared instead of fatal, and the compiler's INFO log (the only place with its full
+  buffer report) goes to `log_dir`. Returns that directory.
+  """
+  log_dir = log_dir or os.environ.get("TPU_LOG_DIR") or tempfile.mkdtemp(prefix="lima_aot_")
+  os.makedirs(log_dir, exist_ok=True)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Run nothing on a TPU; only compile for one.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # Only to start the runtime quietly.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_WORKER_ID", "0")
+  os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+  os.environ.setdefault("TPU_LOG_DIR", log_dir)
+  os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+  os.environ.setdefault("TPU_MIN_LOG_LEVEL", "0")
+  return os.environ["TPU_LOG_DIR"]
+
+
+def libtpu_available() -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec("libtpu") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _topology_devices(topology_name: str, chip_config_name: str, bounds: tuple, num_slices: int,
+                      wrap: tuple) -> tuple:
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  prepare_environment()
+  topo = topologies.get_topology_desc(
+      platform="tpu", topology_name=topology_name, chip_config_name=chip_config_name,
+      chips_per_host_bounds=bounds, num_slices=num_slices, wrap=wrap)
+  return tuple(topo.devices)
+
+
+def slice_devices(tpu_slice: hardware.Slice) -> list:
+  """Compile-only TPU devices of the slice(s): one per chip."""
+  if not libtpu_available():
+    raise RuntimeError("libtpu is not installed: pip install -r requirements-tpu.txt")
+  return list(_topology_devices(tpu_slice.topology_name, tpu_slice.chip.chip_config_name,
+                                tpu_slice.chips_per_host_bounds, tpu_slice.num_slices,
+                                tpu_slice.wrap))
+
+
+def make_mesh(mesh_config, tpu_slice: hardware.Slice, devices):
+  """The training mesh over compile-only devices; the data axis spans slices over DCN."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
+  if tpu_slice.num_slices == 1:
+    return sharding.make_mesh(mesh_config, devices)
+  shape = sharding.mesh_shape(mesh_config, len(devices))
+  data = shape[0]
+  if data % tpu_slice.num_slices:
+    raise ValueError(f"config.mesh.data={data} must be a multiple of --num_slices="
+                     f"{tpu_slice.num_slices}: the data axis is the one that crosses slices")
+  dcn = (tpu_slice.num_slices,) + (1,) * (len(shape) - 1)
+  ici = (data // tpu_slice.num_slices,) + tuple(shape[1:])
+  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  return Mesh(np.asarray(array), sharding.MESH_AXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults per slice.
+
+
+def _is_default_mesh(mesh_config) -> bool:
+  return all(int(mesh_config.get(k, 1)) == v for k, v in hardware.DEFAULT_MESH.items())
+
+
+def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
+  """Fills in what the preset leaves to the slice; returns the equivalent command-line flags.
+
+  The mesh is chosen only when `config.mesh` is untouched (data=1, fsdp=-1, sequence=1,
+  tensor=1), micro-batching only when `train.micro_batches` is 1 and the estimate says the
+  step does not fit; an explicit override always wins.
+  """
+  from lima_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  flags = []
+  batch, seq = int(config.train.batch_size), int(config.data.max_len)
+  if _is_default_mesh(config.mesh):
+    chosen = hardware.default_mesh(tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
+    for axis, size in chosen.items():
+      config.mesh[axis] = size
+  flags += [f"--config.mesh.{axis}={int(config.mesh[axis])}" for axis in hardware.DEFAULT_MESH]
+  if int(config.train.micro_batches) == 1:
+    from lima_jax import sharding  # pylint: disable=g-import-not-at-top
+    sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
+    model_config = model_lib.ModelConfig.from_dict(config.model)
+    micro = hardware.default_micro_batches(model_config, sizes, batch, seq,
+                                           tpu_slice.usable_hbm_bytes())
+    config.train.micro_batches = micro
+  flags.append(f"--config.train.micro_batches={int(config.train.micro_batches)}")
+  flags.append(f"--config.model.remat_policy={config.model.remat_policy}")
+  return flags
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs.
+
+
+def matmul_params(model_config) -> int:
+  """Parameters that take part in matmuls: all but the input embedding and the norm scales.
+
+  The output projection counts at its padded width, as it is computed (tied or not).
+  """
+  c = model_config
+  attn = c.d_model * c.dim_per_head * (2 * c.n_heads + 2 * c.kv_heads)
+  return c.n_layers * (attn + 3 * c.d_model * c.mlp_dim) + c.d_model * c.padded_vocab_size
+
+
+def train_flops(model_config, batch_size: int, seq_len: int) -> dict[str, float]:
+  """Analytic FLOPs of one optimizer step over batch_size x seq_len tokens.
+
+  model    = 6 * N * tokens + 12 * L * (H * Dh) * seq^2 * batch
+             (N = matmul parameters, `matmul_params`; forward 2 N per token, backward 4 N; the
+             attention scores and weighted values are 4 * (H * Dh) * seq^2 a layer forward,
+             twice that backward; the causal mask is not exploited)
+  hardware = model + one more forward (2 * N * tokens + 4 * L * (H * Dh) * seq^2 * batch)
+             with full remat, which recomputes each layer in the backward pass.
+  MFU uses `model`; `hardware` is what the chips execute.
+  """
+  c = model_config
+  n = matmul_params(c)
+  tokens = batch_size * seq_len
+  attn_fwd = 4 * c.n_layers * c.n_heads * c.dim_per_head * seq_len ** 2 * batch_size
+  model = 6 * n * tokens + 3 * attn_fwd
+  recompute = 2 * n * tokens + attn_fwd if c.remat_policy == "full" else 0
+  return {"model": float(model), "hardware": float(model + recompute),
+          "matmul_params": float(n), "tokens": float(tokens)}
+
+
+def decode_flops(model_config, batch_size: int, prompt_len: int, new_tokens: int,
+                 cache_len: int) -> dict[str, float]:
+  """Analytic FLOPs of prefill (prompt_len tokens a row) plus `new_tokens` single-token steps.
+
+  2 * N a token for the matmuls; attention reads the whole cache each step (the program
+  attends over all cache_len slots and masks), 4 * (H * Dh) * cache_len a token a layer.
+  """
+  c = model_config
+  n = matmul_params(c)
+  width = c.n_layers * c.n_heads * c.dim_per_head
+  prefill = batch_size * (2 * n * prompt_len + 4 * width * prompt_len * cache_len)
+  step = batch_size * (2 * n + 4 * width * cache_len)
+  return {"prefill": float(prefill), "per_token_step": float(step),
+          "total": float(prefill + new_tokens * step)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation and the report.
+
+
+class DoesNotFit(Exception):
+  """The program needs more HBM than the chip has; `.report` says how much and why."""
+
+  def __init__(self, report: dict):
+    super().__init__(report.get("message", "does not fit"))
+    self.report = report
+
+
+def _tpu_model_config(config):
+  """ModelConfig as compiled for TPU: `attention=auto` means the splash kernel there."""
+  from lima_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  if model_config.attention == "auto":
+    model_config = model_config.replace(attention="splash")
+  return model_config
+
+
+def lower_train(config, mesh):
+  """Lowers `train.make_train_step` for the mesh; returns (lowered, abstract state)."""
+  from lima_jax import train  # pylint: disable=g-import-not-at-top
+  model_config = _tpu_model_config(config)
+  step_fn, _, _ = train.make_train_step(config, model_config, mesh)
+  state = train.abstract_train_state(config, model_config, mesh)
+  batch = train.abstract_batch(config, mesh)
+  return step_fn.lower(state, batch), state.params, model_config
+
+
+def lower_decode(config, mesh):
+  """Lowers the evaluation's `generate` (prefill + KV-cache sampling loop) for the mesh."""
+  from lima_jax import sampling  # pylint: disable=g-import-not-at-top
+  model_config = _tpu_model_config(config)
+  scfg = sampling.SamplingConfig.from_dict(config.sampling)
+  fns = sampling.make_decode_fns(model_config, scfg, mesh, int(scfg.batch_size), int(scfg.max_len))
+  args = fns.abstract_generate_args(int(scfg.prompt_budget))
+  return fns.generate.lower(*args), args[0], model_config, scfg
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return total
+
+
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_USED = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+_BUFFER = re.compile(r"^\s*[\d.]+\w*\(\s*\d+%\);\s*([\d.]+)(\w*);.*?;\s*(\d+);\s*(.+)$")
+
+
+def _to_bytes(value: str, unit: str) -> int:
+  unit = unit[:1].upper() if unit else ""
+  return int(float(value) * _UNITS.get(unit, 1))
+
+
+def largest_buffers(log_dir: str, limit: int = 8) -> list[dict]:
+  """The biggest HBM buffers of the newest out-of-memory report in libtpu's INFO log."""
+  logs = sorted(glob.glob(os.path.join(log_dir, "*.INFO.*")), key=os.path.getmtime)
+  for path in reversed(logs):
+    with open(path, errors="replace") as f:
+      text = f.read()
+    start = text.rfind("Memory usage report")
+    if start < 0:
+      continue
+    section = text[start:].split("Memory Space: vmem", 1)[0]
+    buffers = []
+    for line in section.splitlines():
+      m = _BUFFER.match(line)
+      if m:
+        buffers.append({"bytes": _to_bytes(m.group(1), m.group(2).replace("iB", "")),
+                        "values": int(m.group(3)), "shapes": m.group(4).strip()[:200]})
+    seen, unique = set(), []
+    for b in sorted(buffers, key=lambda b: -b["bytes"]):
+      key = (b["bytes"], b["shapes"])
+      if key not in seen:
+        seen.add(key)
+        unique.append(b)
+    return unique[:limit]
+  return []
+
+
+def _advice(config, program: str, needed: int, hbm: int, tpu_slice) -> list[str]:
+  """What to change, in the order that usually helps most."""
+  if program == "decode":
+    return ["a larger slice (the weights and KV cache are split over more chips)",
+            "a smaller --config.sampling.batch_size or --config.sampling.max_len (the KV cache)",
+            "--config.model.param_dtype=bfloat16 for evaluation (halves the weights)"]
+  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
+  sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
+  tips = []
+  if sizes["data"] > tpu_slice.num_slices:
+    tips.append(f"move data-parallel devices to fsdp (--config.mesh.data={tpu_slice.num_slices} "
+                f"--config.mesh.fsdp=-1): replicas each hold the whole optimizer state")
+  tips.append(f"a slice with more chips: the optimizer state and gradients "
+              f"(16 bytes a parameter) are split over fsdp x sequence x tensor = "
+              f"{sizes['fsdp'] * sizes['sequence'] * sizes['tensor']} chips now; needing "
+              f"{needed / GiB:.1f} of {hbm / GiB:.2f} GiB, about "
+              f"{math.ceil(needed / hbm)}x the chips")
+  if config.model.remat_policy != "full":
+    tips.append("--config.model.remat_policy=full (recompute each layer in the backward pass)")
+  rows = int(config.train.batch_size) // (sizes["data"] * sizes["fsdp"] * int(config.train.micro_batches))
+  if rows >= 2:
+    tips.append(f"--config.train.micro_batches={2 * int(config.train.micro_batches)} (fewer "
+                f"activations; costs an fp32 gradient accumulator, so it helps only when "
+                f"activations dominate)")
+  return tips
+
+
+def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
+                    mfu: float = DEFAULT_MFU, log_dir: str | None = None,
+                    hlo_path: str | None = None) -> dict:
+  """Compiles `program` ("train" or "decode") for the slice; returns the report dict.
+
+  Raises DoesNotFit (its `.report` filled in) when the compiler or the memory analysis says
+  the program needs more than the chip's usable HBM. `hlo_path` saves the optimised HLO.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  log_dir = prepare_environment(log_dir)
+  devices = slice_devices(tpu_slice)
+  flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
+  mesh = make_mesh(config.mesh, tpu_slice, devices)
+  hbm = tpu_slice.usable_hbm_bytes()
+  report: dict[str, Any] = {
+      "program": program, "preset": config.get("preset", ""), "topology": tpu_slice.name,
+      "topology_name": tpu_slice.topology_name, "num_slices": tpu_slice.num_slices,
+      "chip": tpu_slice.chip.name, "devices": tpu_slice.num_devices, "hosts": tpu_slice.num_hosts,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "usable_hbm_bytes": hbm, "jax_version": jax.__version__,
+  }
+  start = time.perf_counter()
+  if program == "train":
+    lowered, params, model_config = lower_train(config, mesh)
+    batch, seq = int(config.train.batch_size), int(config.data.max_len)
+    flops = train_flops(model_config, batch, seq)
+    report.update(
+        remat_policy=model_config.remat_policy, micro_batches=int(config.train.micro_batches),
+        batch_size=batch, seq_len=seq, train_flags=flags, flops=flops,
+        flops_formula="6*N*tokens + 12*L*(H*Dh)*seq^2*batch (model); +2*N*tokens + "
+                      "4*L*(H*Dh)*seq^2*batch with full remat (hardware)")
+  elif program == "decode":
+    lowered, params, model_config, scfg = lower_decode(config, mesh)
+    new = min(scfg.max_new_tokens, scfg.max_len)
+    flops = decode_flops(model_config, scfg.batch_size, scfg.prompt_budget, new, scfg.max_len)
+    report.update(batch_size=scfg.batch_size, prompt_len=scfg.prompt_budget, cache_len=scfg.max_len,
+                  max_new_tokens=new, flops=flops,
+                  flops_formula="prefill 2*N*prompt + 4*L*(H*Dh)*prompt*cache a row; each new "
+                                "token 2*N + 4*L*(H*Dh)*cache a row")
+  else:
+    raise ValueError(f"--program={program!r}: expected train or decode")
+  report.update(
+      attention=model_config.attention, param_dtype=model_config.param_dtype,
+      compute_dtype=model_config.dtype, num_params=model_config.num_params(),
+      param_bytes_per_device=bytes_per_device(params),
+      lower_seconds=round(time.perf_counter() - start, 1))
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    m = _OOM.search(text) or _USED.search(text)
+    if "RESOURCE_EXHAUSTED" not in text and not m:
+      raise
+    needed = _to_bytes(m.group(1), m.group(2)) if m else 0
+    report.update(
+        fits=False, compile_seconds=round(time.perf_counter() - start, 1),
+        memory={"needed_bytes": needed, "over_by_bytes": max(0, needed - hbm)},
+        largest_buffers=largest_buffers(log_dir),
+        compiler_message=text.strip().splitlines()[0][:500])
+    report["advice"] = _advice(config, program, needed, hbm, tpu_slice)
+    report["message"] = (f"{program} for {report['preset']} on {tpu_slice.name} does not fit: "
+                         f"needs {needed / GiB:.2f} GiB a chip, {hbm / GiB:.2f} GiB usable "
+                         f"(over by {(needed - hbm) / GiB:.2f} GiB)")
+    raise DoesNotFit(report) from e
+  report["compile_seconds"] = round(time.perf_counter() - start, 1)
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(compiled.as_text())
+  mem = compiled.memory_analysis()
+  peak = int(getattr(mem, "peak_memory_in_bytes", 0)) or int(
+      mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes)
+  report["memory"] = {
+      "arguments_bytes": int(mem.argument_size_in_bytes),
+      "outputs_bytes": int(mem.output_size_in_bytes),
+      "aliased_bytes": int(mem.alias_size_in_bytes),
+      "temporaries_bytes": int(mem.temp_size_in_bytes),
+      "peak_bytes": peak,
+      "usable_hbm_bytes": hbm,
+      "headroom_bytes": hbm - peak,
+  }
+  report["fits"] = peak <= hbm
+  peak_flops = tpu_slice.chip.bf16_flops * tpu_slice.num_devices
+  report["mfu_assumed"] = mfu
+  if program == "train":
+    step = flops["model"] / (mfu * peak_flops)
+    report.update(step_seconds=step, tokens_per_second=flops["tokens"] / step)
+  else:
+    step = flops["per_token_step"] / (mfu * peak_flops)
+    report.update(decode_step_seconds_compute_bound=step,
+                  weight_read_seconds_per_token=report["param_bytes_per_device"] / tpu_slice.chip.hbm_bandwidth)
+  if not report["fits"]:
+    report["largest_buffers"] = []
+    report["advice"] = _advice(config, program, peak, hbm, tpu_slice)
+    report["message"] = (f"{program} for {report['preset']} on {tpu_slice.name} does not fit: "
+                         f"peak {peak / GiB:.2f} GiB a chip, {hbm / GiB:.2f} GiB usable "
+                         f"(over by {(peak - hbm) / GiB:.2f} GiB)")
+    raise DoesNotFit(report)
+  return report
+
+
+def format_report(report: dict) -> str:
+  """Human-readable summary of a report (the JSON holds everything)."""
+  lines = [f"{report['program']} | preset {report['preset']} | {report['topology']} "
+           f"({report['topology_name']}, {report['devices']} chips, {report['hosts']} hosts) | "
+           f"mesh {report['mesh']}"]
+  if report["program"] == "train":
+    lines.append(f"  batch {report['batch_size']} x {report['seq_len']}, micro-batches "
+                 f"{report['micro_batches']}, remat {report['remat_policy']}, attention "
+                 f"{report['attention']}, params {report['param_dtype']} / compute "
+                 f"{report['compute_dtype']}")
+  else:
+    lines.append(f"  batch {report['batch_size']}, prompt {report['prompt_len']}, cache "
+                 f"{report['cache_len']}, attention {report['attention']}")
+  mem = report["memory"]
+  if "peak_bytes" in mem:
+    lines.append("  per chip: arguments {:.2f} GiB, outputs {:.2f} GiB (aliased {:.2f}), "
+                 "temporaries {:.2f} GiB, peak {:.2f} GiB of {:.2f} GiB usable".format(
+                     mem["arguments_bytes"] / GiB, mem["outputs_bytes"] / GiB,
+                     mem["aliased_bytes"] / GiB, mem["temporaries_bytes"] / GiB,
+                     mem["peak_bytes"] / GiB, mem["usable_hbm_bytes"] / GiB))
+  lines.append(f"  parameters {report['num_params'] / 1e9:.2f} B, "
+               f"{report['param_bytes_per_device'] / GiB:.3f} GiB a chip")
+  if report["program"] == "train" and "step_seconds" in report:
+    f = report["flops"]
+    lines.append(f"  model FLOPs a step {f['model']:.3e} (hardware, with remat {f['hardware']:.3e}); "
+                 f"at {report['mfu_assumed']:.0%} MFU: {report['step_seconds']:.2f} s a step, "
+                 f"{report['tokens_per_second']:,.0f} tokens/s")
+  if report["program"] == "decode" and "weight_read_seconds_per_token" in report:
+    lines.append(f"  decode step: >= {report['weight_read_seconds_per_token'] * 1e3:.2f} ms "
+                 f"(reading each chip's weights once), compute "
+                 f"{report['decode_step_seconds_compute_bound'] * 1e3:.3f} ms at "
+                 f"{report['mfu_assumed']:.0%} MFU")
+  if report.get("train_flags"):
+    lines.append("  train with: " + " ".join(report["train_flags"]))
+  lines.append(f"  compiled in {report.get('compile_seconds', 0):.1f} s (lowered in "
+               f"{report.get('lower_seconds', 0):.1f} s); fits: {report['fits']}")
+  if not report["fits"]:
+    lines.append("  " + report["message"])
+    for b in report.get("largest_buffers", []):
+      lines.append(f"    {b['bytes'] / GiB:8.2f} GiB  {b['shapes']}")
+    lines.append("  to fit, try:")
+    lines += [f"    - {tip}" for tip in report.get("advice", [])]
+  return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Ahead-of-time TPU compilation (tools/aot_compile.py, lima_jax.aot), the chip table and splash.
+
+The TPU compiles use libtpu's compiler on this host for compile-only devices of small
+topologies; they are skipped (with the reason) only where libtpu is not installed. The
+splash-attention equivalence runs the Pallas kernel in its interpreter, on the CPU.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lima_jax  # noqa: F401  (keeps an installed libtpu quiet on CPU hosts)
+from configs import lima
+from lima_jax import aot
+from lima_jax import hardware
+from lima_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = hardware.GiB
+needs_libtpu = pytest.mark.skipif(
+    not aot.libtpu_available(),
+    reason="libtpu is not installed (pip install -r requirements-tpu.txt); TPU compiles skipped")
+
+
+def small_tiny_config():
+  """The tiny preset, shortened so each TPU compile takes seconds."""
+  config = lima.get_config("tiny")
+  config.model.vocab_size = 1000
+  config.data.max_len = 128
+  config.train.batch_size = 8
+  config.sampling.max_len = 128
+  config.sampling.max_new_tokens = 16
+  config.sampling.batch_size = 4
+  return config
+
+
+def test_slice_names():
+  assert hardware.parse_slice("v5p-32").topology_name == "v5:2x2x4"
+  assert hardware.parse_slice("v5p-128").num_devices == 64
+  assert hardware.parse_slice("v4-64").topology_name == "v4:2x4x4"
+  assert hardware.parse_slice("v5litepod-256").topology_name == "v5e:16x16"
+  assert hardware.parse_slice("v6e-64").topology_name == "v6e:8x8"
+  assert hardware.parse_slice("v5e-8").chips_per_host_bounds == (2, 4, 1)
+  assert hardware.parse_slice("v4-128").wrap == (True, True, True)
+  with pytest.raises(ValueError, match="counts TensorCores"):
+    hardware.parse_slice("v5p-12")
+  with pytest.raises(ValueError, match="unknown TPU generation"):
+    hardware.parse_slice("v3-8")
+
+
+def test_default_mesh_splits_sequence_when_chips_outnumber_rows():
+  assert hardware.default_mesh(16, 32, 2048) == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
+  assert hardware.default_mesh(64, 32, 2048) == {"data": 1, "fsdp": 32, "sequence": 2, "tensor": 1}
+  assert hardware.default_mesh(256, 64, 2048, num_slices=2) == {
+      "data": 2, "fsdp": 32, "sequence": 4, "tensor": 1}
+
+
+def test_peak_flops_from_chip_table():
+  class FakeDevice:
+    platform, device_kind = "tpu", "TPU v5"
+  assert hardware.peak_flops_per_device(FakeDevice()) == 459e12
+  assert hardware.chip_for_device_kind("TPU v5 lite").name == "v5e"
+
+
+def test_analytic_flops_match_xla_count_of_unrolled_step():
+  """cost_analysis() is exact for loop-free programs: unrolled layers, no remat, XLA attention."""
+  from lima_jax import sharding, train
+  config = small_tiny_config()
+  config.model.scan_layers = False
+  config.model.remat_policy = "none"
+  config.model.attention = "xla"
+  config.model.residual_dropout = 0.0
+  config.model.d_model, config.model.mlp_dim = 256, 688  # Matmuls dominate, as in real presets.
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  step, _, _ = train.make_train_step(config, model_config, mesh)
+  lowered = step.lower(train.abstract_train_state(config, model_config, mesh),
+                       train.abstract_batch(config, mesh))
+  xla = lowered.cost_analysis()["flops"]
+  analytic = aot.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
+  assert abs(analytic - xla) / xla < 0.03, (analytic, xla)
+
+
+def _expected_param_bytes(model_config, fsdp: int) -> int:
+  """Parameter count x 4 bytes / the shards that hold it: all but the norm scales split fsdp ways."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(model_lib.abstract_params(model_config)):
+    shards = 1 if model_lib.is_norm_scale(tuple(p.key for p in path)) else fsdp
+    total += math.prod(leaf.shape) * 4 // shards
+  return total
+
+
+@needs_libtpu
+def test_tiny_train_compiles_for_v5p8():
+  config = small_tiny_config()
+  report = aot.compile_program(config, hardware.parse_slice("v5p-8"), "train")
+  assert report["fits"] and report["devices"] == 4 and report["mesh"]["fsdp"] == 4
+  assert report["attention"] == "splash"
+  mem = report["memory"]
+  assert 0 < mem["peak_bytes"] < mem["usable_hbm_bytes"] == int(95.74 * GiB)
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  assert report["param_bytes_per_device"] == _expected_param_bytes(model_config, 4)
+  # The donated state comes back in place: outputs alias the state arguments.
+  assert mem["aliased_bytes"] >= 3 * report["param_bytes_per_device"]
+  assert report["step_seconds"] > 0 and report["tokens_per_second"] > 0
+
+
+@needs_libtpu
+def test_tiny_decode_compiles_for_v4_8():
+  config = small_tiny_config()
+  report = aot.compile_program(config, hardware.parse_slice("v4-8"), "decode")
+  assert report["fits"] and report["devices"] == 4
+  assert report["memory"]["usable_hbm_bytes"] == int(30.75 * GiB)
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  assert report["param_bytes_per_device"] == _expected_param_bytes(model_config, 4)
+
+
+@needs_libtpu
+def test_does_not_fit_exits_2_with_reasons(tmp_path):
+  out = tmp_path / "report.json"
+  cmd = [sys.executable, os.path.join(ROOT, "tools", "aot_compile.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'lima.py')}:tiny",
+         "--topology=v5e-4", "--config.model.d_model=8192", "--config.model.n_heads=64",
+         "--config.model.mlp_dim=32768", "--config.model.n_layers=2",
+         "--config.model.vocab_size=1000", "--config.data.max_len=128", f"--output={out}"]
+  env = dict(os.environ, LIMA_AOT_LOG_DIR=str(tmp_path / "logs"))
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "does not fit" in proc.stdout and "over by" in proc.stdout and "to fit, try" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["fits"] is False
+  assert report["memory"]["over_by_bytes"] > 0
+  assert report["largest_buffers"] and report["largest_buffers"][0]["bytes"] > GiB
+  assert any("more chips" in tip for tip in report["advice"])
+
+
+def test_splash_kernel_matches_xla_attention():
+  """Causal + packed segments + GQA + padding, forward and gradients (Pallas interpreter)."""
+  from lima_jax import tpu_attention
+  rng = np.random.default_rng(0)
+  b, s, h, kv, d = 1, 256, 4, 2, 32
+  q, k, v = (jnp.asarray(rng.normal(size=(b, s, n, d)), jnp.float32) for n in (h, kv, kv))
+  segments = jnp.asarray([[1] * 100 + [2] * 120 + [0] * 36], jnp.int32)
+  positions = jnp.asarray([list(range(100)) + list(range(120)) + list(range(36))], jnp.int32)
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v, positions, positions, segments, segments) ** 2)
+  splash = lambda *a: tpu_attention.splash_attention(*a, interpret=True)
+  out = splash(q, k, v, positions, positions, segments, segments)
+  ref = model_lib.dot_product_attention(q, k, v, positions, positions, segments, segments)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  grads = jax.grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(lambda *a: loss(model_lib.dot_product_attention, *a), argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-3, rtol=1e-4)
+
+
+def test_splash_falls_back_off_tpu_and_for_short_sequences():
+  from lima_jax import tpu_attention
+  q = jnp.ones((2, 7, 2, 8))
+  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  out = tpu_attention.splash_attention(q, q, q, pos, pos)
+  np.testing.assert_allclose(out, model_lib.dot_product_attention(q, q, q, pos, pos))

@@ -1,0 +1,220 @@
+r"""Regenerates docs/tpu_table.md: does each preset train at LIMA's batch on each TPU slice?
+
+  python tools/make_tpu_table.py                 # compile what docs/tpu_table.json lacks
+  python tools/make_tpu_table.py --force         # recompile everything
+  python tools/make_tpu_table.py --presets=7b --slices=v5p-8,v5p-16 --no-search
+
+Every cell comes from compiling the real training step with `tools/aot_compile.py` (one process
+a compile, libtpu's TPU compiler on this host) with the preset's defaults for that slice; nothing
+is typed by hand. Results are kept in docs/tpu_table.json, keyed by preset, slice and the jax and
+libtpu versions, so a rerun only compiles what is missing or stale. A 65B compile takes a few
+CPU minutes.
+
+Besides the table it finds, for each preset and TPU generation, the smallest slice that fits:
+slices whose optimizer state alone (16 bytes a parameter over all chips) exceeds the chip's HBM
+are ruled out without compiling; the rest are compiled from the smallest up until one fits.
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lima_jax import hardware  # pylint: disable=wrong-import-position
+
+GiB = hardware.GiB
+PRESETS = ("7b", "13b", "33b", "65b")
+TABLE_SLICES = ("v4-64", "v4-128", "v5p-32", "v5p-64", "v5p-128", "v5e-256", "v6e-64")
+# Candidates for "smallest slice", per generation, smallest first.
+SEARCH = {
+    "v5p": ("v5p-8", "v5p-16", "v5p-32", "v5p-64", "v5p-128", "v5p-256"),
+    "v4": ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v4-256"),
+    "v5e": ("v5e-8", "v5e-16", "v5e-32", "v5e-64", "v5e-128", "v5e-256"),
+    "v6e": ("v6e-8", "v6e-16", "v6e-32", "v6e-64", "v6e-128", "v6e-256"),
+}
+
+
+def versions() -> str:
+  def version(name):
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      return "none"
+  return f"jax {version('jax')}, libtpu {version('libtpu')}"
+
+
+def state_floor_bytes(preset: str, tpu_slice: hardware.Slice) -> float:
+  """fp32 weights + 2 fp32 AdamW moments + fp32 gradients, split over every chip."""
+  from configs import lima  # pylint: disable=g-import-not-at-top
+  from lima_jax import model  # pylint: disable=g-import-not-at-top
+  config = model.ModelConfig.from_dict(lima.get_config(preset).model)
+  return 16 * config.num_params() / tpu_slice.num_devices
+
+
+def compile_one(preset: str, topology: str, mfu: float, timeout: int) -> dict:
+  """One `tools/aot_compile.py` run in its own process; its JSON report (fits or not)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "report.json")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "aot_compile.py"),
+           f"--config={os.path.join(ROOT, 'configs', 'lima.py')}:{preset}",
+           f"--topology={topology}", f"--mfu={mfu}", f"--output={out}"]
+    env = dict(os.environ, LIMA_AOT_LOG_DIR=os.path.join(tmp, "tpu_logs"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if proc.returncode not in (0, 2) or not os.path.exists(out):
+      tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+      raise RuntimeError(f"{preset} on {topology}: aot_compile exited {proc.returncode}:\n" +
+                         "\n".join(tail))
+    with open(out) as f:
+      report = json.load(f)
+  report.pop("compiler_log_dir", None)
+  return report
+
+
+def write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class Results:
+  """docs/tpu_table.json: reports keyed "preset@slice", reused while the versions match."""
+
+  def __init__(self, path: str, force: bool, mfu: float, timeout: int):
+    self.path, self.force, self.mfu, self.timeout = path, force, mfu, timeout
+    self.versions = versions()
+    self.data = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        self.data = json.load(f)
+
+  def get(self, preset: str, topology: str) -> dict:
+    key = f"{preset}@{topology}"
+    entry = self.data.get(key)
+    if entry and not self.force and entry.get("versions") == self.versions and entry.get(
+        "mfu_assumed", self.mfu) == self.mfu:
+      return entry
+    print(f"compiling {preset} on {topology} ...", flush=True)
+    entry = compile_one(preset, topology, self.mfu, self.timeout)
+    entry["versions"] = self.versions
+    entry["compiled_on"] = datetime.date.today().isoformat()
+    self.data[key] = entry
+    write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+    peak = _peak(entry)
+    print(f"  {preset} on {topology}: fits={entry['fits']} peak {peak / GiB:.1f} GiB", flush=True)
+    return entry
+
+
+def _peak(entry: dict) -> int:
+  mem = entry.get("memory", {})
+  return int(mem.get("peak_bytes") or mem.get("needed_bytes") or 0)
+
+
+def _cell(entry: dict) -> str:
+  hbm = entry["usable_hbm_bytes"] / GiB
+  if entry["fits"]:
+    return (f"{_peak(entry) / GiB:.1f} / {hbm:.1f} GiB ✓ {entry['step_seconds']:.1f} s "
+            f"({entry['tokens_per_second'] / 1e3:.1f}k tok/s)")
+  need = _peak(entry) / GiB
+  return f"{need:.1f} / {hbm:.1f} GiB ✗" if need else f"— / {hbm:.1f} GiB ✗"
+
+
+def _mesh(entry: dict) -> str:
+  m = entry["mesh"]
+  parts = [f"{k} {v}" for k, v in m.items() if v > 1]
+  return ", ".join(parts) + (f"; {entry['micro_batches']} micro-batches"
+                             if entry.get("micro_batches", 1) > 1 else "")
+
+
+def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict | None, list[str]]:
+  """The first slice of `generation` (smallest first) on which the preset fits, and why not below."""
+  notes = []
+  for name in SEARCH[generation]:
+    tpu_slice = hardware.parse_slice(name)
+    floor = state_floor_bytes(preset, tpu_slice)
+    if floor > tpu_slice.usable_hbm_bytes():
+      notes.append(f"{name}: state alone {floor / GiB:.1f} GiB a chip")
+      continue
+    entry = results.get(preset, name)
+    if entry["fits"]:
+      return name, entry, notes
+    notes.append(f"{name}: needs {_peak(entry) / GiB:.1f} GiB a chip")
+  return "", None, notes
+
+
+def render(results: Results, presets, slices, search: bool) -> str:
+  mfu = results.mfu
+  lines = [
+      "# lima_jax on Cloud TPU: does LIMA's batch fit? (generated)",
+      "",
+      "Generated by `python tools/make_tpu_table.py` from ahead-of-time compiles of the real "
+      "training step (`lima_jax.train.make_train_step`) with libtpu's compiler "
+      f"({results.versions}); do not edit by hand. Batch: 64 conversations x 2048 tokens "
+      "(32 for 65b), fp32 master weights and AdamW moments, bf16 compute, full remat, splash "
+      "attention, each preset's default mesh for the slice.",
+      "",
+      "Each cell: per-chip peak (`memory_analysis().peak_memory_in_bytes`) / usable HBM, fits "
+      f"(✓/✗), and the step time and tokens/s implied at {mfu:.0%} MFU by the analytic model "
+      "FLOPs (6·N·tokens + 12·L·d·seq²·batch; see docs/tpu.md).",
+      "",
+      "| preset | " + " | ".join(slices) + " |",
+      "|---|" + "---|" * len(slices),
+  ]
+  for preset in presets:
+    cells = [_cell(results.get(preset, s)) for s in slices]
+    lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+  lines += ["", "Meshes chosen (axes of size > 1):", "",
+            "| preset | " + " | ".join(slices) + " |", "|---|" + "---|" * len(slices)]
+  for preset in presets:
+    lines.append(f"| {preset} | " + " | ".join(_mesh(results.get(preset, s)) for s in slices) + " |")
+  if search:
+    lines += ["", "## Smallest slice that trains each preset at the paper's batch size", "",
+              "Per generation, compiled from the smallest slice up; smaller slices are listed "
+              "with why they do not fit.", "",
+              "| preset | " + " | ".join(SEARCH) + " |", "|---|" + "---|" * len(SEARCH)]
+    for preset in presets:
+      cells = []
+      for generation in SEARCH:
+        name, entry, notes = smallest(results, preset, generation)
+        text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
+                if entry else "none up to " + SEARCH[generation][-1])
+        if notes:
+          text += "<br>" + "<br>".join(notes)
+        cells.append(text)
+      lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--presets", default=",".join(PRESETS))
+  parser.add_argument("--slices", default=",".join(TABLE_SLICES))
+  parser.add_argument("--output", default=os.path.join(ROOT, "docs", "tpu_table.md"))
+  parser.add_argument("--results", default=os.path.join(ROOT, "docs", "tpu_table.json"))
+  parser.add_argument("--mfu", type=float, default=0.4)
+  parser.add_argument("--force", action="store_true", help="recompile cached entries")
+  parser.add_argument("--no-search", dest="search", action="store_false",
+                      help="skip the smallest-slice search")
+  parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
+  args = parser.parse_args(argv)
+  presets = [p for p in args.presets.split(",") if p]
+  slices = [s for s in args.slices.split(",") if s]
+  for s in slices:
+    hardware.parse_slice(s)
+  results = Results(args.results, args.force, args.mfu, args.timeout)
+  text = render(results, presets, slices, args.search)
+  write_atomic(args.output, text)
+  print(f"wrote {args.output}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
