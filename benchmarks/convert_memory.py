@@ -1,10 +1,11 @@
 """Peak memory of `tools/convert_weights.py hf-to-orbax`, and forward throughput of a small model.
 
-    python benchmarks/convert_memory.py [--d_model 1024 --n_layers 8 --mlp_dim 2816 --vocab 32000]
-        [--dtype bfloat16] [--max_shard_size 100MB] [--keep DIR]
+    python benchmarks/convert_memory.py [--models small,large] [--dtype bfloat16]
+        [--max_shard_size 200MB] [--keep DIR]
 
-Builds a random LLaMA-shaped Hugging Face checkpoint (sharded safetensors, written tensor by
-tensor so the builder itself stays small), converts it in a subprocess, and polls the
+Builds random LLaMA-shaped Hugging Face checkpoints in bfloat16 ("small": 8 layers of width
+1024, 0.34 GB; "large": 16 layers of width 2048, 1.9 GB; sharded safetensors written tensor by
+tensor so the builder itself stays small), converts each in a subprocess, and polls the
 subprocess's resident set size (psutil, every 10 ms, plus the kernel's own high-water mark
 `ru_maxrss`). The same is measured for converting a tiny model (same interpreter, imports and
 code paths, ~no data): that is the baseline of Python + JAX + Orbax. Reports
@@ -123,49 +124,67 @@ def forward_throughput(batch=4, seq=256, repeats=5) -> dict:
           "best_seconds": best, "tokens_per_s": batch * seq / best, "device": str(jax.devices()[0])}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--d_model", type=int, default=1024)
-  parser.add_argument("--n_layers", type=int, default=8)
-  parser.add_argument("--mlp_dim", type=int, default=2816)
-  parser.add_argument("--vocab", type=int, default=32000)
-  parser.add_argument("--heads", type=int, default=16)
-  parser.add_argument("--kv_heads", type=int, default=0)
-  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--max_shard_size", default="100MB")
-  parser.add_argument("--keep", default="", help="work here instead of a deleted temp dir")
-  args = parser.parse_args()
+# LLaMA-shaped models (bf16, 32000 vocab): a few hundred MB, and one large enough that the
+# interpreter's own ~0.25 GB stops dominating the raw ratio.
+MODELS = {
+    "small": dict(d_model=1024, n_layers=8, mlp_dim=2816, vocab=32000, heads=16, kv_heads=0),
+    "large": dict(d_model=2048, n_layers=16, mlp_dim=5632, vocab=32000, heads=16, kv_heads=0),
+}
 
-  with tempfile.TemporaryDirectory(prefix="convert_memory-") as tmp:
-    work = pathlib.Path(args.keep or tmp)
-    shape = dict(d_model=args.d_model, n_layers=args.n_layers, mlp_dim=args.mlp_dim,
-                 vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads, dtype=args.dtype,
-                 max_shard_bytes=safetensors_io.parse_size(args.max_shard_size))
-    model_bytes = write_random_hf(work / "hf", **shape)
-    tiny = dict(shape, d_model=64, n_layers=2, mlp_dim=128, vocab=512, heads=4, kv_heads=0)
-    write_random_hf(work / "hf_tiny", **tiny)
-    # Baseline first: ru_maxrss of children only grows, so the big run must come second.
-    baseline = peak_rss_of(convert_cmd(work / "hf_tiny", work / "ckpt_tiny"))
-    run = peak_rss_of(convert_cmd(work / "hf", work / "ckpt"))
-    ckpt_bytes = sum(p.stat().st_size for p in (work / "ckpt").rglob("*") if p.is_file())
 
+def measure(work: pathlib.Path, name: str, shape: dict, baseline_peak: int) -> dict:
+  model_bytes = write_random_hf(work / f"hf_{name}", **shape)
+  run = peak_rss_of(convert_cmd(work / f"hf_{name}", work / f"ckpt_{name}"))
+  ckpt_bytes = sum(p.stat().st_size for p in (work / f"ckpt_{name}").rglob("*") if p.is_file())
   peak = max(run["peak_rss_polled"], run["peak_rss_kernel"] or 0)
-  base = max(baseline["peak_rss_polled"], baseline["peak_rss_kernel"] or 0)
-  result = {
-      "command": "python benchmarks/convert_memory.py " + " ".join(sys.argv[1:]),
-      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
-               "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+  return {
       "model": {k: v for k, v in shape.items() if k != "max_shard_bytes"},
       "model_bytes_on_disk": model_bytes,
       "checkpoint_bytes": ckpt_bytes,
       "convert_seconds": round(run["seconds"], 2),
       "peak_rss_bytes": peak,
-      "baseline_peak_rss_bytes": base,
       "raw_ratio": round(peak / model_bytes, 3),
-      "marginal_ratio": round((peak - base) / model_bytes, 3),
-      "peak_rss_sources": {"polled": run["peak_rss_polled"], "kernel_ru_maxrss": run["peak_rss_kernel"],
-                           "baseline_polled": baseline["peak_rss_polled"],
-                           "baseline_kernel_ru_maxrss": baseline["peak_rss_kernel"]},
+      "marginal_ratio": round((peak - baseline_peak) / model_bytes, 3),
+      "peak_rss_sources": {"polled": run["peak_rss_polled"], "kernel_ru_maxrss": run["peak_rss_kernel"]},
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default="small,large", help=f"comma list of {sorted(MODELS)}")
+  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+  parser.add_argument("--max_shard_size", default="200MB")
+  parser.add_argument("--keep", default="", help="work here instead of a deleted temp dir")
+  args = parser.parse_args()
+  names = [n for n in args.models.split(",") if n]
+  unknown = set(names) - set(MODELS)
+  if unknown:
+    parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
+  common = dict(dtype=args.dtype, max_shard_bytes=safetensors_io.parse_size(args.max_shard_size))
+
+  with tempfile.TemporaryDirectory(prefix="convert_memory-") as tmp:
+    work = pathlib.Path(args.keep or tmp)
+    work.mkdir(parents=True, exist_ok=True)
+    # Baseline first: ru_maxrss of children only grows, so bigger runs must come after it.
+    tiny = dict(common, d_model=64, n_layers=2, mlp_dim=128, vocab=512, heads=4, kv_heads=0)
+    write_random_hf(work / "hf_tiny", **tiny)
+    baseline = peak_rss_of(convert_cmd(work / "hf_tiny", work / "ckpt_tiny"))
+    base = max(baseline["peak_rss_polled"], baseline["peak_rss_kernel"] or 0)
+    runs = {}
+    for name in sorted(names, key=lambda n: list(MODELS).index(n)):
+      runs[name] = measure(work, name, dict(common, **MODELS[name]), base)
+      print(f"{name}: {json.dumps(runs[name])}", file=sys.stderr)
+
+  result = {
+      "command": "python benchmarks/convert_memory.py " + " ".join(sys.argv[1:]),
+      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
+               "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+               "load_average_1m": round(os.getloadavg()[0], 1)},
+      "baseline": {"what": "hf-to-orbax of a 2-layer 64-wide model (interpreter + JAX + Orbax)",
+                   "peak_rss_bytes": base,
+                   "peak_rss_sources": {"polled": baseline["peak_rss_polled"],
+                                        "kernel_ru_maxrss": baseline["peak_rss_kernel"]}},
+      "runs": runs,
       "forward": forward_throughput(),
   }
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
