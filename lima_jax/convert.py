@@ -891,12 +891,17 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   written = []
   out_dtype = jnp.dtype(sources[0].dtype).name
   tokens = dict(config_json.get(SPECIAL_TOKENS_KEY) or {})
-  tokenizer = None
+  tokenizer, eot_id = None, None
   if blob is not None:
     from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     tokenizer = tokenizer_lib.load_tokenizer_from_blob(blob)
     tokens = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
               "pad_token_id": tokenizer.pad_id}
+    eot_id = tokenizer.eot_id
+    if eot_id >= config.vocab_size:  # A base model converted before its EOT row was added.
+      print(f"warning: {ckpt}: the model has {config.vocab_size} rows, no row for EOT (id "
+            f"{eot_id}); generation_config.json stops at EOS only", file=sys.stderr)
+      eot_id = None
   with staged_directory(hf_dir) as tmp:
     for shard, name in zip(shards, names):
       safetensors_io.write_file(tmp / name, shard)
@@ -910,20 +915,20 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
     (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     written.append(CONFIG_FILE)
     (tmp / GENERATION_CONFIG_FILE).write_text(
-        json.dumps(generation_config(tokens, tokenizer), indent=2) + "\n")
+        json.dumps(generation_config(tokens, eot_id), indent=2) + "\n")
     written.append(GENERATION_CONFIG_FILE)
     if tokenizer is not None:
       written += [p.name for p in tokenizer.save_files(tmp)]
   return written
 
 
-def generation_config(tokens: Mapping[str, Any], tokenizer=None) -> dict:
+def generation_config(tokens: Mapping[str, Any], eot_id: int | None = None) -> dict:
   """LIMA's decoding for `model.generate`; generation stops at EOS or EOT."""
   gen = dict(LIMA_GENERATION)
   eos = tokens.get("eos_token_id")
   eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-  if tokenizer is not None and tokenizer.eot_id not in eos:
-    eos.append(tokenizer.eot_id)
+  if eot_id is not None and eot_id not in eos:
+    eos.append(eot_id)
   if tokens.get("bos_token_id") is not None:
     gen["bos_token_id"] = tokens["bos_token_id"]
   if eos:
