@@ -98,10 +98,6 @@ def make_mesh(mesh_config, tpu_slice: hardware.Slice, devices):
 # Defaults per slice.
 
 
-def _is_default_mesh(mesh_config) -> bool:
-  return all(int(mesh_config.get(k, 1)) == v for k, v in hardware.DEFAULT_MESH.items())
-
-
 def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
   """Fills in what the preset leaves to the slice; returns the equivalent command-line flags.
 
@@ -112,10 +108,9 @@ def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
   from lima_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   flags = []
   batch, seq = int(config.train.batch_size), int(config.data.max_len)
-  if _is_default_mesh(config.mesh):
-    chosen = hardware.default_mesh(tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
-    for axis, size in chosen.items():
-      config.mesh[axis] = size
+  chosen = hardware.mesh_for(config.mesh, tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
+  for axis, size in chosen.items():
+    config.mesh[axis] = size
   flags += [f"--config.mesh.{axis}={int(config.mesh[axis])}" for axis in hardware.DEFAULT_MESH]
   if int(config.train.micro_batches) == 1:
     from lima_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -259,6 +259,18 @@ def default_mesh(num_devices: int, batch_size: int, seq_len: int, num_slices: in
   return mesh
 
 
+def mesh_for(mesh_config, num_devices: int, batch_size: int, seq_len: int,
+             num_slices: int = 1) -> dict:
+  """The mesh to use: `mesh_config` as given, unless it is the untouched default, then `default_mesh`.
+
+  Training and the AOT compiler both call this, so the mesh compiled is the mesh trained.
+  """
+  given = {axis: int(mesh_config.get(axis, 1)) for axis in DEFAULT_MESH}
+  if given != DEFAULT_MESH:
+    return given
+  return default_mesh(num_devices, batch_size, seq_len, num_slices)
+
+
 def train_bytes_estimate(model_config, mesh: dict, batch_size: int, seq_len: int,
                          micro_batches: int = 1) -> int:
   """A rough per-device HBM estimate of one training step, only to choose defaults.

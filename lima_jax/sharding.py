@@ -22,7 +22,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", ("sequence",)),
     ("cache_length", ()),
-    ("embed", ("fsdp",)),
+    ("embed", ("fsdp", "sequence")),  # Parameters split over every axis that splits the batch.
     ("activation_embed", ("tensor",)),
     ("vocab", ("tensor",)),
     ("heads", ("tensor",)),

@@ -87,22 +87,30 @@ def write_atomic(path: str, text: str) -> None:
 class Results:
   """docs/tpu_table.json: reports keyed "preset@slice", reused while the versions match."""
 
-  def __init__(self, path: str, force: bool, mfu: float, timeout: int):
+  def __init__(self, path: str, force: bool, mfu: float, timeout: int, cached_only: bool = False):
     self.path, self.force, self.mfu, self.timeout = path, force, mfu, timeout
+    self.cached_only = cached_only
     self.versions = versions()
     self.data = {}
     if os.path.exists(path):
       with open(path) as f:
         self.data = json.load(f)
 
-  def get(self, preset: str, topology: str) -> dict:
+  def get(self, preset: str, topology: str) -> dict | None:
+    """The cached report, else a fresh compile (None: not compiled, with --cached-only)."""
     key = f"{preset}@{topology}"
     entry = self.data.get(key)
     if entry and not self.force and entry.get("versions") == self.versions and entry.get(
         "mfu_assumed", self.mfu) == self.mfu:
       return entry
+    if self.cached_only:
+      return None
     print(f"compiling {preset} on {topology} ...", flush=True)
-    entry = compile_one(preset, topology, self.mfu, self.timeout)
+    try:
+      entry = compile_one(preset, topology, self.mfu, self.timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+      print(f"  FAILED: {e}", flush=True)  # Left uncached, so the next run retries it.
+      return None
     entry["versions"] = self.versions
     entry["compiled_on"] = datetime.date.today().isoformat()
     self.data[key] = entry
@@ -117,7 +125,9 @@ def _peak(entry: dict) -> int:
   return int(mem.get("peak_bytes") or mem.get("needed_bytes") or 0)
 
 
-def _cell(entry: dict) -> str:
+def _cell(entry: dict | None) -> str:
+  if entry is None:
+    return "not compiled yet"
   hbm = entry["usable_hbm_bytes"] / GiB
   if entry["fits"]:
     return (f"{_peak(entry) / GiB:.1f} / {hbm:.1f} GiB ✓ {entry['step_seconds']:.1f} s "
@@ -126,7 +136,9 @@ def _cell(entry: dict) -> str:
   return f"{need:.1f} / {hbm:.1f} GiB ✗" if need else f"— / {hbm:.1f} GiB ✗"
 
 
-def _mesh(entry: dict) -> str:
+def _mesh(entry: dict | None) -> str:
+  if entry is None:
+    return ""
   m = entry["mesh"]
   parts = [f"{k} {v}" for k, v in m.items() if v > 1]
   return ", ".join(parts) + (f"; {entry['micro_batches']} micro-batches"
@@ -143,13 +155,16 @@ def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict 
       notes.append(f"{name}: state alone {floor / GiB:.1f} GiB a chip")
       continue
     entry = results.get(preset, name)
+    if entry is None:
+      notes.append(f"{name}: not compiled yet")
+      return "", None, notes
     if entry["fits"]:
       return name, entry, notes
     notes.append(f"{name}: needs {_peak(entry) / GiB:.1f} GiB a chip")
   return "", None, notes
 
 
-def render(results: Results, presets, slices, search: bool) -> str:
+def render(results: Results, presets, slices, generations) -> str:
   mfu = results.mfu
   lines = [
       "# lima_jax on Cloud TPU: does LIMA's batch fit? (generated)",
@@ -164,9 +179,15 @@ def render(results: Results, presets, slices, search: bool) -> str:
       f"(✓/✗), and the step time and tokens/s implied at {mfu:.0%} MFU by the analytic model "
       "FLOPs (6·N·tokens + 12·L·d·seq²·batch; see docs/tpu.md).",
       "",
-      "| preset | " + " | ".join(slices) + " |",
-      "|---|" + "---|" * len(slices),
   ]
+  lines += ["Chips (`lima_jax/hardware.py`; usable HBM as libtpu's compiler reports it):", "",
+            "| chip | usable HBM / chip | bf16 peak / chip | HBM bandwidth | chips / host | "
+            "cores / chip |", "|---|---|---|---|---|---|"]
+  for chip in hardware.CHIPS.values():
+    lines.append(f"| {chip.name} | {chip.hbm_bytes / GiB:.2f} GiB | {chip.bf16_flops / 1e12:.0f} "
+                 f"TFLOP/s | {chip.hbm_bandwidth / 1e9:.0f} GB/s | {chip.chips_per_host} | "
+                 f"{chip.cores_per_chip} |")
+  lines += ["", "| preset | " + " | ".join(slices) + " |", "|---|" + "---|" * len(slices)]
   for preset in presets:
     cells = [_cell(results.get(preset, s)) for s in slices]
     lines.append(f"| {preset} | " + " | ".join(cells) + " |")
@@ -174,14 +195,14 @@ def render(results: Results, presets, slices, search: bool) -> str:
             "| preset | " + " | ".join(slices) + " |", "|---|" + "---|" * len(slices)]
   for preset in presets:
     lines.append(f"| {preset} | " + " | ".join(_mesh(results.get(preset, s)) for s in slices) + " |")
-  if search:
+  if generations:
     lines += ["", "## Smallest slice that trains each preset at the paper's batch size", "",
               "Per generation, compiled from the smallest slice up; smaller slices are listed "
               "with why they do not fit.", "",
-              "| preset | " + " | ".join(SEARCH) + " |", "|---|" + "---|" * len(SEARCH)]
+              "| preset | " + " | ".join(generations) + " |", "|---|" + "---|" * len(generations)]
     for preset in presets:
       cells = []
-      for generation in SEARCH:
+      for generation in generations:
         name, entry, notes = smallest(results, preset, generation)
         text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
                 if entry else "none up to " + SEARCH[generation][-1])
@@ -203,14 +224,27 @@ def main(argv=None) -> int:
   parser.add_argument("--force", action="store_true", help="recompile cached entries")
   parser.add_argument("--no-search", dest="search", action="store_false",
                       help="skip the smallest-slice search")
+  parser.add_argument("--search_generations", default="v5p,v4",
+                      help=f"generations searched for the smallest slice (of {','.join(SEARCH)})")
+  parser.add_argument("--cached-only", dest="cached_only", action="store_true",
+                      help="compile nothing; render what docs/tpu_table.json holds")
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
   args = parser.parse_args(argv)
   presets = [p for p in args.presets.split(",") if p]
   slices = [s for s in args.slices.split(",") if s]
   for s in slices:
     hardware.parse_slice(s)
-  results = Results(args.results, args.force, args.mfu, args.timeout)
-  text = render(results, presets, slices, args.search)
+  generations = [g for g in args.search_generations.split(",") if g]
+  unknown = set(generations) - set(SEARCH)
+  if unknown:
+    parser.error(f"--search_generations: unknown {sorted(unknown)}; known {list(SEARCH)}")
+  results = Results(args.results, args.force, args.mfu, args.timeout, args.cached_only)
+  # The largest preset first: it is the one whose fit is in question.
+  for preset in sorted(presets, key=lambda p: PRESETS.index(p) if p in PRESETS else -1,
+                       reverse=True):
+    for s in slices:
+      results.get(preset, s)
+  text = render(results, presets, slices, generations if args.search else [])
   write_atomic(args.output, text)
   print(f"wrote {args.output}")
   return 0
