@@ -98,6 +98,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.train.dev_max_new_tokens = 256
   config.train.peak_flops_per_device = 0.0  # 0 = from the chip table, or measured on CPU.
   config.train.max_steps = 0  # 0 = epochs * steps_per_epoch; for quick trials only.
+  config.train.stop_at_step = 0  # Save and exit after this step; the lr schedule still spans the run.
+  config.train.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set).
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = 1

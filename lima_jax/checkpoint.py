@@ -113,3 +113,64 @@ def restore_params(path, target: Any = None) -> dict:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(path.absolute(), ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
   return restored[PARAMS]
+
+
+# -- Training checkpoints: WORKDIR/checkpoints/<step>/ through an Orbax CheckpointManager. --------
+
+OPT_STATE = "opt_state"
+TRAIN_STATE = "train_state"
+
+
+def checkpoint_manager(workdir, *, keep: int = 0, async_save: bool = True) -> ocp.CheckpointManager:
+  """The manager of `WORKDIR/checkpoints/<step>/`; `keep=0` keeps every checkpoint.
+
+  Saves are asynchronous: `save` returns once the arrays are copied to host memory and the
+  files are written in the background, into a temporary directory that is renamed (or, on
+  object stores, marked with a commit file) only when complete. Stale temporary directories of
+  a crashed save are deleted when the manager opens.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep or None, create=True, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True)
+  handlers = {PARAMS: ocp.StandardCheckpointHandler(), OPT_STATE: ocp.StandardCheckpointHandler(),
+              MODEL_CONFIG: ocp.JsonCheckpointHandler(), TOKENIZER: ocp.JsonCheckpointHandler(),
+              TRAIN_STATE: ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(_path(workdir).absolute() / CHECKPOINTS_SUBDIR, options=options,
+                               item_handlers=handlers)
+
+
+def save_training(manager: ocp.CheckpointManager, step: int, *, params, opt_state,
+                  model_config: ModelConfig, tokenizer_blob: Mapping[str, Any] | None,
+                  train_state: Mapping[str, Any]) -> bool:
+  """Starts saving step `step` (asynchronously); `train_state` is a JSON-able dict.
+
+  Returns False where this step is already saved (e.g. an epoch end that was also a
+  periodic save).
+  """
+  if step in manager.all_steps():
+    return False
+  items = {PARAMS: ocp.args.StandardSave(params), OPT_STATE: ocp.args.StandardSave(opt_state),
+           MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
+           TRAIN_STATE: ocp.args.JsonSave(dict(train_state))}
+  if tokenizer_blob is not None:
+    items[TOKENIZER] = ocp.args.JsonSave(dict(tokenizer_blob))
+  return manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_training(manager: ocp.CheckpointManager, step: int, *, params_target,
+                     opt_state_target) -> tuple[Any, Any, dict]:
+  """(params, opt_state, train_state dict) of step `step`, restored straight into the shards
+  that the targets' shardings name, whatever mesh the checkpoint was saved from."""
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      PARAMS: ocp.args.StandardRestore(params_target),
+      OPT_STATE: ocp.args.StandardRestore(opt_state_target),
+      TRAIN_STATE: ocp.args.JsonRestore()}))
+  return restored[PARAMS], restored[OPT_STATE], restored[TRAIN_STATE]
+
+
+def read_train_state(path) -> dict:
+  """The JSON train state (step, epoch, rng, data iterator state, config) of a training checkpoint."""
+  path = resolve(path)
+  if not (path / TRAIN_STATE).is_dir():
+    raise FileNotFoundError(f"{path}: no {TRAIN_STATE}/ item; not a training checkpoint")
+  return _read_json_item(path, TRAIN_STATE)

@@ -1,0 +1,147 @@
+"""Training-step throughput on this machine, beside MaxText's figure for the same model.
+
+The config is REFERENCE.md's: d_model 512, 8 layers, 8 heads of 64 (MHA), MLP 1408, vocab 32000,
+sequence 512, batch 4, float32, one CPU device, synthetic tokens, the LIMA AdamW update. The
+step is the one `python -m lima_jax.train` runs (`lima_jax.train.make_train_step`). Achieved
+FLOP/s use the analytic count of `lima_jax.metrics.model_flops_per_step` and are set beside a
+jitted float32 2048^3 matmul timed in the same process, since a shared CPU's speed drifts.
+
+    python benchmarks/benchmark_train.py [--steps 5] [--out benchmarks/results/train.json]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lima_jax import hardware  # pylint: disable=wrong-import-position
+
+hardware.default_to_cpu_without_tpu()
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from configs import lima  # pylint: disable=wrong-import-position
+from lima_jax import metrics  # pylint: disable=wrong-import-position
+from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
+from lima_jax import sharding  # pylint: disable=wrong-import-position
+from lima_jax import train  # pylint: disable=wrong-import-position
+
+MAXTEXT_TOKENS_PER_S = 368.0  # REFERENCE.md: MaxText 0.2.5, same config, 5.55 s/step.
+
+
+def reference_config(args):
+  config = lima.get_config("tiny")
+  config.model.update(dict(
+      vocab_size=32000, d_model=512, n_layers=8, n_heads=8, head_dim=64, mlp_dim=1408,
+      max_seq_len=args.seq_len, dtype="float32", param_dtype="float32",
+      remat_policy=args.remat, scan_layers=not args.unroll, residual_dropout=args.dropout))
+  config.data.max_len = args.seq_len
+  config.train.batch_size = args.batch_size
+  config.train.micro_batches = 1
+  config.optimizer.lr = 1e-5
+  config.optimizer.end_lr = 1e-6
+  config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
+  return config
+
+
+def synthetic_batch(config, vocab_size: int, seed: int = 0):
+  b, s = config.train.batch_size, config.data.max_len
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, vocab_size, (b, s + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": np.ones((b, s), np.float32),
+          "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+          "segment_ids": np.ones((b, s), np.int32)}
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  fn = jax.jit(lambda x: x @ x)
+  fn(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / min(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+  parser.add_argument("--batch_size", type=int, default=4)
+  parser.add_argument("--seq_len", type=int, default=512)
+  parser.add_argument("--remat", default="none", help="model.remat_policy")
+  parser.add_argument("--dropout", type=float, default=0.0, help="model.residual_dropout")
+  parser.add_argument("--unroll", action="store_true", help="scan_layers=False")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                    "results", "train.json"))
+  args = parser.parse_args()
+
+  config = reference_config(args)
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  peak_before = matmul_flops()
+
+  start = time.perf_counter()
+  step_fn, _, batch_shardings = train.make_train_step(config, model_config, mesh, total_steps=1000)
+  state = train.init_train_state(config, model_config, mesh, seed=0, total_steps=1000)
+  batch = {k: jax.device_put(v, batch_shardings[k])
+           for k, v in synthetic_batch(config, model_config.vocab_size).items()}
+  state, m = step_fn(state, batch)
+  jax.block_until_ready(m)
+  compile_and_first_s = time.perf_counter() - start
+
+  times, losses = [], []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = step_fn(state, batch)
+    losses.append(float(m["loss"]))  # Fetching the loss waits for the step.
+    times.append(time.perf_counter() - t0)
+  peak_after = matmul_flops()
+
+  step_s = statistics.median(times)
+  tokens = config.train.batch_size * config.data.max_len
+  flops = metrics.model_flops_per_step(model_config, config.train.batch_size, config.data.max_len)
+  matmul = max(peak_before, peak_after)
+  result = {
+      "config": {"d_model": 512, "n_layers": 8, "n_heads": 8, "head_dim": 64, "mlp_dim": 1408,
+                 "vocab_size": 32000, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                 "dtype": "float32", "remat_policy": args.remat, "scan_layers": not args.unroll,
+                 "residual_dropout": args.dropout, "devices": 1,
+                 "params": model_config.num_params(), "matmul_params": model_config.num_params(False)},
+      "step_time_s": {"median": step_s, "min": min(times), "max": max(times), "all": times},
+      "tokens_per_s": tokens / step_s,
+      "model_flops_per_step": flops,
+      "achieved_flops_per_s": flops / step_s,
+      "matmul_2048_flops_per_s": {"before": peak_before, "after": peak_after, "used": matmul},
+      "fraction_of_matmul": flops / step_s / matmul,
+      "compile_and_first_step_s": compile_and_first_s,
+      "losses": losses,
+      "vs_maxtext": {"maxtext_tokens_per_s": MAXTEXT_TOKENS_PER_S,
+                     "speedup": tokens / step_s / MAXTEXT_TOKENS_PER_S,
+                     "target_speedup": 1.2, "target_fraction_of_matmul": 0.6},
+      "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                  "jax": jax.__version__, "device": str(jax.devices()[0])},
+      "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  tmp = args.out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, args.out)
+  print(f"step {step_s:.3f} s (min {min(times):.3f}), {tokens / step_s:.0f} tokens/s "
+        f"({tokens / step_s / MAXTEXT_TOKENS_PER_S:.2f}x MaxText's {MAXTEXT_TOKENS_PER_S:.0f}), "
+        f"{flops / step_s / 1e9:.1f} GFLOP/s = {flops / step_s / matmul:.2f} of the "
+        f"{matmul / 1e9:.1f} GFLOP/s matmul; compile+first step {compile_and_first_s:.1f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,136 @@
+"""What a user watches during training: `metrics.jsonl`, TensorBoard events, a progress bar, MFU.
+
+Only process 0 writes (every writer here is a no-op elsewhere), so a pod slice produces one
+log. `metrics.jsonl` is rewritten whole and atomically (temporary file + rename) rather than
+appended, because object stores (`gs://`) cannot append; on a resume, lines past the restored
+step are dropped, so the file reads as one uninterrupted run.
+"""
+
+import json
+import math
+import time
+from typing import Any, Mapping
+
+import jax
+from etils import epath
+
+from lima_jax import model as model_lib
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def model_flops_per_step(model_config: model_lib.ModelConfig, batch_size: int, seq_len: int) -> float:
+  """Training FLOPs of one optimizer step, by the usual analytic count (MaxText/PaLM appendix B).
+
+  6 * N * tokens for the matmuls (N: every parameter but the input embedding, whose lookup is
+  no matmul), plus 12 * layers * d_model * seq^2 per sequence for attention scores and values
+  (forward + backward; the causal mask is not exploited). Full rematerialisation recomputes the
+  forward once more, a third of each term. Padding tokens are counted: the hardware computes them.
+  """
+  n = model_config.num_params(include_embedding=False)
+  tokens = batch_size * seq_len
+  matmul = 6.0 * n * tokens
+  attention = 12.0 * model_config.n_layers * model_config.n_heads * model_config.dim_per_head \
+      * seq_len ** 2 * batch_size
+  total = matmul + attention
+  if model_config.remat_policy == "full":
+    total += total / 3.0
+  return total
+
+
+def peak_flops(config_peak: float) -> tuple[float, str]:
+  """(peak FLOP/s per device, where it came from): the config, the chip table, or a measurement."""
+  if config_peak and config_peak > 0:
+    return float(config_peak), "config.train.peak_flops_per_device"
+  from lima_jax import hardware  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  peak = hardware.peak_flops_per_device(device)
+  if device.platform == "tpu":
+    return peak, f"chip table ({device.device_kind}, bf16)"
+  if device.platform == "cpu":
+    return peak, "measured: jitted float32 2048^3 matmul on this CPU"
+  return peak, "unknown (set config.train.peak_flops_per_device)"
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard scalars under `workdir`, written by process 0 only."""
+
+  def __init__(self, workdir, *, resume_step: int = 0, flush_every_s: float = 10.0):
+    self.active = jax.process_index() == 0
+    self._path = epath.Path(workdir) / METRICS_FILE
+    self._flush_every_s = flush_every_s
+    self._last_flush = 0.0
+    self._lines: list[str] = []
+    self._dirty = False
+    self._tb = None
+    if not self.active:
+      return
+    if self._path.exists():
+      for line in self._path.read_text().splitlines():
+        try:
+          if json.loads(line).get("step", 0) <= resume_step:
+            self._lines.append(line)
+        except json.JSONDecodeError:
+          continue
+      self._dirty = True
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    self._tb = tensorboardX.SummaryWriter(logdir=str(epath.Path(workdir) / TENSORBOARD_DIR),
+                                          purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, step: int, scalars: Mapping[str, Any], *, flush: bool = False) -> None:
+    """Records scalars for `step` (the number of optimizer steps done)."""
+    if not self.active:
+      return
+    record = {"step": int(step)}
+    for key, value in scalars.items():
+      value = float(value)
+      record[key] = value if math.isfinite(value) else str(value)
+      self._tb.add_scalar(key, value, int(step))
+    self._lines.append(json.dumps(record))
+    self._dirty = True
+    if flush or time.monotonic() - self._last_flush > self._flush_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.active or not self._dirty:
+      return
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(self._path, "".join(line + "\n" for line in self._lines))
+    self._tb.flush()
+    self._dirty = False
+    self._last_flush = time.monotonic()
+
+  def close(self) -> None:
+    if not self.active:
+      return
+    self.flush()
+    self._tb.close()
+
+
+def write_text_atomic(path, text: str) -> None:
+  """Writes `path` so that a reader sees the old file or the new one, never a partial one."""
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.tmp-{jax.process_index()}-{time.time_ns()}"
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+class ProgressBar:
+  """tqdm over optimizer steps with an ETA, on process 0 only."""
+
+  def __init__(self, total_steps: int, initial_step: int):
+    self._bar = None
+    if jax.process_index() == 0:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
+                            dynamic_ncols=True, smoothing=0.1)
+
+  def update(self, postfix: Mapping[str, str]) -> None:
+    if self._bar is not None:
+      self._bar.set_postfix(postfix, refresh=False)
+      self._bar.update(1)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,435 @@
+"""LIMA fine-tuning: optimizer recipe, the sharded step, the CLI job, checkpoints and resume.
+
+In-process tests use numpy-initialised tiny parameters (XLA's CPU compile of the random init is
+slow); the job itself runs as `python -m lima_jax.train` subprocesses, sharing one persistent
+compilation cache, so only the first run pays for compiling.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import optax
+import pytest
+
+if not os.environ.get("JAX_PLATFORMS"):
+  os.environ["JAX_PLATFORMS"] = "cpu"  # An installed libtpu would otherwise probe for TPUs.
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+
+from lima_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
+from lima_jax import optim  # pylint: disable=wrong-import-position
+from lima_jax import sharding  # pylint: disable=wrong-import-position
+from lima_jax import train  # pylint: disable=wrong-import-position
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def lima_config(preset="tiny"):
+  spec = importlib.util.spec_from_file_location("lima_config", ROOT / "configs" / "lima.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def small_setup(**model_overrides):
+  """A 2-layer model on 32-token rows of a 61-token vocabulary, and its config."""
+  config = lima_config()
+  config.model.update({**dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, mlp_dim=64,
+                              max_seq_len=32, residual_dropout=0.0), **model_overrides})
+  config.data.max_len = 32
+  config.train.batch_size = 8
+  config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
+  return config, model_lib.ModelConfig.from_dict(config.model)
+
+
+def numpy_params(model_config, seed=0):
+  """Random parameters drawn on the host (fast to make; the values are what matters here)."""
+  rng = np.random.default_rng(seed)
+  def draw(path, x):
+    if model_lib.is_norm_scale(tuple(k.key for k in path)):
+      return np.asarray(1.0 + 0.1 * rng.standard_normal(x.shape), x.dtype)
+    return np.asarray(0.05 * rng.standard_normal(x.shape), x.dtype)
+  return jax.tree_util.tree_map_with_path(draw, model_lib.abstract_params(model_config))
+
+
+def random_batch(config, vocab_size, seed=0, rows=None):
+  b, s = rows or config.train.batch_size, config.data.max_len
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab_size, (b, s + 1), dtype=np.int32)
+  lengths = rng.integers(s // 2, s + 1, b)
+  valid = np.arange(s)[None, :] < lengths[:, None]
+  return {"inputs": np.where(valid, tokens[:, :-1], 0).astype(np.int32),
+          "targets": np.where(valid, tokens[:, 1:], 0).astype(np.int32),
+          "loss_mask": (valid & (np.arange(s)[None, :] >= 4)).astype(np.float32),
+          "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+          "segment_ids": valid.astype(np.int32)}
+
+
+def single_device_state(config, model_config, seed=0, total_steps=100):
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  params = jax.tree.map(jnp.asarray, numpy_params(model_config, seed))
+  state = train.init_train_state(config, model_config, mesh, 0, params=params, total_steps=total_steps)
+  return mesh, state
+
+
+# -- The optimizer recipe ----------------------------------------------------------------------------
+
+
+def test_learning_rate_is_linear_from_lr_to_end_lr_over_the_run():
+  config = lima_config("7b")
+  total = 240  # 15 epochs of 16 steps (LIMA: ~1,000 conversations, 64 a batch).
+  schedule = optim.learning_rate_schedule(config.optimizer, total)
+  for step in (0, 1, 17, 119, 200, total - 1):
+    expected = 1e-5 + (1e-6 - 1e-5) * step / (total - 1)
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-6), step
+  config.optimizer.warmup_steps = 10
+  schedule = optim.learning_rate_schedule(config.optimizer, total)
+  assert float(schedule(5)) == pytest.approx(0.5e-5, rel=1e-6)
+  assert float(schedule(10)) == pytest.approx(1e-5, rel=1e-6)
+  assert float(schedule(total - 1)) == pytest.approx(1e-6, rel=1e-5)
+
+
+def test_paper_recipe_in_every_preset():
+  for preset, batch, dropout in (("7b", 64, 0.2), ("13b", 64, 0.2), ("33b", 64, 0.2), ("65b", 32, 0.3)):
+    config = lima_config(preset)
+    opt = config.optimizer
+    assert (opt.lr, opt.end_lr, opt.warmup_steps, opt.b1, opt.b2, opt.weight_decay,
+            opt.grad_clip_norm) == (1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 0.0)
+    assert (config.train.epochs, config.train.batch_size, config.data.max_len) == (15, batch, 2048)
+    assert config.model.residual_dropout == dropout
+
+
+def test_weight_decay_skips_exactly_the_norm_scales():
+  config, model_config = small_setup()
+  params = jax.tree.map(jnp.asarray, numpy_params(model_config))
+  mask = optim.weight_decay_mask(params)
+  flat = {"/".join(k.key for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert {k for k, v in flat.items() if not v} == {
+      "layers/attn_norm/scale", "layers/mlp_norm/scale", "final_norm/scale"}
+  # With zero gradients, AdamW's whole update is the decay: -lr * wd * param, and 0 on the scales.
+  tx = optim.make_optimizer(config.optimizer, total_steps=10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  lr, wd = config.optimizer.lr, config.optimizer.weight_decay
+  for path, update in jax.tree_util.tree_leaves_with_path(updates):
+    param = np.asarray(params_at(params, path))
+    decayed = flat["/".join(k.key for k in path)]
+    np.testing.assert_allclose(np.asarray(update), -lr * wd * param if decayed else 0 * param,
+                               rtol=1e-5, atol=1e-12)
+
+
+def params_at(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_gradient_clipping_is_off_by_default_and_bounds_the_gradient_when_on():
+  config, model_config = small_setup()
+  assert config.optimizer.grad_clip_norm == 0.0
+  params = jax.tree.map(jnp.asarray, numpy_params(model_config))
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 3.0, p.dtype), params)
+  grad_norm = math.sqrt(sum(9.0 * x.size for x in jax.tree.leaves(params)))
+  clipped = dict(config.optimizer, grad_clip_norm=1.0)
+  for opt_config, expected in ((config.optimizer, grad_norm), (clipped, 1.0)):
+    tx = optim.make_optimizer(opt_config, total_steps=10)
+    _, state = tx.update(grads, tx.init(params), params)
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)][0]
+    # After one step nu = (1 - b2) g^2: it shows the gradient Adam saw.
+    seen = math.sqrt(sum(float(jnp.sum(v)) for v in jax.tree.leaves(adam.nu)) / (1 - opt_config["b2"]))
+    assert seen == pytest.approx(expected, rel=1e-4)
+
+
+# -- The step --------------------------------------------------------------------------------------
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+  config, model_config = small_setup(residual_dropout=0.3)
+  mesh, state = single_device_state(config, model_config)
+  batch = {k: jnp.asarray(v) for k, v in random_batch(config, 61).items()}
+  step_fn, shards, batch_shards = train.make_train_step(config, model_config, mesh, 100)
+  eval_step = train.make_eval_step(model_config, mesh, shards.params, batch_shards)
+  losses = jax.jit(lambda params, key: train.token_losses(model_config, params, batch, key))
+  with_a, with_b = (np.asarray(losses(state.params, jax.random.key(i))) for i in (1, 2))
+  assert not np.allclose(with_a, with_b)  # Another key, another mask...
+  np.testing.assert_array_equal(with_a, np.asarray(losses(state.params, jax.random.key(1))))
+  eval_sum, count = eval_step(state.params, batch)
+  np.testing.assert_array_equal(np.asarray(eval_step(state.params, batch)[0]), np.asarray(eval_sum))
+  eval_loss = float(eval_sum / count)
+  assert abs(float(np.sum(with_a * batch["loss_mask"]) / count) - eval_loss) > 1e-3
+  # ...and the training step draws one: its loss on these parameters is not the eval loss.
+  _, metrics = step_fn(state, batch)
+  assert abs(float(metrics["loss"]) - eval_loss) > 1e-3
+
+
+def test_a_handful_of_examples_is_overfit_and_accumulation_keeps_the_batch():
+  config, model_config = small_setup()
+  config.optimizer.update(dict(lr=1e-2, end_lr=1e-2, weight_decay=0.0))
+  batch = {k: jnp.asarray(v) for k, v in random_batch(config, 61, seed=3).items()}
+  mesh, initial = single_device_state(config, model_config, total_steps=60)
+  step_fn, _, _ = train.make_train_step(config, model_config, mesh, total_steps=60)
+  state, first = step_fn(jax.tree.map(jnp.copy, initial), batch)
+  for _ in range(59):
+    state, metrics = step_fn(state, batch)
+  assert float(first["loss"]) > 3.5  # ~ln(61) at the start.
+  assert float(metrics["loss"]) < 0.1 * float(first["loss"]), (first, metrics)
+  # Two micro-batches of 4 make the same update as one batch of 8 (same global-token average).
+  config.train.micro_batches = 2
+  accumulate, _, _ = train.make_train_step(config, model_config, mesh, total_steps=60)
+  state, metrics = accumulate(jax.tree.map(jnp.copy, initial), batch)
+  state_1, metrics_1 = step_fn(initial, batch)
+  for key in ("loss", "grad_norm", "loss_tokens"):
+    assert float(metrics[key]) == pytest.approx(float(metrics_1[key]), rel=1e-5), key
+  # Adam's first step is about lr * sign(gradient), so float noise in a near-zero gradient
+  # component can move its parameter by a fraction of lr; allow 1% of lr.
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state_1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-2 * 1e-2)
+
+
+# -- One step on several meshes, and a checkpoint moved between them (8 simulated devices). --------
+
+MESH_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    start = time.time()
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, {tests!r})
+    import test_train as t
+    from lima_jax import checkpoint as ckpt_lib, sharding, train
+    assert jax.device_count() == 8, jax.devices()
+    config, model_config = t.small_setup(residual_dropout=0.2)
+    # Tensor-split heads (4) and MLP (64) and a batch that splits over data x fsdp.
+    batch_np = t.random_batch(config, 61, seed=5)
+    host_params = t.numpy_params(model_config, seed=1)
+    results = {{}}
+    states = {{}}
+    for name, axes, devices in (("1 device", (1, 1, 1, 1), jax.devices()[:1]),
+                                ("data2 fsdp2 tensor2", (2, 2, 1, 2), jax.devices()),
+                                ("fsdp8", (1, 8, 1, 1), jax.devices())):
+      config.mesh.update(dict(zip(("data", "fsdp", "sequence", "tensor"), axes)))
+      mesh = sharding.make_mesh(config.mesh, devices)
+      step_fn, shards, batch_shards = train.make_train_step(config, model_config, mesh, 50)
+      params = jax.device_put(host_params, shards.params)
+      state = train.init_train_state(config, model_config, mesh, 7, params=params, total_steps=50)
+      batch = {{k: jax.device_put(v, batch_shards[k]) for k, v in batch_np.items()}}
+      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch)
+      states[name] = state
+      print(name, time.time() - start, file=sys.stderr)
+      q = state.params["layers"]["attn"]["q_proj"]
+      results[name] = {{"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                       "q_spec": tuple(q.sharding.spec), "q_shards": len(q.addressable_shards),
+                       "params": [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)]}}
+    # Save on the (2, 2, 1, 2) mesh, restore onto 8-way FSDP, and keep training there.
+    workdir = sys.argv[1]
+    manager = ckpt_lib.checkpoint_manager(workdir)
+    saved = states["data2 fsdp2 tensor2"]
+    ckpt_lib.save_training(manager, 2, params=saved.params, opt_state=saved.opt_state,
+                           model_config=model_config, tokenizer_blob=None, train_state={{"step": 2}})
+    manager.wait_until_finished()
+    config.mesh.update(dict(data=1, fsdp=8, sequence=1, tensor=1))
+    mesh = sharding.make_mesh(config.mesh)
+    abstract = train.abstract_train_state(config, model_config, mesh, 50)
+    params, opt_state, meta = ckpt_lib.restore_training(
+        manager, 2, params_target=abstract.params, opt_state_target=abstract.opt_state)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves((saved.params, saved.opt_state))))
+    placed = all(a.sharding == b.sharding for a, b in
+                 zip(jax.tree.leaves(params), jax.tree.leaves(abstract.params)))
+    results["restore"] = {{"same": same, "placed": placed, "meta": meta,
+                          "q_spec": tuple(params["layers"]["attn"]["q_proj"].sharding.spec)}}
+    print("RESULT " + json.dumps(results))
+""")
+
+
+def run_python(code_or_args, env_extra=None, timeout=300, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.update(env_extra or {})
+  args = [sys.executable, "-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
+  return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                        **kwargs)
+
+
+def test_one_step_is_the_same_on_1_and_8_devices_and_checkpoints_move_between_meshes(tmp_path,
+                                                                                     compile_cache):
+  proc = run_python([sys.executable, "-c", MESH_SCRIPT.format(tests=str(ROOT / "tests")),
+                     str(tmp_path / "wd")],
+                    env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                               **compile_cache})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  ref = results.pop("1 device")
+  restore = results.pop("restore")
+  assert results["data2 fsdp2 tensor2"]["q_spec"] == [None, "fsdp", "tensor", None]
+  assert results["fsdp8"]["q_spec"] == [None, "fsdp", None, None]
+  assert results["fsdp8"]["q_shards"] == 8
+  for name, got in results.items():
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), name
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), name
+    for a, b in zip(got["params"], ref["params"]):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
+  assert restore["same"] and restore["placed"], restore
+  assert restore["meta"] == {"step": 2}
+  assert restore["q_spec"] == [None, "fsdp", None, None]
+
+
+# -- The job: python -m lima_jax.train ----------------------------------------------------------------
+
+# The tiny preset on the bundled sample, cut to 2 short epochs (7 steps each).
+TINY_ARGS = ["--config=configs/lima.py:tiny", "--config.train.epochs=2",
+             "--config.data.max_len=128", "--config.model.max_seq_len=128",
+             "--config.sampling.max_len=128", "--config.train.dev_generations=2",
+             "--config.train.dev_max_new_tokens=4", "--config.train.peak_flops_per_device=1e11"]
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  """Environment for subprocesses that share one XLA compilation cache."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def run_train(workdir, *extra, env=None, timeout=300):
+  proc = run_python([sys.executable, "-m", "lima_jax.train", f"--workdir={workdir}", *TINY_ARGS,
+                     *extra], env_extra=env, timeout=timeout)
+  return proc
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir):
+  return ckpt_lib.restore_params(workdir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, compile_cache):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = run_train(workdir, env=compile_cache)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+def test_tiny_preset_trains_evaluates_and_writes_what_a_user_reads(uninterrupted):
+  workdir, proc = uninterrupted
+  records = read_metrics(workdir)
+  steps = [r for r in records if "loss" in r]
+  dev = [r for r in records if "dev_loss" in r]
+  assert [r["step"] for r in steps] == list(range(1, 15))
+  assert np.mean([r["loss"] for r in steps[-3:]]) < np.mean([r["loss"] for r in steps[:3]]) - 0.1
+  assert [r["step"] for r in dev] == [7, 14] and dev[1]["dev_loss"] < dev[0]["dev_loss"]
+  assert dev[1]["dev_perplexity"] == pytest.approx(math.exp(dev[1]["dev_loss"]), rel=1e-6)
+  for r in steps:
+    assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "epoch"} <= set(r)
+    assert r["lr"] == pytest.approx(1e-3 + (1e-4 - 1e-3) * (r["step"] - 1) / 13, rel=1e-5)
+  assert 0 < steps[-1]["mfu"] < 1
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  # Generations for the first dev prompts, each epoch, and printed at the end.
+  for epoch in (1, 2):
+    lines = (workdir / "dev_generations" / f"epoch_{epoch}.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["index"] for r in rows] == [0, 1] and all(r["epoch"] == epoch for r in rows)
+    assert all(isinstance(r["response"], str) and r["conversation"] for r in rows)
+  assert "### dev prompt 0:" in proc.stdout
+  # A checkpoint per epoch, readable by the functions evaluation and export use.
+  assert ckpt_lib.resolve(workdir).name == "14"
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["14", "7"]
+  assert ckpt_lib.read_model_config(workdir).vocab_size == 1025  # 1024 pieces + EOT.
+  assert ckpt_lib.read_tokenizer_blob(workdir) is not None
+  meta = ckpt_lib.read_train_state(workdir)
+  assert meta["step"] == 14 and meta["epoch"] == 2.0 and len(meta["rng"]) == 2
+  assert meta["config"]["train"]["epochs"] == 2 and "grain" in meta["data"]
+
+
+def test_stopped_and_resumed_run_ends_bit_identical(uninterrupted, tmp_path, compile_cache):
+  reference, _ = uninterrupted
+  workdir = tmp_path / "resumed"
+  first = run_train(workdir, "--config.train.stop_at_step=5", env=compile_cache)
+  assert first.returncode == 0, first.stderr[-4000:]
+  assert ckpt_lib.read_train_state(workdir)["step"] == 5
+  second = run_train(workdir, env=compile_cache)
+  assert second.returncode == 0, second.stderr[-4000:]
+  assert "resumed from" in second.stdout + second.stderr
+  a, b = final_params(reference), final_params(workdir)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
+  assert steps == list(range(1, 15))  # One line per step, as if never stopped.
+  ref_losses = [r["loss"] for r in read_metrics(reference) if "loss" in r]
+  assert [r["loss"] for r in read_metrics(workdir) if "loss" in r] == ref_losses
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, compile_cache):
+  workdir = tmp_path / "preempted"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **compile_cache)
+  # Many epochs, so the run is still going when the signal arrives.
+  proc = subprocess.Popen([sys.executable, "-m", "lima_jax.train", f"--workdir={workdir}",
+                           *TINY_ARGS, "--config.train.epochs=50",
+                           "--config.train.dev_generations=0"],
+                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics_file = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics_file.exists() and any("loss" in json.loads(l) for l in metrics_file.read_text().splitlines()):
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.communicate()[1][-3000:]
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  meta = ckpt_lib.read_train_state(workdir)
+  assert 1 <= meta["step"] < 50 * 7
+  assert ckpt_lib.resolve(workdir).name == str(meta["step"])
+
+
+def test_bad_data_fails_before_compiling_with_status_2(tmp_path):
+  bad = tmp_path / "train.jsonl"
+  bad.write_text('{"conversations": ["hi", "hello"]}\n{"conversations": "not a list"}\n')
+  start = time.time()
+  proc = run_train(tmp_path / "wd", f"--config.data.train_path={bad}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert f"{bad}:2" in proc.stderr
+  assert not (tmp_path / "wd" / "checkpoints").exists()
+  assert time.time() - start < 60
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import jax.numpy as jnp
+    from lima_jax import checkpoint as ckpt_lib, model as model_lib
+    config = model_lib.ModelConfig(vocab_size=64, d_model=8, n_layers=1, n_heads=1, mlp_dim=8)
+    manager = ckpt_lib.checkpoint_manager(sys.argv[1])
+    big = {"w": jnp.ones((64, 1024, 1024), jnp.float32)}  # 256 MiB: still writing when we die.
+    ckpt_lib.save_training(manager, 3, params=big, opt_state=big, model_config=config,
+                           tokenizer_blob=None, train_state={"step": 3})
+    os._exit(1)
+""")
+
+
+def test_a_crash_mid_save_leaves_nothing_that_looks_complete(tmp_path):
+  proc = run_python([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)])
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  leftovers = list((tmp_path / "checkpoints").iterdir())
+  assert leftovers and all(".orbax-checkpoint-tmp" in p.name for p in leftovers), leftovers
+  with pytest.raises(FileNotFoundError):
+    ckpt_lib.resolve(tmp_path)
+  manager = ckpt_lib.checkpoint_manager(tmp_path)
+  assert manager.latest_step() is None
+  deadline = time.time() + 30  # The next run's manager deletes the stale directory (in the background).
+  while list((tmp_path / "checkpoints").iterdir()) and time.time() < deadline:
+    time.sleep(0.2)
+  manager.close()
+  assert not list((tmp_path / "checkpoints").iterdir())
