@@ -223,7 +223,7 @@ class Attention(nnx.Module):
     self.o_proj = nnx.Param(_normal(rngs.params(), stack + (h, hd, d), pdt))
     self.config = config
 
-  def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None, layer=None):
     dt = x.dtype
     q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dt))
@@ -239,19 +239,25 @@ class Attention(nnx.Module):
       out = _attention_kernel(self.config)(q, k, v, positions, positions, segment_ids, segment_ids)
       new_cache = None
     else:
-      new_cache = {"k": _write_cache(cache["k"], k, positions), "v": _write_cache(cache["v"], v, positions)}
-      out = dot_product_attention(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
-                                  positions, cache_positions)
+      new_cache = {"k": _write_cache(cache["k"], k, positions, layer),
+                   "v": _write_cache(cache["v"], v, positions, layer)}
+      k_all, v_all = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False) for n in "kv")
+      out = dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), positions, cache_positions)
     out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
     out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
     return checkpoint_name(out, "out_proj"), new_cache
 
 
-def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """Writes each row's new K or V [B, S, KV, D] into its cache [B, T, KV, D] at its own offset."""
-  def write_row(row_cache, row_new, start):
-    return jax.lax.dynamic_update_slice(row_cache, row_new.astype(row_cache.dtype), (start, 0, 0))
-  return jax.vmap(write_row)(cache, new, positions[:, 0])
+def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array, layer) -> jax.Array:
+  """Writes each row's new K or V [B, S, KV, D] into layer `layer` of the whole stacked cache
+  [L, B, T, KV, D], at the row's own positions (positions past T are dropped).
+
+  The stacked cache is carried through the layer loop and updated in place: slicing each layer
+  out and stacking it back would copy the whole cache every decode step, which cost more than
+  reading the weights at 1024 cached tokens.
+  """
+  rows = jnp.arange(new.shape[0])[:, None]
+  return cache.at[layer, rows, positions].set(new.astype(cache.dtype))
 
 
 class MLP(nnx.Module):
@@ -286,8 +292,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, rngs=rngs, stack=stack)
 
   def __call__(self, x, positions, segment_ids, dropout_rate=None, dropout_key=None,
-               cache=None, cache_positions=None):
-    attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_positions)
+               cache=None, cache_positions=None, layer_index=None):
+    attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_positions,
+                                    layer_index)
     mlp_key = None
     if dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
@@ -338,7 +345,7 @@ class Transformer(nnx.Module):
   def decode(self, tokens, positions, cache, *, padded_vocab: bool = False):
     """One KV-cache step (prefill or a decode token); returns (logits, new cache).
 
-    Each row writes its keys and values at its own `positions` (contiguous within the row) and
+    Each row writes its keys and values at its own `positions` and
     attends to cache slots at or before them, so right-padded prompts of different lengths can
     share a batch: slots beyond a row's length are masked until that row overwrites them.
     """
@@ -356,8 +363,9 @@ class Transformer(nnx.Module):
     rates = residual_dropout_rates(c)
     keys = None if dropout_key is None else jax.random.split(dropout_key, c.n_layers)
 
-    def layer_step(x, layer_inputs):
-      state, rate, key, layer_cache = layer_inputs
+    def layer_step(carry, layer_inputs):
+      x, cache = carry
+      state, rate, key, index = layer_inputs
       if c.scan_layers and c.param_dtype != c.dtype:
         # Keeps each layer's param_dtype -> dtype cast inside the loop. XLA otherwise hoists the
         # cast of the whole stacked weights out of the scan (an optimization barrier does not
@@ -368,20 +376,19 @@ class Transformer(nnx.Module):
         zero = rate * 0.0
         state = jax.tree.map(lambda w: w + zero.astype(w.dtype), state)
       layer = nnx.merge(layer_def, state)
-      return layer(x, positions, segment_ids, rate, key, layer_cache, cache_positions)
+      return layer(x, positions, segment_ids, rate, key, cache, cache_positions, index), None
 
     policy = REMAT_POLICIES[c.remat_policy]
     if c.remat_policy != "none":
       layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=not c.scan_layers)
-    xs = (layer_state, rates, keys, cache)
+    xs = (layer_state, rates, keys, jnp.arange(c.n_layers, dtype=jnp.int32))
     if c.scan_layers:
-      x, new_cache = jax.lax.scan(layer_step, x, xs)
+      (x, new_cache), _ = jax.lax.scan(layer_step, (x, cache), xs)
     else:
-      outputs = []
+      carry = (x, cache)
       for i in range(c.n_layers):
-        x, layer_cache = layer_step(x, jax.tree.map(lambda a, i=i: a[i], xs))
-        outputs.append(layer_cache)
-      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+        carry, _ = layer_step(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+      x, new_cache = carry
     return self.final_norm(x), new_cache
 
   def _logits(self, x, padded_vocab):
