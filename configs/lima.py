@@ -113,8 +113,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.sampling.repetition_penalty = 1.2
   config.sampling.max_len = 2048  # Prompt + response tokens.
   config.sampling.max_new_tokens = 2048
-  config.sampling.greedy = False
+  config.sampling.greedy = False  # Argmax (after the repetition penalty) instead of sampling.
   config.sampling.seed = 0
+  config.sampling.penalty_scope = "generated"  # "generated" (the paper) or "all" (+ prompt, as HF).
+  config.sampling.max_prompt_len = 0  # Longer prompts lose their oldest turns; 0 = automatic.
   config.sampling.batch_size = 8
 
   if preset == "tiny":

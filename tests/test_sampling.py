@@ -1,0 +1,275 @@
+"""LIMA decoding against transformers (logits processors, greedy generate) and against itself
+(batched vs alone, cache vs full forward, sharded vs single device)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.generation import logits_process
+
+from lima_jax import model as model_lib
+from lima_jax import sampling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Vocabulary 100 padded to 128: padded entries exist and must never be sampled.
+CFG = model_lib.ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                            mlp_dim=64, vocab_pad_multiple=128, rope_theta=10000.0)
+PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3],
+           [1, 40, 41]]
+
+
+def greedy_config(**kw):
+  fields = dict(greedy=True, repetition_penalty=1.0, max_new_tokens=10, max_len=64, batch_size=8)
+  fields.update(kw)
+  return sampling.SamplingConfig(**fields)
+
+
+def tiny_hf_model(cfg: model_lib.ModelConfig, seed: int = 0):
+  torch.manual_seed(seed)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.rms_norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=256,
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+      bos_token_id=1, eos_token_id=None, pad_token_id=0)
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  with torch.no_grad():  # Larger weights than the default init, so answers are not constant.
+    for p in model.parameters():
+      if p.dim() > 1:
+        p.normal_(0.0, 0.3)
+  model.generation_config.eos_token_id = None
+  model.generation_config.pad_token_id = 0
+  return model
+
+
+def params_from_hf(model, cfg: model_lib.ModelConfig) -> dict:
+  sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+  d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+  pad = cfg.padded_vocab_size - cfg.vocab_size
+  def stack(name, fn):
+    return np.stack([fn(sd[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)])
+  params = {
+      "embed": {"embedding": np.pad(sd["model.embed_tokens.weight"], ((0, pad), (0, 0)))},
+      "final_norm": {"scale": sd["model.norm.weight"]},
+      "lm_head": np.pad(sd["lm_head.weight"].T, ((0, 0), (0, pad))),
+      "layers": {
+          "attn_norm": {"scale": stack("input_layernorm.weight", lambda w: w)},
+          "mlp_norm": {"scale": stack("post_attention_layernorm.weight", lambda w: w)},
+          "attn": {n: stack(f"self_attn.{n}.weight", f) for n, f in (
+              ("q_proj", lambda w: w.T.reshape(d, h, hd)), ("k_proj", lambda w: w.T.reshape(d, kv, hd)),
+              ("v_proj", lambda w: w.T.reshape(d, kv, hd)), ("o_proj", lambda w: w.T.reshape(h, hd, d)))},
+          "mlp": {n: stack(f"mlp.{n}.weight", lambda w: w.T) for n in ("gate_proj", "up_proj", "down_proj")},
+      },
+  }
+  return jax.tree.map(jnp.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def hf_and_params():
+  hf = tiny_hf_model(CFG)
+  return hf, params_from_hf(hf, CFG)
+
+
+# --- logits processors vs transformers -------------------------------------------------------
+
+
+def _random_scores(seed=0, batch=4, vocab=100):
+  rng = np.random.default_rng(seed)
+  scores = rng.normal(0.0, 3.0, size=(batch, vocab)).astype(np.float32)
+  ids = rng.integers(0, vocab, size=(batch, 12))
+  return scores, ids
+
+
+@pytest.mark.parametrize("penalty", [1.2, 0.8])
+def test_repetition_penalty_matches_transformers(penalty):
+  scores, ids = _random_scores()
+  want = logits_process.RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(ids), torch.tensor(scores))
+  seen = sampling.token_presence(jnp.asarray(ids), jnp.ones(ids.shape, bool), scores.shape[1])
+  got = sampling.apply_repetition_penalty(jnp.asarray(scores), seen, penalty)
+  np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6)
+  assert not np.allclose(np.asarray(got), scores)
+
+
+def test_token_presence_ignores_invalid_positions():
+  tokens = jnp.array([[3, 4, 5], [6, 7, 8]])
+  valid = jnp.array([[True, True, False], [False, False, False]])
+  seen = np.asarray(sampling.token_presence(tokens, valid, 10))
+  assert seen[0].nonzero()[0].tolist() == [3, 4]
+  assert not seen[1].any()
+
+
+def test_temperature_matches_transformers():
+  scores, ids = _random_scores(1)
+  want = logits_process.TemperatureLogitsWarper(0.7)(torch.tensor(ids), torch.tensor(scores))
+  got = sampling.apply_temperature(jnp.asarray(scores), 0.7)
+  np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_p,keep", [(0.9, 1), (0.5, 1), (0.05, 1), (0.3, 5), (0.999, 1)])
+def test_top_p_matches_transformers(top_p, keep):
+  scores, ids = _random_scores(2, batch=6)
+  want = logits_process.TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(
+      torch.tensor(ids), torch.tensor(scores)).numpy()
+  got = np.asarray(sampling.top_p_filter(jnp.asarray(scores), top_p, keep))
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+  np.testing.assert_array_equal(got[np.isfinite(got)], want[np.isfinite(want)])
+  assert np.isfinite(got).sum(axis=1).min() >= keep
+
+
+def test_processing_chain_matches_transformers_order():
+  scores, ids = _random_scores(3)
+  procs = logits_process.LogitsProcessorList([
+      logits_process.RepetitionPenaltyLogitsProcessor(1.2), logits_process.TemperatureLogitsWarper(0.7),
+      logits_process.TopPLogitsWarper(0.9)])
+  want = procs(torch.tensor(ids), torch.tensor(scores)).numpy()
+  config = sampling.SamplingConfig()
+  seen = sampling.token_presence(jnp.asarray(ids), jnp.ones(ids.shape, bool), 100)
+  got = np.asarray(sampling.process_logits(jnp.asarray(scores), seen, config, vocab_size=100))
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+  np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+
+
+def test_padded_vocabulary_is_never_chosen():
+  logits = jnp.zeros((3, 128)).at[:, 100:].set(50.0)  # Padded entries as likely as can be.
+  seen = jnp.zeros((3, 128), bool)
+  for greedy in (True, False):
+    config = sampling.SamplingConfig(greedy=greedy, top_p=1.0, temperature=1.0)
+    processed = sampling.process_logits(logits, seen, config, vocab_size=100)
+    keys = jax.random.split(jax.random.key(0), 3)
+    assert int(sampling.choose_tokens(processed, keys, greedy).max()) < 100
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+def test_greedy_equals_transformers_generate(hf_and_params):
+  hf, params = hf_and_params
+  config = greedy_config()
+  ours = sampling.generate(CFG, params, PROMPTS, sampling_config=config, stop_ids=(), pad_id=0)
+  for prompt, result in zip(PROMPTS, ours):
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10)
+    assert result.tokens == out[0, len(prompt):].tolist()
+    assert result.finish_reason == "length" and result.response_tokens == 10
+  assert len({tuple(r.tokens) for r in ours}) > 1
+
+
+def test_greedy_with_penalty_on_prompt_equals_transformers(hf_and_params):
+  """penalty_scope="all" is transformers' repetition penalty (prompt + generated tokens)."""
+  hf, params = hf_and_params
+  config = greedy_config(repetition_penalty=1.2, penalty_scope="all")
+  ours = sampling.generate(CFG, params, PROMPTS[:3], sampling_config=config, stop_ids=(), pad_id=0)
+  generated_only = sampling.generate(CFG, params, PROMPTS[:3], sampling_config=config.replace(
+      penalty_scope="generated"), stop_ids=(), pad_id=0)
+  for prompt, result in zip(PROMPTS, ours):
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                        repetition_penalty=1.2)
+    assert result.tokens == out[0, len(prompt):].tolist()
+  assert [r.tokens for r in ours] != [r.tokens for r in generated_only]
+
+
+def test_batched_equals_alone(hf_and_params):
+  _, params = hf_and_params
+  config = greedy_config(batch_size=3)  # 5 prompts: a full batch and one with an unused row.
+  batched = sampling.generate(CFG, params, PROMPTS, sampling_config=config, stop_ids=(), pad_id=0)
+  alone = [sampling.generate(CFG, params, [p], sampling_config=config.replace(batch_size=1),
+                             stop_ids=(), pad_id=0)[0] for p in PROMPTS[:3]]
+  assert [r.tokens for r in batched[:3]] == [r.tokens for r in alone]
+  # Sampling too: each prompt draws from its own key, whatever shares its batch.
+  sampled = greedy_config(greedy=False, repetition_penalty=1.2, batch_size=3, seed=7)
+  a = sampling.generate(CFG, params, PROMPTS, sampling_config=sampled, stop_ids=(), pad_id=0,
+                        prompt_seeds=[10, 11, 12, 13, 14])
+  b = sampling.generate(CFG, params, PROMPTS[::-1], sampling_config=sampled, stop_ids=(), pad_id=0,
+                        prompt_seeds=[14, 13, 12, 11, 10])
+  assert [r.tokens for r in a] == [r.tokens for r in b[::-1]]
+  c = sampling.generate(CFG, params, PROMPTS, sampling_config=sampled.replace(seed=8), stop_ids=(),
+                        pad_id=0, prompt_seeds=[10, 11, 12, 13, 14])
+  assert [r.tokens for r in a] != [r.tokens for r in c]
+
+
+def test_stops_at_stop_id(hf_and_params):
+  _, params = hf_and_params
+  config = greedy_config(max_new_tokens=10)
+  free = sampling.generate(CFG, params, PROMPTS[:1], sampling_config=config, stop_ids=(), pad_id=0)[0]
+  stop = free.tokens[3]
+  first = free.tokens.index(stop)
+  result = sampling.generate(CFG, params, PROMPTS[:1], sampling_config=config, stop_ids=(99, stop),
+                             pad_id=0)[0]
+  assert result.tokens == free.tokens[:first]
+  assert result.finish_reason == "stop" and result.generated_tokens == first + 1
+
+
+def test_context_limit_and_left_truncation_keep_bos(hf_and_params):
+  _, params = hf_and_params
+  assert sampling.truncate_prompt([1, 2, 3, 4, 5, 6], 4, bos_id=1) == [1, 4, 5, 6]
+  assert sampling.truncate_prompt([7, 2, 3, 4, 5, 6], 4, bos_id=1) == [3, 4, 5, 6]
+  config = greedy_config(max_len=24, max_new_tokens=10)  # Room for 24 - min(10, 6) = 18 prompt tokens.
+  long_prompt = [1] + list(range(20, 60))
+  result = sampling.generate(CFG, params, [long_prompt], sampling_config=config, stop_ids=(), pad_id=0,
+                             bos_id=1)[0]
+  assert result.prompt_truncated and result.prompt_tokens == 18
+  assert result.response_tokens == 6 and result.finish_reason == "max_len"
+  kept = sampling.truncate_prompt(long_prompt, 18, bos_id=1)
+  same = sampling.generate(CFG, params, [kept], sampling_config=config, stop_ids=(), pad_id=0)[0]
+  assert same.tokens == result.tokens and not same.prompt_truncated
+
+
+def test_cache_decoding_equals_full_forward(hf_and_params):
+  """Per-token logits of prefill + decode steps equal one forward over the whole sequence."""
+  _, params = hf_and_params
+  sequences = np.array([[1, 5, 6, 7, 8, 9, 10, 11], [1, 9, 30, 31, 32, 33, 34, 35]], np.int32)
+  full = np.asarray(model_lib.bind(CFG, params)(jnp.asarray(sequences), padded_vocab=True))
+  fns = sampling.make_decode_fns(CFG, greedy_config(), None, batch_size=2, cache_len=16)
+  cache = fns.prefill(params, jnp.asarray(sequences[:, :3]), model_lib.init_cache(CFG, 2, 16))
+  for pos in range(3, sequences.shape[1]):
+    logits, cache = fns.decode_step(params, jnp.asarray(sequences[:, pos]),
+                                    jnp.full((2,), pos, jnp.int32), cache)
+    np.testing.assert_allclose(np.asarray(logits)[:, :100], full[:, pos, :100], rtol=2e-5, atol=2e-5)
+
+
+def test_bad_inputs(hf_and_params):
+  _, params = hf_and_params
+  config = greedy_config()
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    sampling.generate(CFG, params, [[1], []], sampling_config=config, stop_ids=())
+  with pytest.raises(ValueError, match="token id 100 is outside"):
+    sampling.generate(CFG, params, [[1, 100]], sampling_config=config, stop_ids=())
+  with pytest.raises(ValueError, match="penalty_scope"):
+    sampling.SamplingConfig(penalty_scope="prompt")
+  with pytest.raises(ValueError, match="temperature"):
+    sampling.SamplingConfig(temperature=0.0)
+  with pytest.raises(ValueError, match="unknown field"):
+    sampling.SamplingConfig.from_dict({"top_k": 5})
+
+
+def test_sharded_generation_equals_single_device(tmp_path):
+  """On an 8-device mesh (fsdp 4 x tensor 2) sampled answers equal those of one device."""
+  script = textwrap.dedent(f"""
+      import jax, numpy as np
+      from lima_jax import model as model_lib, sampling, sharding
+      cfg = model_lib.ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64)
+      params = jax.tree.map(lambda x: x * 15.0, model_lib.init_params(cfg, jax.random.key(3)))
+      prompts = {PROMPTS[:4]!r}
+      config = sampling.SamplingConfig(max_new_tokens=8, max_len=64, batch_size=4)
+      mesh = sharding.make_mesh(dict(data=1, fsdp=4, sequence=1, tensor=2))
+      sharded = sampling.generate(cfg, params, prompts, sampling_config=config, stop_ids=(), mesh=mesh)
+      single = sampling.generate(cfg, params, prompts, sampling_config=config, stop_ids=())
+      assert [r.tokens for r in sharded] == [r.tokens for r in single], (sharded, single)
+      assert len({tuple(r.tokens) for r in single}) > 1
+      print("ok", len(jax.devices()))
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ok 8" in proc.stdout
