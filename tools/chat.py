@@ -1,0 +1,109 @@
+r"""Talk to a model in the terminal, multi-turn, with LIMA's decoding.
+
+  python tools/chat.py --checkpoint WORKDIR_OR_CKPT_OR_HF_DIR [--greedy] [--max_new_tokens N]
+      [--seed S] [--config=configs/lima.py:7b --config.sampling.temperature=0.5 ...]
+
+Each line read from standard input is one user turn; the model's answer follows, and the whole
+conversation so far is its context (oldest turns are dropped past the context limit). Commands:
+`/reset` starts a new conversation, `/quit` (or end of input) leaves. Reading plain lines makes it
+scriptable: `printf 'Hi\n/quit\n' | python tools/chat.py --checkpoint ...`.
+After each answer a line in brackets gives the prompt and answer token counts and why it ended.
+"""
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "lima.py") + ":7b"
+
+
+def chat(loaded, scfg, lines, write) -> int:
+  """Runs the conversation over `lines`; returns the number of answers given."""
+  turns: list[str] = []
+  answers = 0
+  write("Type a message; /reset starts over, /quit leaves.\n")
+  for line in lines:
+    text = line.rstrip("\n")
+    command = text.strip()
+    if command == "/quit":
+      break
+    if command == "/reset":
+      turns = []
+      write("[new conversation]\n")
+      continue
+    if not command:
+      continue
+    turns.append(text)
+    # Each answer gets its own random stream, so a scripted session is reproducible.
+    result = loaded.generate([loaded.prompt_ids(turns)], scfg, prompt_seeds=[answers])[0]
+    reply = loaded.tokenizer.decode(result.tokens)
+    turns.append(reply)
+    answers += 1
+    truncated = ", oldest turns dropped" if result.prompt_truncated else ""
+    write(f"assistant: {reply}\n[{result.prompt_tokens} prompt tokens, {result.response_tokens} answer "
+          f"tokens, {result.finish_reason}{truncated}]\n")
+  return answers
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from lima_jax import inference  # pylint: disable=g-import-not-at-top
+  from lima_jax import sampling  # pylint: disable=g-import-not-at-top
+  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  f = flags.FLAGS
+  fields = dict(f.config.sampling)
+  if f.greedy:
+    fields["greedy"] = True
+  if f.max_new_tokens is not None:
+    fields["max_new_tokens"] = f.max_new_tokens
+  if f.seed is not None:
+    fields["seed"] = f.seed
+  scfg = sampling.SamplingConfig.from_dict(fields).replace(batch_size=1)
+  mesh = sharding.make_mesh(dict(f.config.mesh))
+  loaded = inference.load_model(f.checkpoint, mesh=mesh, tokenizer_path=f.tokenizer, dtype=f.dtype)
+  for note in loaded.notes:
+    print(f"note: {note}", file=sys.stderr)
+  if scfg.max_len > loaded.model_config.max_seq_len:
+    scfg = scfg.replace(max_len=loaded.model_config.max_seq_len, max_prompt_len=0)
+
+  def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+  chat(loaded, scfg, sys.stdin, write)
+
+
+def run():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "configs/lima.py:PRESET; its sampling "
+                                  "and mesh sections are used", lock_config=False)
+  flags.DEFINE_string("checkpoint", None, "lima_jax checkpoint, training workdir, or Hugging Face directory")
+  flags.DEFINE_bool("greedy", False, "argmax decoding (= --config.sampling.greedy=true)")
+  flags.DEFINE_integer("max_new_tokens", None, "= --config.sampling.max_new_tokens")
+  flags.DEFINE_integer("seed", None, "= --config.sampling.seed")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: the checkpoint's)")
+  flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
+  flags.mark_flags_as_required(["checkpoint"])
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"chat.py: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print()
+
+  app.run(guarded)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,173 @@
+"""Summarises human or model judgements of generated answers, as the LIMA paper reports them.
+
+Pairwise (paper figure 1: "LIMA wins / tie / other wins"), one JSON object a line:
+
+  {"id": "17", "winner": "a"}        # "a", "b" or "tie"
+  {"id": "18", "preference": 2}      # alternative, AlpacaEval's annotation field:
+                                     # 1 = a better, 2 = b better, 0 or 1.5 = tie
+
+  python tools/compare.py pairwise judgements.jsonl --a_name LIMA --b_name GPT-4 [--prompts test.jsonl]
+
+Absolute (paper figure 3: fail / pass / excellent), one JSON object a line:
+
+  {"id": "17", "label": "pass"}
+
+  python tools/compare.py absolute labels.jsonl [--prompts test.jsonl]
+
+Each share comes with a 95% percentile-bootstrap interval: the judged prompts are resampled with
+replacement `--resamples` times (seeded by `--seed`). Ids are compared as strings; with
+`--prompts`, every judged id must be a prompt of that file (its `id` field, else its 1-based line
+number, as tools/evaluate.py numbers them). A bad line (unknown id, duplicate id, unknown label,
+invalid JSON) stops the run with its file and line and exit status 2.
+"""
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import numpy as np
+
+PAIRWISE_LABELS = ("a", "tie", "b")
+ABSOLUTE_LABELS = ("fail", "pass", "excellent")
+_PREFERENCE = {1: "a", 1.0: "a", 2: "b", 2.0: "b", 0: "tie", 1.5: "tie"}
+
+
+class InputError(Exception):
+  """A problem in an input file that the user must fix; the message names file and line."""
+
+
+def _json_lines(path: str):
+  try:
+    with open(path, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise InputError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+          raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+  except OSError as e:
+    raise InputError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def prompt_ids(path: str) -> set[str]:
+  """Ids of a prompts file: each line's `id` field, or its 1-based line number."""
+  ids = set()
+  for number, record in _json_lines(path):
+    pid = str(record.get("id", number))
+    if pid in ids:
+      raise InputError(f"{path}:{number}: duplicate prompt id {pid!r}")
+    ids.add(pid)
+  return ids
+
+
+def _pairwise_label(record: dict, where: str) -> str:
+  if "winner" in record:
+    label = str(record["winner"]).strip().lower()
+    if label not in PAIRWISE_LABELS:
+      raise InputError(f"{where}: winner {record['winner']!r} is not one of {', '.join(PAIRWISE_LABELS)}")
+    return label
+  if "preference" in record:
+    value = record["preference"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in _PREFERENCE:
+      raise InputError(f"{where}: preference {value!r} is not 1 (a), 2 (b), 0 or 1.5 (tie)")
+    return _PREFERENCE[value]
+  raise InputError(f"{where}: no 'winner' (a|b|tie) or 'preference' (1|2|0|1.5) field")
+
+
+def _absolute_label(record: dict, where: str) -> str:
+  if "label" not in record:
+    raise InputError(f"{where}: no 'label' field ({'|'.join(ABSOLUTE_LABELS)})")
+  label = str(record["label"]).strip().lower()
+  if label not in ABSOLUTE_LABELS:
+    raise InputError(f"{where}: label {record['label']!r} is not one of {', '.join(ABSOLUTE_LABELS)}")
+  return label
+
+
+def read_judgements(path: str, kind: str, known_ids: set[str] | None = None) -> dict[str, str]:
+  """id -> label for every line of `path`; `kind` is "pairwise" or "absolute"."""
+  parse = _pairwise_label if kind == "pairwise" else _absolute_label
+  labels: dict[str, str] = {}
+  first_line: dict[str, int] = {}
+  for number, record in _json_lines(path):
+    where = f"{path}:{number}"
+    if "id" not in record:
+      raise InputError(f"{where}: no 'id' field")
+    pid = str(record["id"])
+    if pid in labels:
+      raise InputError(f"{where}: duplicate id {pid!r} (first on line {first_line[pid]})")
+    if known_ids is not None and pid not in known_ids:
+      raise InputError(f"{where}: id {pid!r} is not in the prompts file")
+    labels[pid] = parse(record, where)
+    first_line[pid] = number
+  if not labels:
+    raise InputError(f"{path}: no judgements")
+  return labels
+
+
+def shares_with_intervals(labels: Sequence[str], categories: Sequence[str], resamples: int = 10000,
+                          seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+  """Share of each category with a percentile bootstrap interval over the judged prompts."""
+  codes = np.array([categories.index(label) for label in labels])
+  n = len(codes)
+  counts = np.bincount(codes, minlength=len(categories))
+  rng = np.random.default_rng(seed)
+  resampled = rng.integers(0, n, size=(resamples, n))
+  per_draw = np.stack([np.mean(codes[resampled] == c, axis=1) for c in range(len(categories))], axis=1)
+  tail = (1.0 - level) / 2.0
+  low, high = np.quantile(per_draw, [tail, 1.0 - tail], axis=0)
+  return {c: {"count": int(counts[i]), "share": float(counts[i] / n), "low": float(low[i]),
+              "high": float(high[i])} for i, c in enumerate(categories)}
+
+
+def _print_table(title: str, rows: dict[str, dict[str, float]], names: dict[str, str], n: int, level: float):
+  print(f"{title} ({n} prompts; {level:.0%} bootstrap intervals)")
+  width = max(len(names[c]) for c in rows)
+  for c, r in rows.items():
+    print(f"  {names[c]:<{width}}  {100 * r['share']:5.1f}%  [{100 * r['low']:5.1f}, {100 * r['high']:5.1f}]"
+          f"  ({r['count']})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("mode", choices=("pairwise", "absolute"))
+  parser.add_argument("judgements", help="JSONL file, one judgement a line")
+  parser.add_argument("--prompts", help="prompts JSONL: judged ids must be among its ids")
+  parser.add_argument("--a_name", default="A", help="pairwise: name of system a")
+  parser.add_argument("--b_name", default="B", help="pairwise: name of system b")
+  parser.add_argument("--resamples", type=int, default=10000)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--level", type=float, default=0.95)
+  parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+  args = parser.parse_args(argv)
+  if args.resamples < 1 or not 0.0 < args.level < 1.0:
+    parser.error("--resamples must be >= 1 and --level in (0, 1)")
+  try:
+    known = prompt_ids(args.prompts) if args.prompts else None
+    labels = read_judgements(args.judgements, args.mode, known)
+  except InputError as e:
+    print(f"compare.py: error: {e}", file=sys.stderr)
+    return 2
+  if args.mode == "pairwise":
+    categories = PAIRWISE_LABELS
+    names = {"a": f"{args.a_name} wins", "tie": "tie", "b": f"{args.b_name} wins"}
+  else:
+    categories = ABSOLUTE_LABELS
+    names = {c: c for c in categories}
+  rows = shares_with_intervals(list(labels.values()), categories, args.resamples, args.seed, args.level)
+  _print_table(f"{args.mode}: {args.judgements}", rows, names, len(labels), args.level)
+  if known is not None and len(labels) < len(known):
+    print(f"  note: {len(known) - len(labels)} of {len(known)} prompts in {args.prompts} are not judged")
+  if args.json:
+    print(json.dumps({"mode": args.mode, "judgements": args.judgements, "n": len(labels),
+                      "resamples": args.resamples, "seed": args.seed, "level": args.level,
+                      "shares": {names[c]: r for c, r in rows.items()}}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
