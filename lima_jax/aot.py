@@ -394,8 +394,9 @@ def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
 
 def format_report(report: dict) -> str:
   """Human-readable summary of a report (the JSON holds everything)."""
-  lines = [f"{report['program']} | preset {report['preset']} | {report['topology']} "
-           f"({report['topology_name']}, {report['devices']} chips, {report['hosts']} hosts) | "
+  slices = f"{report['num_slices']} x " if report["num_slices"] > 1 else ""
+  lines = [f"{report['program']} | preset {report['preset']} | {slices}{report['topology']} "
+           f"({report['topology_name']}; {report['devices']} chips, {report['hosts']} hosts) | "
            f"mesh {report['mesh']}"]
   if report["program"] == "train":
     lines.append(f"  batch {report['batch_size']} x {report['seq_len']}, micro-batches "

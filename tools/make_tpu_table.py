@@ -16,6 +16,7 @@ are ruled out without compiling; the rest are compiled from the smallest up unti
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib.metadata
 import json
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -90,6 +92,7 @@ class Results:
   def __init__(self, path: str, force: bool, mfu: float, timeout: int, cached_only: bool = False):
     self.path, self.force, self.mfu, self.timeout = path, force, mfu, timeout
     self.cached_only = cached_only
+    self.lock = threading.Lock()
     self.versions = versions()
     self.data = {}
     if os.path.exists(path):
@@ -113,8 +116,9 @@ class Results:
       return None
     entry["versions"] = self.versions
     entry["compiled_on"] = datetime.date.today().isoformat()
-    self.data[key] = entry
-    write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+    with self.lock:
+      self.data[key] = entry
+      write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
     peak = _peak(entry)
     print(f"  {preset} on {topology}: fits={entry['fits']} peak {peak / GiB:.1f} GiB", flush=True)
     return entry
@@ -229,6 +233,7 @@ def main(argv=None) -> int:
   parser.add_argument("--cached-only", dest="cached_only", action="store_true",
                       help="compile nothing; render what docs/tpu_table.json holds")
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
+  parser.add_argument("--jobs", type=int, default=1, help="compiles run at once (one CPU core each)")
   args = parser.parse_args(argv)
   presets = [p for p in args.presets.split(",") if p]
   slices = [s for s in args.slices.split(",") if s]
@@ -240,10 +245,11 @@ def main(argv=None) -> int:
     parser.error(f"--search_generations: unknown {sorted(unknown)}; known {list(SEARCH)}")
   results = Results(args.results, args.force, args.mfu, args.timeout, args.cached_only)
   # The largest preset first: it is the one whose fit is in question.
-  for preset in sorted(presets, key=lambda p: PRESETS.index(p) if p in PRESETS else -1,
-                       reverse=True):
-    for s in slices:
-      results.get(preset, s)
+  order = sorted(presets, key=lambda p: PRESETS.index(p) if p in PRESETS else -1, reverse=True)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    list(pool.map(lambda ps: results.get(*ps), [(p, s) for p in order for s in slices]))
+    if args.search:
+      list(pool.map(lambda pg: smallest(results, *pg), [(p, g) for p in order for g in generations]))
   text = render(results, presets, slices, generations if args.search else [])
   write_atomic(args.output, text)
   print(f"wrote {args.output}")
