@@ -3,8 +3,9 @@
 The config is REFERENCE.md's: d_model 512, 8 layers, 8 heads of 64 (MHA), MLP 1408, vocab 32000,
 sequence 512, batch 4, float32, one CPU device, synthetic tokens, the LIMA AdamW update. The
 step is the one `python -m lima_jax.train` runs (`lima_jax.train.make_train_step`). Achieved
-FLOP/s use the analytic count of `lima_jax.metrics.model_flops_per_step` and are set beside a
-jitted float32 2048^3 matmul timed in the same process, since a shared CPU's speed drifts.
+FLOP/s use the analytic count of `lima_jax.aot.train_flops` (as the training log's MFU) and are
+set beside a jitted float32 2048^3 matmul timed in the same process, since a shared CPU's speed
+drifts.
 
     python benchmarks/benchmark_train.py [--steps 5] [--out benchmarks/results/train.json]
 """
@@ -28,7 +29,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import lima  # pylint: disable=wrong-import-position
-from lima_jax import metrics  # pylint: disable=wrong-import-position
+from lima_jax import aot  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import sharding  # pylint: disable=wrong-import-position
 from lima_jax import train  # pylint: disable=wrong-import-position
@@ -109,7 +110,7 @@ def main():
 
   step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.max_len
-  flops = metrics.model_flops_per_step(model_config, config.train.batch_size, config.data.max_len)
+  flops = aot.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
   matmul = max(peak_before, peak_after)
   result = {
       "config": {"d_model": 512, "n_layers": 8, "n_heads": 8, "head_dim": 64, "mlp_dim": 1408,

@@ -1,4 +1,4 @@
-"""What a user watches during training: `metrics.jsonl`, TensorBoard events, a progress bar, MFU.
+"""What a user watches during training: `metrics.jsonl`, TensorBoard events, a progress bar.
 
 Only process 0 writes (every writer here is a no-op elsewhere), so a pod slice produces one
 log. `metrics.jsonl` is rewritten whole and atomically (temporary file + rename) rather than
@@ -12,31 +12,11 @@ import time
 from typing import Any, Mapping
 
 import jax
+from absl import logging
 from etils import epath
-
-from lima_jax import model as model_lib
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-
-
-def model_flops_per_step(model_config: model_lib.ModelConfig, batch_size: int, seq_len: int) -> float:
-  """Training FLOPs of one optimizer step, by the usual analytic count (MaxText/PaLM appendix B).
-
-  6 * N * tokens for the matmuls (N: every parameter but the input embedding, whose lookup is
-  no matmul), plus 12 * layers * d_model * seq^2 per sequence for attention scores and values
-  (forward + backward; the causal mask is not exploited). Full rematerialisation recomputes the
-  forward once more, a third of each term. Padding tokens are counted: the hardware computes them.
-  """
-  n = model_config.num_params(include_embedding=False)
-  tokens = batch_size * seq_len
-  matmul = 6.0 * n * tokens
-  attention = 12.0 * model_config.n_layers * model_config.n_heads * model_config.dim_per_head \
-      * seq_len ** 2 * batch_size
-  total = matmul + attention
-  if model_config.remat_policy == "full":
-    total += total / 3.0
-  return total
 
 
 def peak_flops(config_peak: float) -> tuple[float, str]:
@@ -75,8 +55,11 @@ class MetricWriter:
           continue
       self._dirty = True
     import tensorboardX  # pylint: disable=g-import-not-at-top
-    self._tb = tensorboardX.SummaryWriter(logdir=str(epath.Path(workdir) / TENSORBOARD_DIR),
-                                          purge_step=resume_step + 1 if resume_step else None)
+    try:
+      self._tb = tensorboardX.SummaryWriter(logdir=str(epath.Path(workdir) / TENSORBOARD_DIR),
+                                            purge_step=resume_step + 1 if resume_step else None)
+    except ImportError as e:  # gs:// event files need google-cloud-storage.
+      logging.warning("TensorBoard events are off (%s); metrics still go to %s", e, self._path)
 
   def write(self, step: int, scalars: Mapping[str, Any], *, flush: bool = False) -> None:
     """Records scalars for `step` (the number of optimizer steps done)."""
@@ -86,7 +69,8 @@ class MetricWriter:
     for key, value in scalars.items():
       value = float(value)
       record[key] = value if math.isfinite(value) else str(value)
-      self._tb.add_scalar(key, value, int(step))
+      if self._tb is not None:
+        self._tb.add_scalar(key, value, int(step))
     self._lines.append(json.dumps(record))
     self._dirty = True
     if flush or time.monotonic() - self._last_flush > self._flush_every_s:
@@ -97,7 +81,8 @@ class MetricWriter:
       return
     self._path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(self._path, "".join(line + "\n" for line in self._lines))
-    self._tb.flush()
+    if self._tb is not None:
+      self._tb.flush()
     self._dirty = False
     self._last_flush = time.monotonic()
 
@@ -105,7 +90,8 @@ class MetricWriter:
     if not self.active:
       return
     self.flush()
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -27,9 +27,11 @@ import optax
 import tqdm
 from absl import logging
 from etils import epath
+from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lima_jax import aot
 from lima_jax import checkpoint as ckpt_lib
 from lima_jax import data as data_lib
 from lima_jax import hardware
@@ -56,6 +58,11 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+
+
+def _key_data() -> jax.ShapeDtypeStruct:
+  """Shape and dtype of a raw key under the configured PRNG implementation (threefry: uint32[2])."""
+  return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
@@ -90,7 +97,7 @@ def abstract_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
       params=jax.tree.map(with_sharding, params, p_shard),
       opt_state=jax.tree.map(with_sharding, opt_state, o_shard),
-      rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+      rng=jax.ShapeDtypeStruct(_key_data().shape, _key_data().dtype, sharding=rep))
 
 
 def state_shardings(abstract_state: TrainState):
@@ -121,20 +128,19 @@ def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, se
   only its own slice (threefry is partitionable), so no host ever holds the full model.
   """
   tx = _optimizer(config, total_steps)
-  abstract = abstract_train_state(config, model_config, mesh, total_steps)
-  shards = state_shardings(abstract)
-  init_key, base_key = jax.random.split(jax.random.key(seed))
+  shards = state_shardings(abstract_train_state(config, model_config, mesh, total_steps))
 
-  def init(init_key, base_key, params):
+  def init(params):
+    init_key, base_key = jax.random.split(jax.random.key(seed))
     if params is None:
       params = model_lib.init_params(model_config, init_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(base_key))
 
   if params is None:
-    fn, args = jax.jit(lambda a, b: init(a, b, None), out_shardings=shards), (init_key, base_key)
+    fn, args = jax.jit(lambda: init(None), out_shardings=shards), ()
   else:
-    fn, args = jax.jit(init, out_shardings=shards, donate_argnums=2), (init_key, base_key, params)
+    fn, args = jax.jit(init, out_shardings=shards, donate_argnums=0), (params,)
   # XLA:CPU spends seconds optimising each threefry kernel at its default level 2; level 1
   # compiles them ~8x faster and runs them as fast. The init runs once, so this is pure gain.
   cpu = mesh.devices.flat[0].platform == "cpu"
@@ -330,6 +336,27 @@ class RunData:
       raise BadDataError(str(e)) from e
 
 
+def run_mesh(config, devices=None) -> Mesh:
+  """The training mesh: `config.mesh` as given, or (left at its default) the one that
+  `hardware.mesh_for` picks for the batch, which is also the mesh `tools/aot_compile.py`
+  compiles. Across several TPU slices the data axis spans the slices (data-center network).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  sizes = hardware.mesh_for(config.mesh, len(devices), int(config.train.batch_size),
+                            int(config.data.max_len), num_slices)
+  if num_slices == 1:
+    return sharding.make_mesh(sizes, devices)
+  shape = sharding.mesh_shape(sizes, len(devices))
+  if shape[0] % num_slices:
+    raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of the {num_slices} slices: "
+                     f"the data axis is the one that crosses slices")
+  ici = (shape[0] // num_slices,) + tuple(shape[1:])
+  dcn = (num_slices,) + (1,) * (len(shape) - 1)
+  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  return Mesh(np.asarray(array), sharding.MESH_AXES)
+
+
 def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   """`config.model` with the vocabulary of the run's tokenizer, or a pretrained model's shapes.
 
@@ -463,7 +490,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   _log("%d steps per epoch, %d epochs, %d optimizer steps of %d conversations", steps_per_epoch,
        config.train.epochs, total_steps, config.train.batch_size)
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = run_mesh(config)
   model_config = build_model_config(config, run_data.tokenizer)
   _log("mesh %s over %d devices (%d processes); model %.1fM parameters",
        dict(mesh.shape), mesh.size, jax.process_count(), model_config.num_params() / 1e6)
@@ -479,7 +506,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     params, opt_state, meta = ckpt_lib.restore_training(
         manager, latest, params_target=abstract.params, opt_state_target=abstract.opt_state)
     state = TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
-                       opt_state=opt_state, rng=_host_array(np.asarray(meta["rng"], np.uint32), rep))
+                       opt_state=opt_state, rng=_host_array(np.asarray(meta["rng"], _key_data().dtype), rep))
     run_data.train.set_state(meta["data"])
     differences = _config_differences(meta.get("config", {}), _json_config(config))
     _log("resumed from %s at step %d", manager.directory / str(latest), meta["step"])
@@ -503,8 +530,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
   peak, peak_source = metrics_lib.peak_flops(float(config.train.peak_flops_per_device))
   _log("peak FLOP/s per device for MFU: %.3g (%s)", peak, peak_source)
-  flops_per_step = metrics_lib.model_flops_per_step(
-      model_config, int(config.train.batch_size), int(config.data.max_len))
+  flops = aot.train_flops(model_config, int(config.train.batch_size), int(config.data.max_len))
   stop = StopSignal()
   bar = metrics_lib.ProgressBar(total_steps, start_step)
   summary: dict[str, Any] = {"start_step": start_step, "total_steps": total_steps, "losses": []}
@@ -527,7 +553,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             "loss": loss, "lr": step_metrics["lr"], "grad_norm": step_metrics["grad_norm"],
             "epoch": step / steps_per_epoch, "step_time_s": step_time,
             "tokens_per_s": step_metrics["tokens"] / step_time,
-            "mfu": flops_per_step / step_time / (peak * mesh.size) if peak else 0.0})
+            "mfu": flops["model"] / step_time / (peak * mesh.size) if peak else 0.0,
+            "hfu": flops["hardware"] / step_time / (peak * mesh.size) if peak else 0.0})
       bar.update({"epoch": f"{epoch + 1}", "loss": f"{loss:.4f}",
                   "lr": f"{float(step_metrics['lr']):.2e}"})
       epoch_end = step % steps_per_epoch == 0

@@ -433,3 +433,40 @@ def test_a_crash_mid_save_leaves_nothing_that_looks_complete(tmp_path):
     time.sleep(0.2)
   manager.close()
   assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_pretrained_hf_weights_load_into_shards_with_an_eot_row_at_the_mean(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from lima_jax import data  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+  hf = transformers.LlamaForCausalLM(hf_config)
+  hf.save_pretrained(tmp_path, safe_serialization=True)
+  shutil.copy(data.bundled_paths()["tokenizer"], tmp_path / "tokenizer.model")
+  config = lima_config()
+  config.model.init_from = str(tmp_path)
+  config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
+  tokenizer = train.load_run_tokenizer(config)
+  assert tokenizer.vocab_size == 1025 and tokenizer.eot_id == 1024
+  model_config = train.build_model_config(config, tokenizer)
+  assert (model_config.vocab_size, model_config.n_layers, model_config.d_model) == (1025, 2, 64)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  params = train.load_pretrained_params(config, model_config, mesh)
+  state = hf.state_dict()
+  embed = np.asarray(params["embed"]["embedding"])
+  hf_embed = state["model.embed_tokens.weight"].numpy()
+  np.testing.assert_array_equal(embed[:1024], hf_embed)
+  np.testing.assert_allclose(embed[1024], hf_embed.mean(0), rtol=1e-5, atol=1e-7)
+  assert not embed[1025:].any()  # Padding rows up to 1152.
+  head = np.asarray(params["lm_head"])
+  np.testing.assert_array_equal(head[:, :1024], state["lm_head.weight"].numpy().T)
+  np.testing.assert_allclose(head[:, 1024], state["lm_head.weight"].numpy().mean(0), rtol=1e-5, atol=1e-7)
+  q = np.asarray(params["layers"]["attn"]["q_proj"])[1].reshape(64, 64)
+  np.testing.assert_array_equal(q, state["model.layers.1.self_attn.q_proj.weight"].numpy().T)
+  # The optimizer state is then made around them, already in place.
+  fresh = train.init_train_state(config, model_config, mesh, 0, params=params, total_steps=10)
+  np.testing.assert_array_equal(np.asarray(fresh.params["embed"]["embedding"]), embed)

@@ -6,7 +6,7 @@ is one process with 4 devices, same mesh shape. Both runs go through `python -m 
 Which rows share a global batch depends on the process count (the data loader shuffles each
 process's share), so the comparison uses a global batch that holds the whole sample (50
 conversations in 52 rows) and no dropout: then every step sees the same rows in any layout and
-the result may differ only by float summation order.
+the result may differ only by float summation order. Dev loss and generations run on both too.
 """
 
 import json
@@ -25,14 +25,12 @@ if not os.environ.get("JAX_PLATFORMS"):
 import jax  # pylint: disable=wrong-import-position
 
 from lima_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
-from lima_jax import data  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ARGS = ["--config=configs/lima.py:tiny", "--config.train.epochs=3", "--config.train.batch_size=52",
+ARGS = ["--config=configs/lima.py:tiny", "--config.train.epochs=2", "--config.train.batch_size=52",
         "--config.data.max_len=128", "--config.model.max_seq_len=128",
         "--config.model.residual_dropout=0.0", "--config.train.peak_flops_per_device=1e11",
-        # The bundled train split named explicitly, and no dev split: no per-epoch evaluation.
-        f"--config.data.train_path={data.bundled_paths()['train']}"]
+        "--config.train.dev_generations=1", "--config.train.dev_max_new_tokens=2"]
 
 
 def _free_port() -> int:
@@ -41,12 +39,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, devices, cache_dir, **env_extra):
+def _start(workdir, devices, cache_dir, *extra_args, **env_extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_extra)
-  return subprocess.Popen([sys.executable, "-m", "lima_jax.train", f"--workdir={workdir}", *ARGS],
+  return subprocess.Popen([sys.executable, "-m", "lima_jax.train", f"--workdir={workdir}", *ARGS,
+                           *extra_args],
                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -58,13 +57,13 @@ def _finish(proc, timeout=400):
 
 def test_two_processes_train_the_same_as_one(tmp_path):
   cache = tmp_path / "xla_cache"
-  one = _start(tmp_path / "one", 4, cache)
-  _finish(one)
+  one = _start(tmp_path / "one", 4, cache, "--config.train.dev_generations=0")
   port = _free_port()
   procs = [_start(tmp_path / "two", 2, cache, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
-  for p in procs:
-    _finish(p)
+  outputs = [_finish(p) for p in procs]
+  _finish(one)
+  assert "### dev prompt 0:" in outputs[0] and "### dev prompt" not in outputs[1]  # Process 0 speaks.
 
   a, b = ckpt_lib.restore_params(tmp_path / "one"), ckpt_lib.restore_params(tmp_path / "two")
   # Adam divides by the gradient's magnitude, so float noise in a near-zero gradient component
@@ -74,8 +73,13 @@ def test_two_processes_train_the_same_as_one(tmp_path):
   lines = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
   one_losses = [r["loss"] for r in lines(tmp_path / "one") if "loss" in r]
   two_losses = [r["loss"] for r in lines(tmp_path / "two") if "loss" in r]
-  assert len(two_losses) == 3  # One line per step: only process 0 writes.
+  assert len(two_losses) == 2  # One line per step: only process 0 writes.
   np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
   assert two_losses[-1] < two_losses[0]
+  one_dev = [r["dev_loss"] for r in lines(tmp_path / "one") if "dev_loss" in r]
+  two_dev = [r["dev_loss"] for r in lines(tmp_path / "two") if "dev_loss" in r]
+  assert len(two_dev) == 2
+  np.testing.assert_allclose(two_dev, one_dev, rtol=1e-5)
+  assert len((tmp_path / "two" / "dev_generations" / "epoch_2.jsonl").read_text().splitlines()) == 1
   meta = ckpt_lib.read_train_state(tmp_path / "two")
-  assert meta["step"] == 3 and meta["mesh"]["fsdp"] == 4
+  assert meta["step"] == 2 and meta["mesh"]["fsdp"] == 4
