@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -29,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lima_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+from lima_jax import convert  # pylint: disable=g-import-not-at-top
+from lima_jax import model as model_lib
 from lima_jax import sampling
 
 SMOL = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, mlp_dim=1536,
@@ -53,35 +55,12 @@ def hf_model(cfg: model_lib.ModelConfig, seed: int):
   return model
 
 
-def params_from_hf(model, cfg: model_lib.ModelConfig) -> dict:
-  """Our parameter dict from a transformers LlamaForCausalLM (layout: lima_jax.model docstring)."""
-  sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-  d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-  pad = cfg.padded_vocab_size - cfg.vocab_size
-  def stack(name, fn):
-    return np.stack([fn(sd[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)])
-  params = {
-      "embed": {"embedding": np.pad(sd["model.embed_tokens.weight"], ((0, pad), (0, 0)))},
-      "final_norm": {"scale": sd["model.norm.weight"]},
-      "layers": {
-          "attn_norm": {"scale": stack("input_layernorm.weight", lambda w: w)},
-          "mlp_norm": {"scale": stack("post_attention_layernorm.weight", lambda w: w)},
-          "attn": {
-              "q_proj": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd)),
-              "k_proj": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
-              "v_proj": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
-              "o_proj": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d)),
-          },
-          "mlp": {
-              "gate_proj": stack("mlp.gate_proj.weight", lambda w: w.T),
-              "up_proj": stack("mlp.up_proj.weight", lambda w: w.T),
-              "down_proj": stack("mlp.down_proj.weight", lambda w: w.T),
-          },
-      },
-  }
-  if not cfg.tie_embeddings:
-    params["lm_head"] = np.pad(sd["lm_head.weight"].T, ((0, 0), (0, pad)))
-  return jax.tree.map(jnp.asarray, params)
+def params_from_hf(model) -> dict:
+  """Our parameters for a transformers model, through the project's converter (lima_jax.convert)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    model.save_pretrained(tmp, safe_serialization=True)
+    params, _ = convert.load_hf_params(tmp)
+  return params
 
 
 def best_time(fn, repeats: int) -> float:
@@ -179,7 +158,7 @@ def main():
     import transformers  # pylint: disable=g-import-not-at-top
     report.update(torch=torch.__version__, transformers=transformers.__version__,
                   torch_threads=torch.get_num_threads())
-    params = params_from_hf(hf, cfg)
+    params = params_from_hf(hf)
   else:
     params = model_lib.init_params(cfg, jax.random.key(0))
 
