@@ -49,8 +49,8 @@ from lima_jax import model as model_lib
 from lima_jax import sharding
 
 PENALTY_SCOPES = ("generated", "all")
-# Prompt lengths and cache sizes are rounded up to these buckets (then to powers of two), so a
-# run over prompts of many lengths compiles a handful of programs, not one per length.
+# Prompt widths and cache lengths are rounded up to powers of two, at least this, so a run over
+# prompts of many lengths compiles a handful of programs, not one per length.
 _MIN_BUCKET = 16
 
 
