@@ -18,11 +18,17 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("checkpoint", "convert", "data", "inference", "model", "sampling", "sharding",
+               "tokenizer", "train")
+
+
 def __getattr__(name):
   if name in _LAZY:
     return getattr(importlib.import_module(_LAZY[name]), name)
+  if name in _SUBMODULES:
+    return importlib.import_module(f"lima_jax.{name}")
   raise AttributeError(f"module 'lima_jax' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_LAZY))
+  return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))
