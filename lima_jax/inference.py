@@ -161,3 +161,29 @@ def generator_name(path: str | os.PathLike) -> str:
   if p.name.isdigit() and p.parent.name == checkpoint.CHECKPOINTS_SUBDIR:
     return f"{p.parent.parent.name}-step{p.name}"
   return p.name
+
+
+def define_decoding_flags(default_config: str) -> None:
+  """Defines the flags that tools/evaluate.py and tools/chat.py share: config, model, decoding."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", default_config, "configs/lima.py:PRESET; its sampling "
+                                  "and mesh sections are used", lock_config=False)
+  flags.DEFINE_string("checkpoint", None, "lima_jax checkpoint, training workdir, or Hugging Face directory")
+  flags.DEFINE_bool("greedy", False, "argmax decoding (= --config.sampling.greedy=true)")
+  flags.DEFINE_integer("max_new_tokens", None, "= --config.sampling.max_new_tokens")
+  flags.DEFINE_integer("seed", None, "= --config.sampling.seed")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: the checkpoint's)")
+  flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
+
+
+def sampling_config_from_flags(flag_values) -> sampling.SamplingConfig:
+  """`--config.sampling.*` with the --greedy, --max_new_tokens and --seed shortcuts applied."""
+  fields = dict(flag_values.config.sampling)
+  if flag_values.greedy:
+    fields["greedy"] = True
+  if flag_values.max_new_tokens is not None:
+    fields["max_new_tokens"] = flag_values.max_new_tokens
+  if flag_values.seed is not None:
+    fields["seed"] = flag_values.seed
+  return sampling.SamplingConfig.from_dict(fields)

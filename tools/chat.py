@@ -50,20 +50,12 @@ def chat(loaded, scfg, lines, write) -> int:
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from lima_jax import inference  # pylint: disable=g-import-not-at-top
-  from lima_jax import sampling  # pylint: disable=g-import-not-at-top
   from lima_jax import sharding  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  fields = dict(f.config.sampling)
-  if f.greedy:
-    fields["greedy"] = True
-  if f.max_new_tokens is not None:
-    fields["max_new_tokens"] = f.max_new_tokens
-  if f.seed is not None:
-    fields["seed"] = f.seed
-  scfg = sampling.SamplingConfig.from_dict(fields).replace(batch_size=1)
+  scfg = inference.sampling_config_from_flags(f).replace(batch_size=1)
   mesh = sharding.make_mesh(dict(f.config.mesh))
   loaded = inference.load_model(f.checkpoint, mesh=mesh, tokenizer_path=f.tokenizer, dtype=f.dtype)
   for note in loaded.notes:
@@ -81,16 +73,9 @@ def main(argv):
 def run():
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from lima_jax import inference  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "configs/lima.py:PRESET; its sampling "
-                                  "and mesh sections are used", lock_config=False)
-  flags.DEFINE_string("checkpoint", None, "lima_jax checkpoint, training workdir, or Hugging Face directory")
-  flags.DEFINE_bool("greedy", False, "argmax decoding (= --config.sampling.greedy=true)")
-  flags.DEFINE_integer("max_new_tokens", None, "= --config.sampling.max_new_tokens")
-  flags.DEFINE_integer("seed", None, "= --config.sampling.seed")
-  flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: the checkpoint's)")
-  flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
+  inference.define_decoding_flags(DEFAULT_CONFIG)
   flags.mark_flags_as_required(["checkpoint"])
 
   def guarded(argv):

@@ -382,19 +382,13 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from lima_jax import inference  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise InputError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   config = f.config
-  fields = dict(config.sampling)
-  if f.greedy:
-    fields["greedy"] = True
-  if f.max_new_tokens is not None:
-    fields["max_new_tokens"] = f.max_new_tokens
-  if f.seed is not None:
-    fields["seed"] = f.seed
   try:
-    scfg = sampling.SamplingConfig.from_dict(fields)
+    scfg = inference.sampling_config_from_flags(f)
   except ValueError as e:
     raise InputError(f"--config: {e}") from None
   evaluate(f.checkpoint, f.prompts, f.output, sampling_config=scfg, mesh_config=dict(config.mesh),
@@ -405,22 +399,15 @@ def main(argv):
 def run():
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from lima_jax import inference  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "configs/lima.py:PRESET; its sampling "
-                                  "and mesh sections are used", lock_config=False)
-  flags.DEFINE_string("checkpoint", None, "lima_jax checkpoint, training workdir, or Hugging Face directory")
+  inference.define_decoding_flags(DEFAULT_CONFIG)
   flags.DEFINE_string("prompts", None, "JSONL prompts (LIMA schema, {\"prompt\"} lines, or MT-Bench questions)")
   flags.DEFINE_string("output", None, "JSONL responses, written when every prompt is answered")
-  flags.DEFINE_bool("greedy", False, "argmax decoding (= --config.sampling.greedy=true)")
-  flags.DEFINE_integer("max_new_tokens", None, "= --config.sampling.max_new_tokens")
-  flags.DEFINE_integer("seed", None, "= --config.sampling.seed")
-  flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: the checkpoint's)")
   flags.DEFINE_string("generator", None, "name of this system in the outputs (default: the checkpoint's name)")
   flags.DEFINE_string("alpaca_eval", None, "also write AlpacaEval model outputs (JSON) here")
   flags.DEFINE_string("mt_bench", None, "also write MT-Bench answers (JSONL) here; --prompts must be "
                       "an MT-Bench question file")
-  flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
   flags.DEFINE_string("eot", "<EOT>", "EOT text, for Hugging Face tokenizers")
   flags.mark_flags_as_required(["checkpoint", "prompts", "output"])
 
