@@ -103,17 +103,20 @@ class Results:
     """The cached report, else a fresh compile (None: not compiled, with --cached-only)."""
     key = f"{preset}@{topology}"
     entry = self.data.get(key)
-    if entry and not self.force and entry.get("versions") == self.versions and entry.get(
-        "mfu_assumed", self.mfu) == self.mfu:
-      return entry
+    fresh = entry and entry.get("versions") == self.versions and entry.get(
+        "mfu_assumed", self.mfu) == self.mfu
+    if fresh and (self.cached_only or not (self.force or "error" in entry)):
+      return entry  # Failed compiles are shown, and retried by the next run that compiles.
     if self.cached_only:
       return None
     print(f"compiling {preset} on {topology} ...", flush=True)
     try:
       entry = compile_one(preset, topology, self.mfu, self.timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
-      print(f"  FAILED: {e}", flush=True)  # Left uncached, so the next run retries it.
-      return None
+      print(f"  FAILED: {e}", flush=True)
+      reason = (f"compile did not finish in {self.timeout} s" if isinstance(
+          e, subprocess.TimeoutExpired) else str(e).splitlines()[-1][:200])
+      entry = {"error": reason, "fits": None, "mfu_assumed": self.mfu}
     entry["versions"] = self.versions
     entry["compiled_on"] = datetime.date.today().isoformat()
     with self.lock:
@@ -132,6 +135,8 @@ def _peak(entry: dict) -> int:
 def _cell(entry: dict | None) -> str:
   if entry is None:
     return "not compiled yet"
+  if "error" in entry:
+    return entry["error"]
   hbm = entry["usable_hbm_bytes"] / GiB
   if entry["fits"]:
     return (f"{_peak(entry) / GiB:.1f} / {hbm:.1f} GiB ✓ {entry['step_seconds']:.1f} s "
@@ -141,7 +146,7 @@ def _cell(entry: dict | None) -> str:
 
 
 def _mesh(entry: dict | None) -> str:
-  if entry is None:
+  if entry is None or "error" in entry:
     return ""
   m = entry["mesh"]
   parts = [f"{k} {v}" for k, v in m.items() if v > 1]
@@ -159,8 +164,8 @@ def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict 
       notes.append(f"{name}: state alone {floor / GiB:.1f} GiB a chip")
       continue
     entry = results.get(preset, name)
-    if entry is None:
-      notes.append(f"{name}: not compiled yet")
+    if entry is None or "error" in entry:
+      notes.append(f"{name}: " + (entry["error"] if entry else "not compiled yet"))
       return "", None, notes
     if entry["fits"]:
       return name, entry, notes
