@@ -213,8 +213,10 @@ def render(results: Results, presets, slices, generations) -> str:
       cells = []
       for generation in generations:
         name, entry, notes = smallest(results, preset, generation)
+        incomplete = bool(notes) and not notes[-1].split(": ", 1)[1].startswith(("state", "needs"))
         text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
-                if entry else "none up to " + SEARCH[generation][-1])
+                if entry else "search incomplete" if incomplete
+                else "none up to " + SEARCH[generation][-1])
         if notes:
           text += "<br>" + "<br>".join(notes)
         cells.append(text)
