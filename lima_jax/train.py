@@ -535,13 +535,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   bar = metrics_lib.ProgressBar(total_steps, start_step)
   summary: dict[str, Any] = {"start_step": start_step, "total_steps": total_steps, "losses": []}
   ended = "finished"
+  compile_start = time.perf_counter()
+  compiled_step = step_fn.lower(state, abstract_batch(config, mesh)).compile()
+  _log("compiled the train step in %.1f s", time.perf_counter() - compile_start)
   last = time.perf_counter()
   try:
     step = start_step
     while step < total_steps:
       epoch, local_batch = next(run_data.train)
       batch = data_lib.to_global_batch(local_batch, mesh, batch_spec)
-      state, step_metrics = step_fn(state, batch)
+      state, step_metrics = compiled_step(state, batch)
       step_metrics = jax.device_get(step_metrics)
       step += 1
       now = time.perf_counter()
