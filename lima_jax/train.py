@@ -505,8 +505,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     abstract = abstract_train_state(config, model_config, mesh, total_steps)
     params, opt_state, meta = ckpt_lib.restore_training(
         manager, latest, params_target=abstract.params, opt_state_target=abstract.opt_state)
+    rng = np.asarray(meta["rng"], _key_data().dtype)
     state = TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
-                       opt_state=opt_state, rng=_host_array(np.asarray(meta["rng"], _key_data().dtype), rep))
+                       opt_state=opt_state, rng=_host_array(rng, rep))
     run_data.train.set_state(meta["data"])
     differences = _config_differences(meta.get("config", {}), _json_config(config))
     _log("resumed from %s at step %d", manager.directory / str(latest), meta["step"])
@@ -561,11 +562,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       bar.update({"epoch": f"{epoch + 1}", "loss": f"{loss:.4f}",
                   "lr": f"{float(step_metrics['lr']):.2e}"})
       epoch_end = step % steps_per_epoch == 0
-      periodic = config.train.checkpoint_every_steps and step % int(config.train.checkpoint_every_steps) == 0
-      stopping = stop.should_stop(step) or step == int(config.train.get("stop_at_step", 0))
+      every = int(config.train.checkpoint_every_steps)
+      periodic = every > 0 and step % every == 0
+      preempted = stop.should_stop(step)
+      stopping = preempted or step == int(config.train.get("stop_at_step", 0))
       if epoch_end or periodic or stopping or step == total_steps:
         save(step)
-      if epoch_end:
+      if epoch_end and not preempted:  # A preempted host has seconds left: only the save counts.
         done = step // steps_per_epoch
         dev = evaluate_dev(eval_step, state.params, run_data, mesh, batch_spec)
         if dev:
