@@ -180,24 +180,117 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+# Self-attention splits its queries into blocks of this many rows, and each block reads only the
+# keys at or before its end: a causal mask leaves the rest of the score matrix empty, so this
+# skips nearly half of it (the TPU kernel skips the same blocks).
+CAUSAL_BLOCK = 128
+
+
 def dot_product_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None):
-  """Causal attention; K/V heads are shared by query groups without being repeated in memory.
+  """Attention over a KV cache or any keys; K/V heads are shared by query groups, not repeated.
 
   q: [B, S, H, D]; k, v: [B, T, KV, D]. A key is visible when its position is at most the
   query's and (when segment ids are given) it belongs to the same packed conversation.
   """
-  b, s, h, d = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, s, kv, h // kv, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
   mask = k_positions[:, None, :] <= q_positions[:, :, None]
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
-  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, d)
+  return _masked_attention(q, k, v, mask, 1)
+
+
+def causal_self_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None):
+  """Self-attention of a training or scoring batch (q, k, v from the same S tokens).
+
+  As `dot_product_attention`, and a key is also never after its query in the sequence, as in
+  Hugging Face's causal mask and the TPU kernel; that lets query blocks skip later keys.
+  """
+  s = q.shape[1]
+  if k.shape[1] != s:
+    return dot_product_attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
+  mask = k_positions[:, None, :] <= q_positions[:, :, None]
+  mask &= jnp.arange(s)[None, :] <= jnp.arange(s)[:, None]
+  if q_segments is not None:
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+  blocks = s // CAUSAL_BLOCK if s % CAUSAL_BLOCK == 0 else 1
+  return _masked_attention(q, k, v, mask, max(blocks, 1))
+
+
+def _grouped(x, kv_heads):
+  """[B, S, H, D] -> [B, S, KV, H/KV, D]: the query heads that share each K/V head."""
+  b, s, h, d = x.shape
+  return x.reshape(b, s, kv_heads, h // kv_heads, d)
+
+
+def _scores(q, k, mask):
+  """Grouped queries [B, S, KV, G, D], keys [B, T, KV, D] -> masked scaled scores [B, KV, G, S, T]."""
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (q.shape[-1] ** -0.5)
+  return jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+
+
+def _query_blocks(queries: int, keys: int, blocks: int):
+  """(start, end, key_end) of each query block: queries [start, end) attend to keys [0, key_end).
+
+  One block reads every key; causal blocks (self-attention only) stop at their own end.
+  """
+  if blocks == 1:
+    return [(0, queries, keys)]
+  size = queries // blocks
+  return [(i * size, (i + 1) * size, (i + 1) * size) for i in range(blocks)]
+
+
+def _masked_attention_fwd(q, k, v, mask, blocks):
+  b, s, h, d = q.shape
+  kv = k.shape[2]
+  outs, log_normalizers = [], []
+  for start, end, key_end in _query_blocks(s, k.shape[1], blocks):
+    scores = _scores(_grouped(q[:, start:end], kv), k[:, :key_end], mask[:, start:end, :key_end])
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    probs = (unnormalized / row_sum).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v[:, :key_end])
+    outs.append(out.reshape(b, end - start, h, d))
+    log_normalizers.append(row_max + jnp.log(row_sum))
+  out = jnp.concatenate(outs, axis=1)
+  return out, (q, k, v, mask, out, jnp.concatenate(log_normalizers, axis=-2))
+
+
+def _masked_attention_bwd(blocks, residuals, d_out):
+  """Recomputes the probabilities from the saved log-normalizer instead of keeping them:
+  [B, H, S, T] per layer would be the largest activation, and the recompute is one small matmul."""
+  q, k, v, mask, out, log_normalizer = residuals
+  b, s, h, d = q.shape
+  kv = k.shape[2]
+  d_qs = []
+  d_k = jnp.zeros(k.shape, jnp.float32)
+  d_v = jnp.zeros(v.shape, jnp.float32)
+  for start, end, key_end in _query_blocks(s, k.shape[1], blocks):
+    q_block = _grouped(q[:, start:end], kv)
+    d_out_block = _grouped(d_out[:, start:end], kv)
+    keys, values = k[:, :key_end], v[:, :key_end]
+    probs = jnp.exp(_scores(q_block, keys, mask[:, start:end, :key_end])
+                    - log_normalizer[..., start:end, :])
+    d_v = d_v.at[:, :key_end].add(jnp.einsum("bkgst,bskgd->btkd", probs.astype(v.dtype),
+                                             d_out_block, preferred_element_type=jnp.float32))
+    d_probs = jnp.einsum("bskgd,btkd->bkgst", d_out_block, values,
+                         preferred_element_type=jnp.float32)
+    row_dot = jnp.einsum("bskgd,bskgd->bkgs", d_out_block.astype(jnp.float32),
+                         _grouped(out[:, start:end], kv).astype(jnp.float32))
+    d_scores = (probs * (d_probs - row_dot[..., None]) * (d ** -0.5)).astype(q.dtype)
+    d_qs.append(jnp.einsum("bkgst,btkd->bskgd", d_scores, keys).reshape(b, end - start, h, d))
+    d_k = d_k.at[:, :key_end].add(jnp.einsum("bkgst,bskgd->btkd", d_scores, q_block,
+                                             preferred_element_type=jnp.float32))
+  return jnp.concatenate(d_qs, axis=1), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_attention(q, k, v, mask, blocks):
+  """Softmax attention under a boolean mask [B, S, T], in `blocks` causal query blocks."""
+  return _masked_attention_fwd(q, k, v, mask, blocks)[0]
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 def _attention_kernel(config: ModelConfig):
@@ -208,9 +301,9 @@ def _attention_kernel(config: ModelConfig):
     except ImportError:
       if config.attention == "splash":
         raise
-      return dot_product_attention
+      return causal_self_attention
     return tpu_attention.make_attention(config)
-  return dot_product_attention
+  return causal_self_attention
 
 
 class Attention(nnx.Module):
@@ -260,6 +353,41 @@ def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array, layer) 
   return cache.at[layer, rows, positions].set(new.astype(cache.dtype))
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N]. On CPU its weight gradient transposes the smaller operand itself.
+
+  XLA:CPU computes x^T @ g by transposing the larger output gradient g in a fused elementwise
+  loop, which runs far below memory speed: 8% of the train benchmark's step. TPUs fold the
+  transpose into the matmul, so they (and ahead-of-time compiles for them) keep the plain product.
+  """
+  if sharding.target_platform() != "cpu":
+    return jnp.einsum("...k,kn->...n", x, w)
+  return _cpu_dense(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+@jax.custom_vjp
+def _cpu_dense(x, w):
+  return x @ w
+
+
+def _cpu_dense_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _cpu_dense_bwd(residuals, d_out):
+  x, w = residuals
+  d_x = d_out @ w.T
+  # The barrier keeps the transpose a plain copy instead of a loop fused into its producer.
+  if x.shape[1] <= d_out.shape[1]:
+    d_w = jax.lax.optimization_barrier(x.T) @ d_out
+  else:
+    d_w = (jax.lax.optimization_barrier(d_out.T) @ x).T
+  return d_x, d_w
+
+
+_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
+
+
 class MLP(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
     d, f, pdt = config.d_model, config.mlp_dim, config.param_dtype
@@ -269,10 +397,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    gate = jnp.einsum("bsd,df->bsf", x, self.gate_proj[...].astype(dt))
-    up = jnp.einsum("bsd,df->bsf", x, self.up_proj[...].astype(dt))
+    gate = dense(x, self.gate_proj[...].astype(dt))
+    up = dense(x, self.up_proj[...].astype(dt))
     hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    out = jnp.einsum("bsf,fd->bsd", hidden, self.down_proj[...].astype(dt))
+    out = dense(hidden, self.down_proj[...].astype(dt))
     return checkpoint_name(out, "mlp_out")
 
 

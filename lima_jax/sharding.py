@@ -123,6 +123,15 @@ def active_mesh() -> tuple[Mesh, tuple] | None:
   return _ACTIVE[-1] if _ACTIVE else None
 
 
+def target_platform() -> str:
+  """The platform the code being traced will run on: the active mesh's devices ("tpu" while
+  `tools/aot_compile.py` lowers for a TPU topology from a CPU host), else JAX's default backend."""
+  active = active_mesh()
+  if active is not None:
+    return active[0].devices.flat[0].platform
+  return jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names, so the model never names mesh axes itself."""
   if not _ACTIVE:

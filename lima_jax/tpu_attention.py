@@ -85,16 +85,16 @@ def _run(kernel, q, k, v, q_segments, k_segments):
 
 def splash_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None, *,
                      interpret: bool = False):
-  """Drop-in for `model.dot_product_attention` (see the module docstring for when it falls back).
+  """Drop-in for `model.causal_self_attention` (see the module docstring for when it falls back).
 
   `interpret` runs the kernel in Pallas' interpreter, on any backend (for tests).
   """
   from lima_jax import model  # pylint: disable=g-import-not-at-top  (model imports this module)
   b, s, h, d = q.shape
   t, kv = k.shape[1], k.shape[2]
-  on_tpu = interpret or jax.default_backend() == "tpu" or _compiling_for_tpu()
+  on_tpu = interpret or sharding.target_platform() == "tpu"
   if not on_tpu or s % LANES or s != t:
-    return model.dot_product_attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
+    return model.causal_self_attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
   if q_segments is not None and k_segments is None:
     k_segments = q_segments
   q = q * np.asarray(d ** -0.5, q.dtype)
@@ -121,12 +121,6 @@ def splash_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segme
     args = (kernel, q, k, v, q_segments, k_segments)
   out = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
   return out.transpose(0, 2, 1, 3)
-
-
-def _compiling_for_tpu() -> bool:
-  """True inside `tools/aot_compile.py`, which lowers for TPU devices from a CPU host."""
-  active = sharding.active_mesh()
-  return active is not None and active[0].devices.flat[0].platform == "tpu"
 
 
 def make_attention(config):
