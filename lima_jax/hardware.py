@@ -19,7 +19,9 @@ import glob
 import importlib.util
 import math
 import os
+import platform
 import re
+import sys
 import time
 
 GiB = 1024 ** 3
@@ -222,13 +224,49 @@ def default_to_cpu_without_tpu() -> bool:
   if _tpu_chips_attached() or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0"):
     return False
   os.environ["JAX_PLATFORMS"] = "cpu"
-  import sys  # pylint: disable=g-import-not-at-top
   jax = sys.modules.get("jax")
   if jax is not None and hasattr(jax, "config"):
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     if not xla_bridge.backends_are_initialized():
       jax.config.update("jax_platforms", "cpu")
   return True
+
+
+# glibc malloc settings for CPU runs: see `restart_with_cpu_allocator`.
+CPU_ALLOCATOR_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+}
+
+
+def restart_with_cpu_allocator() -> None:
+  """Re-executes this command once with `CPU_ALLOCATOR_ENV`, when it will compute on the CPU.
+
+  XLA:CPU allocates a step's temporaries afresh on every run (1.7 GB for the train benchmark's
+  model). glibc serves buffers that large with mmap from worker-thread arenas and unmaps them on
+  free, so each step page-faults all of it in again: a tenth of a CPU training step, in the
+  kernel. One arena and a high mmap threshold keep the freed memory in the process for the next
+  step. The variables must be set before the process starts, hence the restart; it happens at most
+  once, never when the user has set any of them, and `LIMA_JAX_CPU_ALLOCATOR=0` turns it off.
+  """
+  if os.environ.get("LIMA_JAX_CPU_ALLOCATOR", "1") == "0":
+    return
+  if any(name in os.environ for name in CPU_ALLOCATOR_ENV):
+    return
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and platforms != "cpu":
+    return
+  if not platforms and (_tpu_chips_attached() or os.path.exists("/dev/nvidiactl")):
+    return
+  argv = list(getattr(sys, "orig_argv", []))
+  if len(argv) < 2:  # An interactive interpreter: nothing to restart.
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable] + argv[1:], {**os.environ, **CPU_ALLOCATOR_ENV})
 
 
 # ---------------------------------------------------------------------------------------------

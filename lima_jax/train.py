@@ -625,4 +625,5 @@ if __name__ == "__main__":
       lock_config=False)  # Locking fails on the FrozenConfigDict of model.rope_scaling.
   _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://); default ./workdir/<preset>.")
   hardware.default_to_cpu_without_tpu()
+  hardware.restart_with_cpu_allocator()
   app.run(main)
