@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -108,12 +109,14 @@ def main():
   jax.block_until_ready(m)
 
   times, cpu_times, losses = [], [], []
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(args.steps):
     wall, cpu = time.perf_counter(), time.process_time()
     state, m = step_fn(state, batch)
     losses.append(float(m["loss"]))  # Fetching the loss waits for the step.
     times.append(time.perf_counter() - wall)
     cpu_times.append(time.process_time() - cpu)
+  page_faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
   peak_after, per_cpu_after = matmul_flops()
   load = os.getloadavg()[0]
 
@@ -139,6 +142,8 @@ def main():
       "matmul_flops_per_cpu_second": max(per_cpu_before, per_cpu_after),
       "fraction_of_matmul_per_cpu_second": flops / min(cpu_times) / max(per_cpu_before, per_cpu_after),
       "load_average_1min": load,
+      "page_faults_per_step": page_faults_per_step,
+      "malloc_env": {k: os.environ.get(k) for k in hardware.CPU_ALLOCATOR_ENV},
       "losses": losses,
       "vs_maxtext": {"maxtext_tokens_per_s": MAXTEXT_TOKENS_PER_S,
                      "speedup": tokens / step_s / MAXTEXT_TOKENS_PER_S,
