@@ -32,9 +32,13 @@ def _path(path) -> epath.Path:
 
 
 def is_checkpoint(path) -> bool:
-  """True for a finished lima_jax checkpoint directory (both params and model_config present)."""
+  """True for a finished lima_jax checkpoint directory: params and model_config present, and
+  Orbax's own mark of a finished save (locally the final name; on GCS, where nothing is renamed,
+  its commit_success.txt), so a save cut short is never read as a checkpoint."""
   path = _path(path)
-  return (path / PARAMS).is_dir() and (path / MODEL_CONFIG).is_dir()
+  if not ((path / PARAMS).is_dir() and (path / MODEL_CONFIG).is_dir()):
+    return False
+  return bool(ocp.step.is_path_finalized(path))
 
 
 def _step_dirs(directory: epath.Path) -> list[tuple[int, epath.Path]]:

@@ -419,6 +419,20 @@ CRASH_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_an_unfinished_save_is_not_a_checkpoint_even_with_all_its_items(tmp_path):
+  """Orbax's finish mark decides (a temporary name here; commit_success.txt on GCS), not the
+  presence of params/ and model_config/."""
+  config = model_lib.ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32)
+  done = tmp_path / "done"
+  ckpt_lib.save_model(done, model_lib.init_params(config, jax.random.key(0)), config)
+  assert ckpt_lib.resolve(done) == done
+  unfinished = tmp_path / "7.orbax-checkpoint-tmp-1700000000"
+  done.rename(unfinished)
+  assert not ckpt_lib.is_checkpoint(unfinished)
+  with pytest.raises(FileNotFoundError):
+    ckpt_lib.resolve(unfinished)
+
+
 def test_a_crash_mid_save_leaves_nothing_that_looks_complete(tmp_path):
   proc = run_python([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)])
   assert proc.returncode == 1, proc.stderr[-3000:]
