@@ -507,24 +507,29 @@ def local_rows_per_batch(global_batch_size: int, shard: grain.sharding.ShardOpti
   return global_batch_size // shard.shard_count
 
 
+# Names how `batched_rows` orders rows, so a loader state saved under another order is refused.
+ROW_ORDER = "global-shuffle-strided"
+
+
 def batched_rows(rows: Sequence[Row], row_to_arrays: RowToArrays, *, local_rows: int,
                  shard: grain.sharding.ShardOptions, seed: int | None,
                  num_epochs: int | None) -> tuple[grain.MapDataset, int]:
   """This process's batches over epochs, as a Grain MapDataset; returns it and steps per epoch.
 
-  Shares are strided (`rows[i::n]`, Grain's idiom for MapDataset sharding): disjoint, together
-  complete, and balanced in length even when rows are sorted by size. Every share is filled up
-  with empty rows to `steps_per_epoch * local_rows`, the same on all processes, so that an epoch
-  is a whole number of steps and every row is seen exactly once per epoch. With a seed, Grain
-  shuffles each epoch differently (seed + epoch); without, the order is the file order.
+  Every process shuffles all rows the same way (seed + epoch; without a seed, file order), after
+  the rows are filled up with empty ones to `steps_per_epoch` global batches, and then takes the
+  strided share `[i::n]` of that order (Grain's idiom for MapDataset sharding). Local batch k of
+  every process then together hold global positions [k * global, (k + 1) * global): which rows
+  share a step does not depend on the number of processes, an epoch is a whole number of steps,
+  and every row is seen exactly once per epoch.
   """
-  largest_share = math.ceil(len(rows) / shard.shard_count)
-  steps_per_epoch = max(1, math.ceil(largest_share / local_rows))
-  share = list(rows[shard.shard_index::shard.shard_count])
-  share += [()] * (steps_per_epoch * local_rows - len(share))
-  dataset = grain.MapDataset.source(share)
+  global_rows = local_rows * shard.shard_count
+  steps_per_epoch = max(1, math.ceil(len(rows) / global_rows))
+  padded = list(rows) + [()] * (steps_per_epoch * global_rows - len(rows))
+  dataset = grain.MapDataset.source(padded)
   if seed is not None:
     dataset = dataset.shuffle(seed=seed)
+  dataset = dataset[shard.shard_index::shard.shard_count]
   # Batching before repeating keeps each batch inside one epoch; Grain passes the epoch through
   # to the shuffle, which reseeds for each.
   dataset = dataset.map(row_to_arrays).batch(local_rows, batch_fn=stack_rows)
@@ -653,7 +658,7 @@ def make_train_loader(data_config, tokenizer, *, global_batch_size: int, seed: i
   worker_count = int(data_config.get("worker_count", 0) or 0)
   fingerprint = {"data": _digest(examples, rows), "seed": seed, "global_rows": global_batch_size,
                  "process_index": shard.shard_index, "process_count": shard.shard_count,
-                 "worker_count": worker_count}
+                 "worker_count": worker_count, "order": ROW_ORDER}
   _log.info("train data: %s; %d rows, %d steps per epoch", stats.summary(), len(rows),
             steps_per_epoch)
   return TrainData(dataset, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs,

@@ -309,6 +309,26 @@ def test_host_shares_are_disjoint_and_complete(tok, packing):
     assert len(flat) == len(set(flat)) and set(flat) == set(all_keys)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_which_rows_share_a_step_does_not_depend_on_the_process_count(tok, packing):
+  """A run may move to another number of hosts: global batch k holds the same rows for 1, 2 or
+  4 processes, in every epoch."""
+  config = _lima_config(packing=packing)
+
+  def global_batches(count):
+    per_process = []
+    for index in range(count):
+      train = data.make_train_loader(config, tok, global_batch_size=8, seed=11, num_epochs=2,
+                                     process_index=index, process_count=count)
+      per_process.append(_epoch_keys(train, 2 * train.steps_per_epoch))
+    return [sorted(k for keys in step for k in keys) for step in zip(*per_process)]
+
+  one = global_batches(1)
+  assert len(one) > 2 and one[0] != one[len(one) // 2]  # Several steps, reshuffled per epoch.
+  assert global_batches(2) == one
+  assert global_batches(4) == one
+
+
 def test_batch_size_must_split_over_processes(tok):
   with pytest.raises(ValueError, match=r"global batch size \(6\) must be a positive multiple of "
                                        r"the process count \(4\)"):

@@ -3,10 +3,9 @@
 Each process has 2 simulated CPU devices and reads only its share of every batch; the reference
 is one process with 4 devices, same mesh shape. Both runs go through `python -m lima_jax.train`.
 
-Which rows share a global batch depends on the process count (the data loader shuffles each
-process's share), so the comparison uses a global batch that holds the whole sample (50
-conversations in 52 rows) and no dropout: then every step sees the same rows in any layout and
-the result may differ only by float summation order. Dev loss and generations run on both too.
+Global batch k holds the same rows for any process count (tests/test_data.py); here the batch
+holds the whole sample (50 conversations in 52 rows) and dropout is off, so that the two runs
+may differ only by float summation order. Dev loss and generations run on both too.
 """
 
 import json
