@@ -42,13 +42,8 @@ def hf_model(cfg: model_lib.ModelConfig, seed: int):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  hf_config = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.kv_heads, tie_word_embeddings=cfg.tie_embeddings,
-      rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=2048,
-      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-      bos_token_id=1, eos_token_id=None, pad_token_id=0)
+  hf_config = transformers.LlamaConfig(**convert.model_config_to_hf_config(
+      cfg.replace(max_seq_len=2048), dtype="float32", special_tokens={"bos_token_id": 1, "pad_token_id": 0}))
   model = transformers.LlamaForCausalLM(hf_config).eval()
   model.generation_config.eos_token_id = None
   model.generation_config.pad_token_id = 0
