@@ -1,0 +1,39 @@
+"""tools/make_tpu_table.py renders its tables and the README block from cached compile reports
+(no compile here: --cached-only reads docs/tpu_table.json's format)."""
+
+import importlib.util
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("make_tpu_table", ROOT / "tools" / "make_tpu_table.py")
+make_tpu_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_tpu_table)
+GiB = make_tpu_table.GiB
+
+
+def _report(peak_gib, fits, usable_gib=95.74):
+  return {"fits": fits, "memory": {"peak_bytes": int(peak_gib * GiB)}, "usable_hbm_bytes": int(usable_gib * GiB),
+          "step_seconds": 9.1, "tokens_per_second": 7200.0, "mesh": {"data": 1, "fsdp": 16},
+          "micro_batches": 1, "versions": make_tpu_table.versions(), "mfu_assumed": 0.4}
+
+
+def test_readme_block_names_the_smallest_fitting_slice_and_why_smaller_ones_do_not(tmp_path):
+  results_path = tmp_path / "table.json"
+  # 65b: v5p-8 and v5p-16 are ruled out by the state alone; v5p-32 compiled and fits.
+  results_path.write_text(json.dumps({"65b@v5p-32": _report(68.4, True)}))
+  results = make_tpu_table.Results(str(results_path), force=False, mfu=0.4, timeout=1, cached_only=True)
+  block = make_tpu_table.readme_block(results, ["65b", "7b"], ["v5p"])
+  assert "| 65b | v5p-32 (68.4 GiB a chip, 9.1 s a step at 40% MFU) |" in block
+  assert "| 7b | search incomplete: v5p-8: not compiled yet |" in block
+  table = make_tpu_table.render(results, ["65b", "7b"], ["v5p-32"], ["v5p"])
+  assert "68.4 / 95.7 GiB ✓" in table and "v5p-16: state alone 121.6 GiB a chip" in table
+
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{make_tpu_table.README_BEGIN}\nold\n{make_tpu_table.README_END}\nrest\n")
+  assert make_tpu_table.splice_readme(str(readme), block)
+  text = readme.read_text()
+  assert text.startswith("intro\n") and text.endswith("\nrest\n") and "old" not in text and block in text
+  readme.write_text("no markers\n")
+  assert not make_tpu_table.splice_readme(str(readme), block)
+  assert readme.read_text() == "no markers\n"
