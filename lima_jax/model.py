@@ -331,6 +331,12 @@ class Attention(nnx.Module):
     if cache is None:
       out = _attention_kernel(self.config)(q, k, v, positions, positions, segment_ids, segment_ids)
       new_cache = None
+    elif layer is None:  # This layer's own cache (see unstack_cache).
+      rows = jnp.arange(k.shape[0])[:, None]
+      new_cache = {"k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
+                   "v": cache["v"].at[rows, :, :, positions].set(v.astype(cache["v"].dtype))}
+      mask = cache_positions[:, None, :] <= positions[:, :, None]
+      out = _attention_over_layer_cache(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt), mask)
     else:
       new_cache = {"k": _write_cache(cache["k"], k, positions, layer),
                    "v": _write_cache(cache["v"], v, positions, layer)}
@@ -351,6 +357,17 @@ def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array, layer) 
   """
   rows = jnp.arange(new.shape[0])[:, None]
   return cache.at[layer, rows, positions].set(new.astype(cache.dtype))
+
+
+def _attention_over_layer_cache(q, k, v, mask):
+  """q [B, S, H, D] over one layer's cache, keys [B, KV, T, D] and values [B, KV, D, T]: the
+  operand layouts of the two batched matmuls, so that no decode step transposes the cache."""
+  b, s, h, d = q.shape
+  kv = k.shape[1]
+  scores = jnp.einsum("bskgd,bktd->bkgst", _grouped(q, kv), k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores * (d ** -0.5), _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgst,bkdt->bskgd", probs, v).reshape(b, s, h, d)
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -470,19 +487,25 @@ class Transformer(nnx.Module):
     x, _ = self._decoder(tokens, positions, segment_ids, dropout_key, None, None)
     return self._logits(x, padded_vocab)
 
-  def decode(self, tokens, positions, cache, *, padded_vocab: bool = False):
+  def decode(self, tokens, positions, cache, *, padded_vocab: bool = False, layers=None):
     """One KV-cache step (prefill or a decode token); returns (logits, new cache).
 
     Each row writes its keys and values at its own `positions` and
     attends to cache slots at or before them, so right-padded prompts of different lengths can
     share a batch: slots beyond a row's length are masked until that row overwrites them.
+    With `layers` (from `unstack_layers`), the decoder weights are those per-layer copies and
+    `cache` is a tuple of per-layer caches (from `unstack_cache`), returned in the same form.
     """
-    b, t = cache["k"].shape[1], cache["k"].shape[2]
+    if layers is None:
+      b, t = cache["k"].shape[1], cache["k"].shape[2]
+    else:
+      b, t = cache[0]["k"].shape[0], cache[0]["k"].shape[2]
     cache_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, new_cache = self._decoder(tokens, positions, None, None, cache, cache_positions)
+    x, new_cache = self._decoder(tokens, positions, None, None, cache, cache_positions, layers)
     return self._logits(x, padded_vocab), new_cache
 
-  def _decoder(self, tokens, positions, segment_ids, dropout_key, cache, cache_positions):
+  def _decoder(self, tokens, positions, segment_ids, dropout_key, cache, cache_positions,
+               layers=None):
     c = self.config
     dt = jnp.dtype(c.dtype)
     x = jnp.take(self.embed["embedding"][...], tokens, axis=0).astype(dt)
@@ -505,6 +528,14 @@ class Transformer(nnx.Module):
         state = jax.tree.map(lambda w: w + zero.astype(w.dtype), state)
       layer = nnx.merge(layer_def, state)
       return layer(x, positions, segment_ids, rate, key, cache, cache_positions, index), None
+
+    if layers is not None:
+      new_caches = []
+      for i, state in enumerate(layers):
+        x, layer_cache = nnx.merge(layer_def, state)(x, positions, segment_ids, rates[i], None,
+                                                     cache[i], cache_positions, None)
+        new_caches.append(layer_cache)
+      return self.final_norm(x), tuple(new_caches)
 
     policy = REMAT_POLICIES[c.remat_policy]
     if c.remat_policy != "none":
@@ -567,6 +598,25 @@ def abstract_params(config: ModelConfig) -> dict:
 def bind(config: ModelConfig, params: Mapping) -> Transformer:
   """A Transformer that computes with `params` (a plain dict); cheap, and fine inside jit."""
   return nnx.merge(graphdef(config), params)
+
+
+def unstack_layers(params: Mapping) -> tuple[dict, ...]:
+  """The decoder weights as one dict per layer (a copy), for `Transformer.decode(layers=...)`.
+
+  XLA:CPU copies a layer's weights (and its KV cache) out of the stacked arrays before using
+  them; in a decode loop that added a copy of the model per token. Slicing once before the loop
+  avoids it; the per-layer caches are then updated in place.
+  """
+  stacked = params["layers"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+
+
+def unstack_cache(cache: Mapping[str, jax.Array]) -> tuple[dict, ...]:
+  """A stacked KV cache as one dict per layer (see `unstack_layers`): keys [B, KV, T, D] and
+  values [B, KV, D, T], as the attention matmuls read them."""
+  return tuple({"k": jnp.transpose(cache["k"][i], (0, 2, 1, 3)),
+                "v": jnp.transpose(cache["v"][i], (0, 2, 3, 1))} for i in range(cache["k"].shape[0]))
 
 
 def param_logical_axes(params: Mapping) -> dict:

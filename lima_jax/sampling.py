@@ -278,27 +278,38 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
     return sharding.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext()
 
   def constrain_cache(cache):
+    if isinstance(cache, tuple):  # Per-layer caches (model.unstack_cache).
+      axes = {"k": ("batch", "kv_heads", "cache_length", "head_dim"),
+              "v": ("batch", "kv_heads", "head_dim", "cache_length")}
+      return tuple({k: sharding.constrain(v, axes[k]) for k, v in c.items()} for c in cache)
     return {k: sharding.constrain(v, model_lib.CACHE_LOGICAL_AXES) for k, v in cache.items()}
 
   def new_cache():
     return constrain_cache(model_lib.init_cache(cfg, batch_size, cache_len))
 
-  def prefill_impl(params, tokens, cache):
+  def prefill_impl(params, tokens, cache, layers=None):
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    _, cache = model_lib.bind(cfg, params).decode(tokens, positions, cache, padded_vocab=True)
+    _, cache = model_lib.bind(cfg, params).decode(tokens, positions, cache, padded_vocab=True,
+                                                  layers=layers)
     return constrain_cache(cache)
 
-  def step_impl(params, tokens, positions, cache):
+  def step_impl(params, tokens, positions, cache, layers=None):
     logits, cache = model_lib.bind(cfg, params).decode(
-        tokens[:, None], positions[:, None], cache, padded_vocab=True)
+        tokens[:, None], positions[:, None], cache, padded_vocab=True, layers=layers)
     return logits[:, 0], constrain_cache(cache)
 
   def generate_impl(params, prompts, prompt_lens, budgets, row_seeds, seed):
     b, p = prompts.shape
+    # On CPU, per-layer weights and caches sliced once serve every token (see
+    # model.unstack_layers); TPUs read the stacked arrays in place, and need no second copy.
+    layers = None
     cache = new_cache()
+    if sharding.target_platform() == "cpu":
+      layers = model_lib.unstack_layers(params)
+      cache = constrain_cache(model_lib.unstack_cache(cache))
     if p > 1:
-      cache = prefill_impl(params, prompts[:, :-1], cache)
+      cache = prefill_impl(params, prompts[:, :-1], cache, layers)
     rows = jnp.arange(b)
     last = prompts[rows, jnp.maximum(prompt_lens - 1, 0)]
     if scfg.penalty_scope == "all":
@@ -321,7 +332,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
     def body(s):
       step = s["step"]
       positions = jnp.minimum(prompt_lens - 1 + step, cache_len - 1)
-      logits, cache = step_impl(params, s["token"], positions, s["cache"])
+      logits, cache = step_impl(params, s["token"], positions, s["cache"], layers)
       logits = process_logits(logits, s["seen"], scfg, vocab)
       keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
       token = choose_tokens(logits, keys, scfg.greedy)
