@@ -23,7 +23,8 @@ def test_readme_block_names_the_smallest_fitting_slice_and_why_smaller_ones_do_n
   # 65b: v5p-8 and v5p-16 are ruled out by the state alone; v5p-32 compiled and fits.
   results_path.write_text(json.dumps({"65b@v5p-32": _report(68.4, True)}))
   results = make_tpu_table.Results(str(results_path), force=False, mfu=0.4, timeout=1, cached_only=True)
-  block = make_tpu_table.readme_block(results, ["65b", "7b"], ["v5p"])
+  block = make_tpu_table.readme_block(results, ["65b", "7b"], ["v5p-32"], ["v5p"])
+  assert "| 65b | 68.4 / 95.7 GiB ✓ 9.1 s (7.2k tok/s) |" in block
   assert "| 65b | v5p-32 (68.4 GiB a chip, 9.1 s a step at 40% MFU) |" in block
   assert "| 7b | search incomplete: v5p-8: not compiled yet |" in block
   table = make_tpu_table.render(results, ["65b", "7b"], ["v5p-32"], ["v5p"])
