@@ -1,4 +1,5 @@
-r"""Regenerates docs/tpu_table.md: does each preset train at LIMA's batch on each TPU slice?
+r"""Regenerates docs/tpu_table.md and README.md's TPU tables: does each preset train at LIMA's
+batch on each TPU slice, and on which slice at the smallest?
 
   python tools/make_tpu_table.py                 # compile what docs/tpu_table.json lacks
   python tools/make_tpu_table.py --force         # recompile everything
