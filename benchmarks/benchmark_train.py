@@ -80,7 +80,9 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--steps", type=int, default=5, help="timed steps after two untimed warm-up steps")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=3,
+                      help="untimed steps first (the first one compiles)")
   parser.add_argument("--batch_size", type=int, default=4)
   parser.add_argument("--seq_len", type=int, default=512)
   parser.add_argument("--remat", default="none", help="model.remat_policy")
@@ -103,10 +105,11 @@ def main():
   state, m = step_fn(state, batch)
   jax.block_until_ready(m)
   compile_and_first_s = time.perf_counter() - start
-  # One more untimed step: the second run still maps fresh memory for XLA's buffers (a few
-  # seconds of page faults); from the third on the process reuses it, as a long run does.
-  state, m = step_fn(state, batch)
-  jax.block_until_ready(m)
+  # More untimed steps: the first few runs may still map fresh memory for XLA's buffers (a few
+  # seconds of page faults each) until the heap settles; then it is reused, as in a long run.
+  for _ in range(args.warmup - 1):
+    state, m = step_fn(state, batch)
+    jax.block_until_ready(m)
 
   times, cpu_times, losses = [], [], []
   faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -137,6 +140,7 @@ def main():
       "matmul_2048_flops_per_s": {"before": peak_before, "after": peak_after, "used": matmul},
       "fraction_of_matmul": flops / step_s / matmul,
       "compile_and_first_step_s": compile_and_first_s,
+      "warmup_steps": args.warmup,
       # The machine is shared: CPU time is less sensitive to other processes than wall time.
       "cpu_seconds_per_step": min(cpu_times),
       "matmul_flops_per_cpu_second": max(per_cpu_before, per_cpu_after),
