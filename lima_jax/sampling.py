@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lima_jax import model as model_lib
@@ -260,6 +261,19 @@ def param_shardings(model_config: model_lib.ModelConfig, mesh: Mesh):
   return sharding.tree_shardings(model_lib.param_logical_axes(shapes), shapes, mesh)
 
 
+def _per_layer_copies(params) -> bool:
+  """Whether `generate` slices per-layer weights and caches once (model.unstack_layers).
+
+  On CPU that spares a copy of every layer's weights per token, at the price of a second copy of
+  the decoder weights while `generate` runs: done when that copy fits in the host's free memory
+  with as much to spare. TPUs read the stacked arrays in place and never need it.
+  """
+  if sharding.target_platform() != "cpu":
+    return False
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["layers"]))
+  return 2 * weight_bytes < psutil.virtual_memory().available
+
+
 def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: SamplingConfig,
                     mesh: Mesh | None, batch_size: int, cache_len: int,
                     stop_ids: Sequence[int] = (), pad_id: int = 0) -> DecodeFns:
@@ -301,11 +315,9 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
 
   def generate_impl(params, prompts, prompt_lens, budgets, row_seeds, seed):
     b, p = prompts.shape
-    # On CPU, per-layer weights and caches sliced once serve every token (see
-    # model.unstack_layers); TPUs read the stacked arrays in place, and need no second copy.
     layers = None
     cache = new_cache()
-    if sharding.target_platform() == "cpu":
+    if _per_layer_copies(params):
       layers = model_lib.unstack_layers(params)
       cache = constrain_cache(model_lib.unstack_cache(cache))
     if p > 1:

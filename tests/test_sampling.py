@@ -157,6 +157,23 @@ def test_greedy_with_penalty_on_prompt_equals_transformers(hf_and_params):
   assert [r.tokens for r in ours] != [r.tokens for r in generated_only]
 
 
+def test_stacked_and_per_layer_cpu_decoding_agree(hf_and_params, monkeypatch):
+  """With too little free memory for per-layer copies, generate reads the stacked arrays: same
+  answers, greedy and sampled."""
+  _, params = hf_and_params
+  config = greedy_config(batch_size=2, max_new_tokens=12)
+  sampled = config.replace(greedy=False, repetition_penalty=1.2, seed=3)
+  per_layer = [sampling.generate(CFG, params, PROMPTS[:3], sampling_config=c, stop_ids=(), pad_id=0)
+               for c in (config, sampled)]
+  sampling._cached_decode_fns.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.setattr(sampling, "_per_layer_copies", lambda params: False)
+  stacked = [sampling.generate(CFG, params, PROMPTS[:3], sampling_config=c, stop_ids=(), pad_id=0)
+             for c in (config, sampled)]
+  sampling._cached_decode_fns.cache_clear()  # pylint: disable=protected-access
+  for a, b in zip(per_layer, stacked):
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
 def test_batched_equals_alone(hf_and_params):
   _, params = hf_and_params
   # 5 prompts: a full batch and one with an unused row. 16 new tokens put every batch in the same
