@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 if not os.environ.get("JAX_PLATFORMS"):
   os.environ["JAX_PLATFORMS"] = "cpu"
