@@ -509,6 +509,8 @@ def local_rows_per_batch(global_batch_size: int, shard: grain.sharding.ShardOpti
 
 # Names how `batched_rows` orders rows, so a loader state saved under another order is refused.
 ROW_ORDER = "global-shuffle-strided"
+# Fingerprint fields that say how rows are split, not which rows a step holds.
+_LAYOUT_KEYS = ("process_index", "process_count", "worker_count")
 
 
 def batched_rows(rows: Sequence[Row], row_to_arrays: RowToArrays, *, local_rows: int,
@@ -554,10 +556,10 @@ class TrainData:
   """Training batches over epochs: `for epoch, batch in train_data: ...`.
 
   Iteration continues from the current position (step); `get_state()` is a small JSON-able dict
-  that `set_state()` restores exactly, after which the same batches follow. It holds the step,
-  Grain's own iterator state, and a fingerprint of the data and settings; restoring a state from
-  different data, seed, batch size or process layout raises ValueError rather than silently
-  producing a different order.
+  that `set_state()` restores exactly, after which the same batches follow. It holds the step
+  and a fingerprint of the data and settings; restoring a state from different data, seed or
+  global batch size raises ValueError rather than silently producing a different order. The
+  process layout may differ: every process can restore process 0's state, on any process count.
 
   Attributes:
     steps_per_epoch: optimizer steps per epoch (identical on every process).
@@ -577,12 +579,21 @@ class TrainData:
     self.rows = rows
     self.stats = stats
     self._fingerprint = fingerprint
-    iter_dataset = dataset.to_iter_dataset(read_options=READ_OPTIONS)
-    if worker_count > 0:
-      _allow_grain_multiprocessing()
-      iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    self._iterator = iter(iter_dataset)
+    self._dataset = dataset
+    self._worker_count = worker_count
+    self._iterator = self._iterate_from(0)
     self._step = 0
+
+  def _iterate_from(self, step: int):
+    """An iterator from local batch `step` on: the MapDataset is indexed by step, so no reader
+    state needs saving, and any process layout can continue a run at the same global batch."""
+    dataset = self._dataset[step:] if step else self._dataset
+    iter_dataset = dataset.to_iter_dataset(read_options=READ_OPTIONS)
+    if self._worker_count > 0:
+      _allow_grain_multiprocessing()
+      iter_dataset = iter_dataset.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._worker_count))
+    return iter(iter_dataset)
 
   @property
   def step(self) -> int:
@@ -603,22 +614,23 @@ class TrainData:
     return epoch, batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"step": self._step, "grain": self._iterator.get_state(),
-            "fingerprint": dict(self._fingerprint)}
+    return {"step": self._step, "fingerprint": dict(self._fingerprint)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    if not {"step", "grain", "fingerprint"} <= set(state):
-      raise ValueError(f"not a TrainData state (keys {sorted(state)}); expected step, grain and "
+    """Continues at the saved step. Any process (a checkpoint holds process 0's state) and any
+    process count may restore it: global batch k is the same rows in every layout."""
+    if not {"step", "fingerprint"} <= set(state):
+      raise ValueError(f"not a TrainData state (keys {sorted(state)}); expected step and "
                        f"fingerprint as TrainData.get_state returns")
     saved = state["fingerprint"]
     differ = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self._fingerprint.items()
-              if saved.get(k) != v]
+              if k not in _LAYOUT_KEYS and saved.get(k) != v]
     if differ:
       raise ValueError("the data state was saved for other data or settings, so resuming would "
                        "not continue the same order (" + "; ".join(differ) + "); resume with the "
                        "original data and config, or start the data from scratch")
-    self._iterator.set_state(state["grain"])
     self._step = int(state["step"])
+    self._iterator = self._iterate_from(self._step)
 
 
 def _allow_grain_multiprocessing() -> None:

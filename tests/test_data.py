@@ -329,6 +329,26 @@ def test_which_rows_share_a_step_does_not_depend_on_the_process_count(tok, packi
   assert global_batches(4) == one
 
 
+def test_a_state_resumes_on_another_process_layout(tok):
+  """A checkpoint holds process 0's loader state; every process of any count restores it and
+  continues with the same global batches."""
+  config = _lima_config()
+  kwargs = dict(global_batch_size=8, seed=2, num_epochs=2)
+  one = data.make_train_loader(config, tok, process_index=0, process_count=1, **kwargs)
+  for _ in range(5):
+    next(one)
+  state = json.loads(json.dumps(one.get_state()))
+  expected = [sorted(_conversation_keys(next(one)[1])) for _ in range(4)]
+  for count in (1, 2, 4):
+    resumed = []
+    for index in range(count):
+      train = data.make_train_loader(config, tok, process_index=index, process_count=count, **kwargs)
+      train.set_state(state)
+      assert train.step == 5
+      resumed.append([_conversation_keys(next(train)[1]) for _ in range(4)])
+    assert [sorted(k for keys in step for k in keys) for step in zip(*resumed)] == expected
+
+
 def test_batch_size_must_split_over_processes(tok):
   with pytest.raises(ValueError, match=r"global batch size \(6\) must be a positive multiple of "
                                        r"the process count \(4\)"):

@@ -81,3 +81,20 @@ def test_two_processes_train_the_same_as_one(tmp_path):
   assert len((tmp_path / "two" / "dev_generations" / "epoch_2.jsonl").read_text().splitlines()) == 1
   meta = ckpt_lib.read_train_state(tmp_path / "two")
   assert meta["step"] == 2 and meta["mesh"]["fsdp"] == 4
+
+  # Preempted and restarted on the other layout: the one-process run continues on two processes
+  # (each restores process 0's data state) and the two-process run on one; both train step 3 on
+  # the same global batch.
+  port = _free_port()
+  procs = [_start(tmp_path / "one", 2, cache, "--config.train.epochs=3",
+                  "--config.train.dev_generations=0", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
+  single = _start(tmp_path / "two", 4, cache, "--config.train.epochs=3",
+                  "--config.train.dev_generations=0")
+  for p in procs + [single]:
+    _finish(p)
+  for workdir in ("one", "two"):
+    assert ckpt_lib.read_train_state(tmp_path / workdir)["step"] == 3
+  a, b = ckpt_lib.restore_params(tmp_path / "one"), ckpt_lib.restore_params(tmp_path / "two")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=5e-5)
