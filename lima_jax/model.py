@@ -192,10 +192,15 @@ def dot_product_attention(q, k, v, q_positions, k_positions, q_segments=None, k_
   q: [B, S, H, D]; k, v: [B, T, KV, D]. A key is visible when its position is at most the
   query's and (when segment ids are given) it belongs to the same packed conversation.
   """
+  return _masked_attention(q, k, v, _visible(q_positions, k_positions, q_segments, k_segments), 1)
+
+
+def _visible(q_positions, k_positions, q_segments=None, k_segments=None) -> jax.Array:
+  """[B, S, T]: key t is at or before query s in position, and in the same segment (if given)."""
   mask = k_positions[:, None, :] <= q_positions[:, :, None]
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
-  return _masked_attention(q, k, v, mask, 1)
+  return mask
 
 
 def causal_self_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None):
@@ -207,10 +212,8 @@ def causal_self_attention(q, k, v, q_positions, k_positions, q_segments=None, k_
   s = q.shape[1]
   if k.shape[1] != s:
     return dot_product_attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
-  mask = k_positions[:, None, :] <= q_positions[:, :, None]
+  mask = _visible(q_positions, k_positions, q_segments, k_segments)
   mask &= jnp.arange(s)[None, :] <= jnp.arange(s)[:, None]
-  if q_segments is not None:
-    mask &= q_segments[:, :, None] == k_segments[:, None, :]
   blocks = s // CAUSAL_BLOCK if s % CAUSAL_BLOCK == 0 else 1
   return _masked_attention(q, k, v, mask, max(blocks, 1))
 
@@ -221,9 +224,10 @@ def _grouped(x, kv_heads):
   return x.reshape(b, s, kv_heads, h // kv_heads, d)
 
 
-def _scores(q, k, mask):
-  """Grouped queries [B, S, KV, G, D], keys [B, T, KV, D] -> masked scaled scores [B, KV, G, S, T]."""
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+def _scores(q, k, mask, key_layout: str = "btkd"):
+  """Grouped queries [B, S, KV, G, D] and keys (`key_layout`: [B, T, KV, D], or "bktd" for a
+  layer's own cache) -> masked scaled scores [B, KV, G, S, T] (float32)."""
+  scores = jnp.einsum(f"bskgd,{key_layout}->bkgst", q, k, preferred_element_type=jnp.float32)
   scores = scores * (q.shape[-1] ** -0.5)
   return jnp.where(mask[:, None, None], scores, _MASK_VALUE)
 
@@ -335,8 +339,8 @@ class Attention(nnx.Module):
       rows = jnp.arange(k.shape[0])[:, None]
       new_cache = {"k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
                    "v": cache["v"].at[rows, :, :, positions].set(v.astype(cache["v"].dtype))}
-      mask = cache_positions[:, None, :] <= positions[:, :, None]
-      out = _attention_over_layer_cache(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt), mask)
+      out = _attention_over_layer_cache(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
+                                        _visible(positions, cache_positions))
     else:
       new_cache = {"k": _write_cache(cache["k"], k, positions, layer),
                    "v": _write_cache(cache["v"], v, positions, layer)}
@@ -364,9 +368,7 @@ def _attention_over_layer_cache(q, k, v, mask):
   operand layouts of the two batched matmuls, so that no decode step transposes the cache."""
   b, s, h, d = q.shape
   kv = k.shape[1]
-  scores = jnp.einsum("bskgd,bktd->bkgst", _grouped(q, kv), k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask[:, None, None], scores * (d ** -0.5), _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(_scores(_grouped(q, kv), k, mask, "bktd"), axis=-1).astype(v.dtype)
   return jnp.einsum("bkgst,bkdt->bskgd", probs, v).reshape(b, s, h, d)
 
 
@@ -610,6 +612,11 @@ def unstack_layers(params: Mapping) -> tuple[dict, ...]:
   stacked = params["layers"]
   n = jax.tree.leaves(stacked)[0].shape[0]
   return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+
+
+# One layer's own cache (unstack_cache), laid out as the attention matmuls read it.
+LAYER_CACHE_LOGICAL_AXES = {"k": ("batch", "kv_heads", "cache_length", "head_dim"),
+                            "v": ("batch", "kv_heads", "head_dim", "cache_length")}
 
 
 def unstack_cache(cache: Mapping[str, jax.Array]) -> tuple[dict, ...]:

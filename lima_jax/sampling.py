@@ -293,8 +293,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
 
   def constrain_cache(cache):
     if isinstance(cache, tuple):  # Per-layer caches (model.unstack_cache).
-      axes = {"k": ("batch", "kv_heads", "cache_length", "head_dim"),
-              "v": ("batch", "kv_heads", "head_dim", "cache_length")}
+      axes = model_lib.LAYER_CACHE_LOGICAL_AXES
       return tuple({k: sharding.constrain(v, axes[k]) for k, v in c.items()} for c in cache)
     return {k: sharding.constrain(v, model_lib.CACHE_LOGICAL_AXES) for k, v in cache.items()}
 
