@@ -208,6 +208,11 @@ def _tpu_chips_attached() -> bool:
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def _accelerator_attached() -> bool:
+  """A TPU or an NVIDIA GPU on this host."""
+  return _tpu_chips_attached() or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
 def default_to_cpu_without_tpu() -> bool:
   """Keeps an installed libtpu from cluttering CPU runs; returns True when it chose the CPU.
 
@@ -221,7 +226,7 @@ def default_to_cpu_without_tpu() -> bool:
     return False
   if importlib.util.find_spec("libtpu") is None:
     return False
-  if _tpu_chips_attached() or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0"):
+  if _accelerator_attached():
     return False
   os.environ["JAX_PLATFORMS"] = "cpu"
   jax = sys.modules.get("jax")
@@ -259,7 +264,7 @@ def restart_with_cpu_allocator() -> None:
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms and platforms != "cpu":
     return
-  if not platforms and (_tpu_chips_attached() or os.path.exists("/dev/nvidiactl")):
+  if not platforms and _accelerator_attached():
     return
   argv = list(getattr(sys, "orig_argv", []))
   if len(argv) < 2:  # An interactive interpreter: nothing to restart.

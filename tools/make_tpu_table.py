@@ -174,6 +174,11 @@ def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict 
   return "", None, notes
 
 
+def _search_incomplete(notes: list[str]) -> bool:
+  """Whether `smallest` stopped at a slice not compiled (or failed) rather than ruling all out."""
+  return bool(notes) and not notes[-1].split(": ", 1)[1].startswith(("state", "needs"))
+
+
 def _fit_table(results: Results, presets, slices) -> list[str]:
   """Preset x slice: per-chip peak / usable HBM, fits, implied step time and tokens/s."""
   lines = ["| preset | " + " | ".join(slices) + " |", "|---|" + "---|" * len(slices)]
@@ -219,7 +224,7 @@ def render(results: Results, presets, slices, generations) -> str:
       cells = []
       for generation in generations:
         name, entry, notes = smallest(results, preset, generation)
-        incomplete = bool(notes) and not notes[-1].split(": ", 1)[1].startswith(("state", "needs"))
+        incomplete = _search_incomplete(notes)
         text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
                 if entry else "search incomplete" if incomplete
                 else "none up to " + SEARCH[generation][-1])
@@ -251,10 +256,10 @@ def readme_block(results: Results, presets, slices, generations) -> str:
       if entry:
         cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip, {entry['step_seconds']:.1f} s a step "
                      f"at {results.mfu:.0%} MFU)")
-      elif notes and notes[-1].split(": ", 1)[1].startswith(("state", "needs")):
-        cells.append("none up to " + SEARCH[generation][-1])
+      elif _search_incomplete(notes):
+        cells.append("search incomplete: " + notes[-1])
       else:
-        cells.append("search incomplete: " + notes[-1] if notes else "not compiled yet")
+        cells.append("none up to " + SEARCH[generation][-1])
     lines.append(f"| {preset} | " + " | ".join(cells) + " |")
   lines.append(README_END)
   return "\n".join(lines)
