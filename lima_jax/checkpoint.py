@@ -61,6 +61,10 @@ def resolve(path) -> epath.Path:
     steps = _step_dirs(directory)
     if steps:
       return steps[-1][1]
+  if (path / PARAMS).is_dir() and (path / MODEL_CONFIG).is_dir():
+    raise FileNotFoundError(
+        f"{path}: an unfinished save (Orbax never marked it complete; a crash or preemption cut "
+        f"it short); use a finished checkpoint, e.g. an earlier step")
   raise FileNotFoundError(
       f"{path}: not a lima_jax checkpoint (expected {PARAMS}/ and {MODEL_CONFIG}/ inside it, or a "
       f"training workdir with {CHECKPOINTS_SUBDIR}/<step>/)")

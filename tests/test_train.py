@@ -429,7 +429,7 @@ def test_an_unfinished_save_is_not_a_checkpoint_even_with_all_its_items(tmp_path
   unfinished = tmp_path / "7.orbax-checkpoint-tmp-1700000000"
   done.rename(unfinished)
   assert not ckpt_lib.is_checkpoint(unfinished)
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(FileNotFoundError, match="an unfinished save"):
     ckpt_lib.resolve(unfinished)
 
 
