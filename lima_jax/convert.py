@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lima_jax import checkpoint
+from lima_jax import errors
 from lima_jax import model as model_lib
 from lima_jax import safetensors_io
 from lima_jax.model import ModelConfig
@@ -66,7 +67,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.InputError):
   """Input the converter cannot use; the message names the file, field or tensor to fix."""
 
 

@@ -46,6 +46,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from lima_jax import errors
 from lima_jax import tokenizer as tokenizer_lib
 
 _log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Conversation:
     return self.turns[:-1] if len(self.turns) % 2 == 0 else self.turns
 
 
-class DataError(ValueError):
+class DataError(errors.InputError):
   """Bad input data; the message starts with `path:line:` (or `path:` for whole-file problems)."""
 
   def __init__(self, path: str, line: int, message: str):
@@ -326,7 +327,10 @@ def split_location(data_config, split: str) -> str:
 def tokenizer_from_config(data_config) -> tokenizer_lib.Tokenizer:
   """The tokenizer `data.tokenizer_path` names (the bundled one when empty), with its EOT."""
   path = data_config.tokenizer_path or bundled_paths()["tokenizer"]
-  return tokenizer_lib.load_tokenizer(path, eot=data_config.eot_token)
+  try:
+    return tokenizer_lib.load_tokenizer(path, eot=data_config.eot_token)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"data.tokenizer_path: {e}") from None
 
 
 # -- Token layout ------------------------------------------------------------------------------------
