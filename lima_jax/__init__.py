@@ -4,12 +4,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-# An installed libtpu must not clutter CPU runs (see lima_jax/hardware.py); stdlib-only, cheap.
-from lima_jax import hardware as _hardware  # pylint: disable=g-import-not-at-top
-
-_hardware.default_to_cpu_without_tpu()
-
-# Public entry points, imported lazily so that `import lima_jax` stays cheap.
+# Public entry points, imported lazily so that `import lima_jax` stays cheap. Importing changes
+# nothing in the process: choosing the CPU over an absent TPU is the entry points' job
+# (`lima_jax.cli.common.setup_process`).
 _LAZY = {
     "load_pretrained": "lima_jax.convert",
     "load_tokenizer": "lima_jax.tokenizer",
@@ -18,8 +15,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("checkpoint", "convert", "data", "inference", "model", "sampling", "sharding",
-               "tokenizer", "train")
+_SUBMODULES = ("checkpoint", "convert", "data", "errors", "inference", "model", "sampling",
+               "sharding", "tokenizer", "train")
 
 
 def __getattr__(name):

@@ -213,15 +213,23 @@ def _accelerator_attached() -> bool:
   return _tpu_chips_attached() or os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
-def default_to_cpu_without_tpu() -> bool:
+def _say(message: str) -> None:
+  """A process set-up line on stderr: the entry points do these things visibly."""
+  print(f"lima_jax: {message}", file=sys.stderr, flush=True)
+
+
+def default_to_cpu_without_tpu(log: bool = False) -> bool:
   """Keeps an installed libtpu from cluttering CPU runs; returns True when it chose the CPU.
 
   With libtpu installed, JAX tries to start the TPU runtime in every process, and on a host
   with no TPU chips libtpu prints initialisation errors before JAX falls back to the CPU. When
   the user has not chosen platforms (JAX_PLATFORMS unset), libtpu is importable, no TPU and
-  no NVIDIA GPU is attached, this selects the CPU before any backend starts. Compiling *for*
-  TPU topologies (tools/aot_compile.py) is unaffected: it loads libtpu's compiler directly.
+  no NVIDIA GPU is attached, this selects the CPU before any backend starts. Only entry points
+  call it (`import lima_jax` changes nothing); `LIMA_JAX_AUTO_CPU=0` turns it off. Compiling
+  *for* TPU topologies (tools/aot_compile.py) is unaffected: it loads libtpu's compiler directly.
   """
+  if os.environ.get("LIMA_JAX_AUTO_CPU", "1") == "0":
+    return False
   if os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_FORCE_TPU_INIT"):
     return False
   if importlib.util.find_spec("libtpu") is None:
@@ -234,6 +242,9 @@ def default_to_cpu_without_tpu() -> bool:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     if not xla_bridge.backends_are_initialized():
       jax.config.update("jax_platforms", "cpu")
+  if log:
+    _say("libtpu is installed but no TPU is attached: running on the CPU (JAX_PLATFORMS=cpu; "
+         "LIMA_JAX_AUTO_CPU=0 turns this off)")
   return True
 
 
@@ -245,7 +256,7 @@ CPU_ALLOCATOR_ENV = {
 }
 
 
-def restart_with_cpu_allocator() -> None:
+def restart_with_cpu_allocator(log: bool = False) -> None:
   """Re-executes this command once with `CPU_ALLOCATOR_ENV`, when it will compute on the CPU.
 
   XLA:CPU allocates a step's temporaries afresh on every run (1.7 GB for the train benchmark's
@@ -269,6 +280,9 @@ def restart_with_cpu_allocator() -> None:
   argv = list(getattr(sys, "orig_argv", []))
   if len(argv) < 2:  # An interactive interpreter: nothing to restart.
     return
+  if log:
+    _say("restarting once with " + " ".join(f"{k}={v}" for k, v in CPU_ALLOCATOR_ENV.items()) +
+         " for faster CPU steps (LIMA_JAX_CPU_ALLOCATOR=0 turns this off)")
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + argv[1:], {**os.environ, **CPU_ALLOCATOR_ENV})
