@@ -299,8 +299,8 @@ def _read_tokenizer_files(path: pathlib.Path) -> tuple[str, dict[str, bytes]]:
     elif (path / HF_FILE).is_file():
       path = path / HF_FILE
     else:
-      raise FileNotFoundError(f"{path}: no {SP_FILE} or {HF_FILE} in this directory; point "
-                              f"data.tokenizer_path at a tokenizer file or a model directory")
+      raise FileNotFoundError(f"{path}: no {SP_FILE} or {HF_FILE} in this directory, and not a "
+                              f"lima_jax checkpoint or workdir that carries a tokenizer")
   elif not path.is_file():
     raise FileNotFoundError(f"{path}: tokenizer not found (expected a SentencePiece .model file, "
                             f"a Hugging Face {HF_FILE}, or a directory holding either)")
@@ -313,13 +313,28 @@ def _read_tokenizer_files(path: pathlib.Path) -> tuple[str, dict[str, bytes]]:
   return SENTENCEPIECE, {SP_FILE: path.read_bytes()}
 
 
-def load_tokenizer(path: str | os.PathLike[str], eot: str = DEFAULT_EOT) -> Tokenizer:
-  """Loads a SentencePiece `.model`, a `tokenizer.json`, or a directory holding either.
+def _checkpoint_blob(path: pathlib.Path) -> dict | None:
+  """The tokenizer a lima_jax checkpoint (or a workdir's newest one) carries, else None."""
+  from lima_jax import checkpoint  # pylint: disable=g-import-not-at-top  # Orbax: only when needed.
+  try:
+    return checkpoint.read_tokenizer_blob(path)
+  except FileNotFoundError:
+    return None
 
-  A directory with both uses `tokenizer.model`. Next to a `tokenizer.json`, a
-  `tokenizer_config.json` / `special_tokens_map.json` (if present) names BOS, EOS and pad.
+
+def load_tokenizer(path: str | os.PathLike[str], eot: str = DEFAULT_EOT) -> Tokenizer:
+  """Loads a SentencePiece `.model`, a `tokenizer.json`, a directory holding either, or the
+  tokenizer stored in a lima_jax checkpoint or training workdir (as `load_pretrained` reads).
+
+  A directory with both files uses `tokenizer.model`. Next to a `tokenizer.json`, a
+  `tokenizer_config.json` / `special_tokens_map.json` (if present) names BOS, EOS and pad. A
+  checkpoint's tokenizer keeps the EOT it was trained with; `eot` applies to the files only.
   """
   path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  if path.is_dir() and not (path / SP_FILE).is_file() and not (path / HF_FILE).is_file():
+    blob = _checkpoint_blob(path)
+    if blob is not None:
+      return load_tokenizer_from_blob(blob)
   kind, files = _read_tokenizer_files(path)
   try:
     return Tokenizer(kind, files, eot=eot)
