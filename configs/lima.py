@@ -52,10 +52,10 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-  preset = preset or "tiny"
+  preset = (preset or "tiny").strip().lower()  # `:7B` is `:7b`.
   if preset not in ("tiny", *_LLAMA_SHAPES):
     raise ValueError(f"configs/lima.py: unknown preset {preset!r}; expected one of tiny, "
-                     f"{', '.join(_LLAMA_SHAPES)} (e.g. --config=configs/lima.py:7b)")
+                     f"{', '.join(_LLAMA_SHAPES)} (e.g. --config=7b or --config=configs/lima.py:7b)")
   config = ml_collections.ConfigDict()
   config.preset = preset
   config.model = model_config(preset)

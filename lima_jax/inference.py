@@ -166,9 +166,9 @@ def generator_name(path: str | os.PathLike) -> str:
 def define_decoding_flags(default_config: str) -> None:
   """Defines the flags that tools/evaluate.py and tools/chat.py share: config, model, decoding."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", default_config, "configs/lima.py:PRESET; its sampling "
-                                  "and mesh sections are used", lock_config=False)
+  from lima_jax.cli import common  # pylint: disable=g-import-not-at-top
+  common.define_config_flag(default_config, "A preset (e.g. 7b) or configs/lima.py:PRESET; its "
+                            "sampling and mesh sections are used")
   flags.DEFINE_string("checkpoint", None, "lima_jax checkpoint, training workdir, or Hugging Face directory")
   flags.DEFINE_bool("greedy", False, "argmax decoding (= --config.sampling.greedy=true)")
   flags.DEFINE_integer("max_new_tokens", None, "= --config.sampling.max_new_tokens")

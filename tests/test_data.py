@@ -411,11 +411,10 @@ def test_pack_best_fit():
 
 def test_packed_share_on_lima_like_lengths():
   """The >= 0.95 target, on LIMA's per-source length means (benchmarks/packing_efficiency.py)."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import packing_efficiency  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
+  spec = importlib.util.spec_from_file_location("packing_efficiency",
+                                                ROOT / "benchmarks" / "packing_efficiency.py")
+  packing_efficiency = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(packing_efficiency)
   examples = packing_efficiency.synthetic_examples(packing_efficiency.lima_like_lengths(), 2048)
   packed = packing_efficiency.lima_pipeline_share(examples, 2048, packing=True, batch_rows=16)
   padded = packing_efficiency.lima_pipeline_share(examples, 2048, packing=False, batch_rows=16)

@@ -17,12 +17,10 @@ from lima_jax import data as data_lib
 from lima_jax import model as model_lib
 from lima_jax import sampling
 from lima_jax import tokenizer as tokenizer_lib
+from lima_jax.cli import compare
+from lima_jax.cli import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
-import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOKENIZER = data_lib.bundled_paths()["tokenizer"]
 SCFG = sampling.SamplingConfig(max_new_tokens=6, max_len=64, batch_size=2)

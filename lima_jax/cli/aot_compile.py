@@ -11,38 +11,31 @@ runs on this host for compile-only devices of the named topology. Prints the per
 step and the step time and tokens/s they imply at `--mfu`, and writes the same as JSON.
 
 Exit status: 0 fits; 2 does not fit (with how much it is over, the largest buffers and what to
-change); 1 any other error. Runs beside another libtpu process (e.g. a second compile).
+change) or bad input (the flag or config field is named); 1 any other error. Runs beside another
+libtpu process (e.g. a second compile).
 """
 
 import json
 import os
 import sys
 
-# Before jax loads: libtpu reads its environment once (see lima_jax.aot.prepare_environment).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lima_jax import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lima_jax import aot
+from lima_jax import errors
+from lima_jax.cli import common
 
-_LOG_DIR = aot.prepare_environment(os.environ.get("LIMA_AOT_LOG_DIR"))
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from lima_jax import hardware  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/lima.py:65b",
-                                          lock_config=False)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice: v4-N, v5p-N, v5e-N "
-                                "(v5litepod-N), v6e-N, or a shape such as v5p:4x4x12")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network")
-_PROGRAM = flags.DEFINE_enum("program", "train", ["train", "decode"],
-                             "train: the optimizer step; decode: the evaluation's prefill + "
-                             "KV-cache sampling loop")
-_MFU = flags.DEFINE_float("mfu", aot.DEFAULT_MFU, "Model FLOPs utilisation assumed for the "
-                          "implied step time")
-_OUTPUT = flags.DEFINE_string("output", "", "Write the report as JSON here (atomically)")
-_DUMP_HLO = flags.DEFINE_string("dump_hlo", "", "Write the optimised HLO text here")
-flags.mark_flags_as_required(["config", "topology"])
+def define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  common.define_config_flag(None, "A preset (e.g. 65b) or configs/lima.py:65b")
+  flags.DEFINE_string("topology", None, "Cloud TPU slice: v4-N, v5p-N, v5e-N (v5litepod-N), v6e-N, "
+                      "or a shape such as v5p:4x4x12")
+  flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network")
+  flags.DEFINE_enum("program", "train", ["train", "decode"],
+                    "train: the optimizer step; decode: the evaluation's prefill + KV-cache sampling loop")
+  flags.DEFINE_float("mfu", aot.DEFAULT_MFU, "Model FLOPs utilisation assumed for the implied step time")
+  flags.DEFINE_string("output", "", "Write the report as JSON here (atomically)")
+  flags.DEFINE_string("dump_hlo", "", "Write the optimised HLO text here")
+  flags.mark_flags_as_required(["config", "topology"])
 
 
 def write_json(path: str, data: dict) -> None:
@@ -56,31 +49,39 @@ def write_json(path: str, data: dict) -> None:
   os.replace(tmp, path)
 
 
-def main(argv):
+def main(argv, log_dir: str):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from lima_jax import hardware  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.InputError(f"unexpected arguments: {argv[1:]}")
   if not aot.libtpu_available():
     print("tools/aot_compile.py needs libtpu's compiler: pip install -r requirements-tpu.txt",
           file=sys.stderr)
     return 1
   try:
-    tpu_slice = hardware.parse_slice(_TOPOLOGY.value, _NUM_SLICES.value)
+    tpu_slice = hardware.parse_slice(f.topology, f.num_slices)
   except ValueError as e:
-    print(e, file=sys.stderr)
-    return 1
+    raise errors.InputError(str(e)) from None
   status = 0
   try:
-    report = aot.compile_program(_CONFIG.value, tpu_slice, _PROGRAM.value, mfu=_MFU.value,
-                                 log_dir=_LOG_DIR, hlo_path=_DUMP_HLO.value or None)
+    report = aot.compile_program(f.config, tpu_slice, f.program, mfu=f.mfu, log_dir=log_dir,
+                                 hlo_path=f.dump_hlo or None)
   except aot.DoesNotFit as e:
     report, status = e.report, 2
-  report["compiler_log_dir"] = _LOG_DIR
+  report["compiler_log_dir"] = log_dir
   print(aot.format_report(report))
-  if _OUTPUT.value:
-    write_json(_OUTPUT.value, report)
-    print(f"wrote {_OUTPUT.value}")
+  if f.output:
+    write_json(f.output, report)
+    print(f"wrote {f.output}")
   return status
 
 
+def run() -> None:
+  # Before jax loads (the config file imports it): libtpu reads its environment once.
+  log_dir = aot.prepare_environment(os.environ.get("LIMA_AOT_LOG_DIR"))
+  common.run(lambda argv: main(argv, log_dir), define_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

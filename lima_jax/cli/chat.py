@@ -10,13 +10,12 @@ scriptable: `printf 'Hi\n/quit\n' | python tools/chat.py --checkpoint ...`.
 After each answer a line in brackets gives the prompt and answer token counts and why it ended.
 """
 
-import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from lima_jax import errors
+from lima_jax.cli import common
 
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "lima.py") + ":7b"
+DEFAULT_CONFIG = "7b"
 
 
 def chat(loaded, scfg, lines, write) -> int:
@@ -53,11 +52,14 @@ def main(argv):
   from lima_jax import sharding  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
-    raise ValueError(f"unexpected arguments {argv[1:]}")
+    raise errors.InputError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  scfg = inference.sampling_config_from_flags(f).replace(batch_size=1)
-  mesh = sharding.make_mesh(dict(f.config.mesh))
-  loaded = inference.load_model(f.checkpoint, mesh=mesh, tokenizer_path=f.tokenizer, dtype=f.dtype)
+  try:
+    scfg = inference.sampling_config_from_flags(f).replace(batch_size=1)
+    mesh = sharding.make_mesh(dict(f.config.mesh))
+    loaded = inference.load_model(f.checkpoint, mesh=mesh, tokenizer_path=f.tokenizer, dtype=f.dtype)
+  except (FileNotFoundError, ValueError) as e:
+    raise errors.InputError(str(e)) from None
   for note in loaded.notes:
     print(f"note: {note}", file=sys.stderr)
   if scfg.max_len > loaded.model_config.max_seq_len:
@@ -70,24 +72,23 @@ def main(argv):
   chat(loaded, scfg, sys.stdin, write)
 
 
-def run():
-  from absl import app  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from lima_jax import inference  # pylint: disable=g-import-not-at-top
 
   inference.define_decoding_flags(DEFAULT_CONFIG)
   flags.mark_flags_as_required(["checkpoint"])
 
-  def guarded(argv):
-    try:
-      main(argv)
-    except (FileNotFoundError, ValueError) as e:
-      print(f"chat.py: error: {e}", file=sys.stderr)
-      sys.exit(2)
-    except KeyboardInterrupt:
-      print()
 
-  app.run(guarded)
+def main_or_quit(argv):
+  try:
+    main(argv)
+  except KeyboardInterrupt:
+    print()
+
+
+def run() -> None:
+  common.run(main_or_quit, define_flags, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -21,20 +21,21 @@ number, as tools/evaluate.py numbers them). A bad line (unknown id, duplicate id
 invalid JSON) stops the run with its file and line and exit status 2.
 """
 
-import argparse
 import json
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from lima_jax import errors
+from lima_jax.cli import common
+
 PAIRWISE_LABELS = ("a", "tie", "b")
 ABSOLUTE_LABELS = ("fail", "pass", "excellent")
 _PREFERENCE = {1: "a", 1.0: "a", 2: "b", 2.0: "b", 0: "tie", 1.5: "tie"}
 
 
-class InputError(Exception):
-  """A problem in an input file that the user must fix; the message names file and line."""
+InputError = errors.InputError  # A problem in an input file; the message names file and line.
 
 
 def _json_lines(path: str):
@@ -132,42 +133,56 @@ def _print_table(title: str, rows: dict[str, dict[str, float]], names: dict[str,
           f"  ({r['count']})")
 
 
+MODES = ("pairwise", "absolute")
+
+
+def define_flags(values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("prompts", None, "prompts JSONL: judged ids must be among its ids", flag_values=values)
+  flags.DEFINE_string("a_name", "A", "pairwise: name of system a", flag_values=values)
+  flags.DEFINE_string("b_name", "B", "pairwise: name of system b", flag_values=values)
+  flags.DEFINE_integer("resamples", 10000, "bootstrap resamples", lower_bound=1, flag_values=values)
+  flags.DEFINE_integer("seed", 0, "bootstrap seed", flag_values=values)
+  flags.DEFINE_float("level", 0.95, "interval level, in (0, 1)", lower_bound=0.0, upper_bound=1.0,
+                     flag_values=values)
+  flags.DEFINE_bool("json", False, "also print the figures as one JSON line", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("mode", choices=("pairwise", "absolute"))
-  parser.add_argument("judgements", help="JSONL file, one judgement a line")
-  parser.add_argument("--prompts", help="prompts JSONL: judged ids must be among its ids")
-  parser.add_argument("--a_name", default="A", help="pairwise: name of system a")
-  parser.add_argument("--b_name", default="B", help="pairwise: name of system b")
-  parser.add_argument("--resamples", type=int, default=10000)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--level", type=float, default=0.95)
-  parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-  args = parser.parse_args(argv)
-  if args.resamples < 1 or not 0.0 < args.level < 1.0:
-    parser.error("--resamples must be >= 1 and --level in (0, 1)")
+  """`compare.py MODE JUDGEMENTS [flags]`; returns the exit status."""
+  argv = sys.argv[1:] if argv is None else argv
+  args, (mode, judgements) = common.parse_own_flags(argv, define_flags, __doc__,
+                                                    positional=("MODE", "JUDGEMENTS"))
+  if mode not in MODES:
+    common.fail(f"MODE {mode!r}: expected one of {', '.join(MODES)}")
+  if not 0.0 < args.level < 1.0:
+    common.fail(f"--level={args.level}: expected a value in (0, 1)")
   try:
     known = prompt_ids(args.prompts) if args.prompts else None
-    labels = read_judgements(args.judgements, args.mode, known)
+    labels = read_judgements(judgements, mode, known)
   except InputError as e:
-    print(f"compare.py: error: {e}", file=sys.stderr)
-    return 2
-  if args.mode == "pairwise":
+    print(f"{common.prog_name()}: error: {e}", file=sys.stderr)
+    return errors.EXIT_BAD_INPUT
+  if mode == "pairwise":
     categories = PAIRWISE_LABELS
     names = {"a": f"{args.a_name} wins", "tie": "tie", "b": f"{args.b_name} wins"}
   else:
     categories = ABSOLUTE_LABELS
     names = {c: c for c in categories}
   rows = shares_with_intervals(list(labels.values()), categories, args.resamples, args.seed, args.level)
-  _print_table(f"{args.mode}: {args.judgements}", rows, names, len(labels), args.level)
+  _print_table(f"{mode}: {judgements}", rows, names, len(labels), args.level)
   if known is not None and len(labels) < len(known):
     print(f"  note: {len(known) - len(labels)} of {len(known)} prompts in {args.prompts} are not judged")
   if args.json:
-    print(json.dumps({"mode": args.mode, "judgements": args.judgements, "n": len(labels),
+    print(json.dumps({"mode": mode, "judgements": judgements, "n": len(labels),
                       "resamples": args.resamples, "seed": args.seed, "level": args.level,
                       "shares": {names[c]: r for c, r in rows.items()}}))
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

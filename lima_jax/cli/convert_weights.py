@@ -20,11 +20,16 @@ end; on bad input it prints what is wrong (file, field, tensor) and exits with s
 leaving no output directory behind.
 """
 
-import argparse
 import ctypes
-import pathlib
 import sys
 import time
+
+from lima_jax import errors
+from lima_jax.cli import common
+
+EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
+COMMANDS = ("hf-to-orbax", "orbax-to-hf")
+_ONLY = {"eot": "hf-to-orbax", "add_eot": "hf-to-orbax", "max_shard_size": "orbax-to-hf"}
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
@@ -40,41 +45,37 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     pass
 
 
-_limit_malloc_arenas()
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from lima_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-EXIT_BAD_INPUT = 2
-
-
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="convert_weights.py", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest="command", required=True)
-  to_orbax = commands.add_parser("hf-to-orbax", help="Hugging Face directory -> lima_jax checkpoint")
-  to_orbax.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
-  to_orbax.add_argument("--ckpt_dir", required=True, help="new checkpoint directory (must not exist)")
-  to_orbax.add_argument("--dtype", choices=convert.DTYPES, default=None,
-                        help="store parameters in this dtype (default: keep the files')")
-  to_orbax.add_argument("--eot", default=None, help='EOT token text for the stored tokenizer (default "<EOT>")')
-  to_orbax.add_argument("--add_eot", action="store_true",
-                        help="grow embedding and LM head to the tokenizer's vocabulary incl. EOT")
-  to_hf = commands.add_parser("orbax-to-hf", help="lima_jax checkpoint -> Hugging Face directory")
-  to_hf.add_argument("--ckpt_dir", required=True, help="checkpoint directory or training workdir")
-  to_hf.add_argument("--hf_dir", required=True, help="new Hugging Face directory (must not exist)")
-  to_hf.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
-  to_hf.add_argument("--dtype", choices=convert.DTYPES, default=None,
-                     help="write tensors in this dtype (default: keep the checkpoint's)")
-  return parser
+def define_flags(values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from lima_jax import convert  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("hf_dir", None, "hf-to-orbax: directory with config.json + safetensors; "
+                      "orbax-to-hf: new Hugging Face directory (must not exist)", flag_values=values)
+  flags.DEFINE_string("ckpt_dir", None, "hf-to-orbax: new checkpoint directory (must not exist); "
+                      "orbax-to-hf: checkpoint directory or training workdir", flag_values=values)
+  flags.DEFINE_enum("dtype", None, convert.DTYPES, "store/write tensors in this dtype (default: "
+                    "keep the source's)", flag_values=values)
+  flags.DEFINE_string("eot", None, 'hf-to-orbax: EOT token text for the stored tokenizer '
+                      '(default "<EOT>")', flag_values=values)
+  flags.DEFINE_bool("add_eot", False, "hf-to-orbax: grow embedding and LM head to the tokenizer's "
+                    "vocabulary incl. EOT", flag_values=values)
+  flags.DEFINE_string("max_shard_size", "5GB", "orbax-to-hf: largest safetensors shard",
+                      flag_values=values)
+  flags.mark_flags_as_required(["hf_dir", "ckpt_dir"], flag_values=values)
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+  """`convert_weights.py COMMAND --hf_dir ... --ckpt_dir ...`; returns the exit status."""
+  from lima_jax import convert  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else argv
+  args, (command,) = common.parse_own_flags(argv, define_flags, __doc__, positional=("COMMAND",))
+  if command not in COMMANDS:
+    common.fail(f"COMMAND {command!r}: expected {' or '.join(COMMANDS)}")
+  for name, owner in _ONLY.items():
+    if args[name].present and owner != command:
+      common.fail(f"--{name} is a flag of {owner}, not of {command}")
   start = time.perf_counter()
   try:
-    if args.command == "hf-to-orbax":
+    if command == "hf-to-orbax":
       config = convert.hf_to_orbax(args.hf_dir, args.ckpt_dir, dtype=args.dtype, eot=args.eot,
                                    add_eot=args.add_eot)
       print(f"wrote {args.ckpt_dir}: {convert.describe(config)} "
@@ -83,11 +84,16 @@ def main(argv=None) -> int:
       files = convert.orbax_to_hf(args.ckpt_dir, args.hf_dir, max_shard_size=args.max_shard_size,
                                   dtype=args.dtype)
       print(f"wrote {args.hf_dir}: {', '.join(files)} ({time.perf_counter() - start:.1f} s)")
-  except (convert.ConversionError, FileNotFoundError, FileExistsError) as e:
+  except (errors.InputError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  _limit_malloc_arenas()  # Before convert's imports start TensorStore's and XLA's threads.
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

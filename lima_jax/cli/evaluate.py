@@ -35,22 +35,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from lima_jax import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lima_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lima_jax import data as data_lib
+from lima_jax import errors
+from lima_jax import sampling
+from lima_jax.cli import common
 
 PARTIAL_SUFFIX = ".partial"
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "lima.py") + ":7b"
+DEFAULT_CONFIG = "7b"
 
-
-class InputError(Exception):
-  """Bad input the user must fix; exit status 2."""
+InputError = errors.InputError  # Bad input the user must fix; exit status 2.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,8 +392,7 @@ def main(argv):
            dtype=f.dtype, eot=f.eot)
 
 
-def run():
-  from absl import app  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from lima_jax import inference  # pylint: disable=g-import-not-at-top
 
@@ -411,14 +406,9 @@ def run():
   flags.DEFINE_string("eot", "<EOT>", "EOT text, for Hugging Face tokenizers")
   flags.mark_flags_as_required(["checkpoint", "prompts", "output"])
 
-  def guarded(argv):
-    try:
-      main(argv)
-    except InputError as e:
-      print(f"evaluate.py: error: {e}", file=sys.stderr)
-      sys.exit(2)
 
-  app.run(guarded)
+def run() -> None:
+  common.run(main, define_flags, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":
