@@ -28,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from lima_jax import convert  # pylint: disable=g-import-not-at-top
 from lima_jax import model as model_lib
 from lima_jax import sampling

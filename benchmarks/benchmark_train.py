@@ -1,7 +1,8 @@
 """Training-step throughput on this machine, beside MaxText's figure for the same model.
 
-The config is REFERENCE.md's: d_model 512, 8 layers, 8 heads of 64 (MHA), MLP 1408, vocab 32000,
-sequence 512, batch 4, float32, one CPU device, synthetic tokens, the LIMA AdamW update. The
+The config is the one MaxText was measured with: d_model 512, 8 layers, 8 heads of 64 (MHA), MLP
+1408, vocab 32000, sequence 512, batch 4, float32, one CPU device, synthetic tokens, the LIMA AdamW
+update. The
 step is the one `python -m lima_jax.train` runs (`lima_jax.train.make_train_step`). Achieved
 FLOP/s use the analytic count of `lima_jax.aot.train_flops` (as the training log's MFU) and are
 set beside a jitted float32 2048^3 matmul timed in the same process, since a shared CPU's speed
@@ -19,28 +20,29 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lima_jax import hardware
 
-from lima_jax import hardware  # pylint: disable=wrong-import-position
-
-hardware.default_to_cpu_without_tpu()
-hardware.restart_with_cpu_allocator()  # Keeps XLA's per-step buffers mapped, as training does.
+hardware.default_to_cpu_without_tpu(log=True)
+hardware.restart_with_cpu_allocator(log=True)  # Keeps XLA's per-step buffers mapped, as training does.
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from configs import lima  # pylint: disable=wrong-import-position
 from lima_jax import aot  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import sharding  # pylint: disable=wrong-import-position
 from lima_jax import train  # pylint: disable=wrong-import-position
+from lima_jax.cli import common  # pylint: disable=wrong-import-position
 
-MAXTEXT_TOKENS_PER_S = 368.0  # REFERENCE.md: MaxText 0.2.5, same config, 5.55 s/step.
+# MaxText 0.2.5's train step on this config on the project's 2-core machine (2026-11-25, its logged
+# step time, remat full): 5.55 s a step for 4 x 512 tokens = 368 tokens/s. It drifts with the
+# machine (6.2-7.2 s a step on 2026-12-02), so the ratio is indicative, not a same-run figure.
+MAXTEXT_TOKENS_PER_S = 368.0
 
 
 def reference_config(args):
-  config = lima.get_config("tiny")
+  config = common.load_config(common.resolve_config_spec("tiny"))
   config.model.update(dict(
       vocab_size=32000, d_model=512, n_layers=8, n_heads=8, head_dim=64, mlp_dim=1408,
       max_seq_len=args.seq_len, dtype="float32", param_dtype="float32",

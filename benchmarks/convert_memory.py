@@ -32,9 +32,7 @@ import numpy as np
 import psutil
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from lima_jax import safetensors_io  # pylint: disable=wrong-import-position
+from lima_jax import safetensors_io
 
 TOOL = ROOT / "tools" / "convert_weights.py"
 RESULTS = ROOT / "benchmarks" / "results" / "convert_memory.json"

@@ -21,15 +21,12 @@ choice) over the same shuffled stream, with as many open bins as rows per step.
 import argparse
 import json
 import math
-import os
 import sys
 
 import grain
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lima_jax import data  # pylint: disable=wrong-import-position
+from lima_jax import data
 
 # (source, conversations, mean input tokens, mean output tokens): LIMA, Table 1.
 LIMA_MIX = (

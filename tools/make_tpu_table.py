@@ -28,9 +28,7 @@ import tempfile
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from lima_jax import hardware  # pylint: disable=wrong-import-position
+from lima_jax import hardware
 
 GiB = hardware.GiB
 PRESETS = ("7b", "13b", "33b", "65b")
