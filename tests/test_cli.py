@@ -1,0 +1,212 @@
+"""The command lines and the package around them: one-line errors with exit 2, presets from any
+directory, no side effects on import, the README's Python API, packaging kept in step."""
+
+import importlib.util
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import jax
+import numpy as np
+import pytest
+
+from lima_jax import checkpoint
+from lima_jax import data as data_lib
+from lima_jax import errors
+from lima_jax import model as model_lib
+from lima_jax import tokenizer as tokenizer_lib
+from lima_jax.cli import common
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+
+# Each entry point as the README runs it; flags they require are given, so only the typo is wrong.
+ENTRY_POINTS = {
+    "train": ["-m", "lima_jax.train"],
+    "evaluate": [str(ROOT / "tools" / "evaluate.py"), "--checkpoint=x", "--prompts=y", "--output=z"],
+    "chat": [str(ROOT / "tools" / "chat.py"), "--checkpoint=x"],
+    "aot": [str(ROOT / "tools" / "aot_compile.py"), "--config=7b", "--topology=v5p-8"],
+}
+
+
+def _run(args, cwd=ROOT, env=ENV, timeout=300):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                        timeout=timeout, check=False)
+
+
+def _one_line(stderr: str) -> str:
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_a_mistyped_config_key_is_one_line_and_exit_2(entry, tmp_path):
+  proc = _run(ENTRY_POINTS[entry] + ["--config.train.epoch=3"], cwd=tmp_path)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = _one_line(proc.stderr)
+  assert "error: --config.train.epoch: no such field; did you mean --config.train.epochs?" in line
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--config.train.epochs=abc", r"--config.train.epochs=abc: invalid literal"),
+    ("--config=configs/lima.py:7c", r"unknown preset '7c'; expected one of tiny, 7b"),
+    ("--config=missing.py", r"--config=missing.py: no such file"),
+    ("--config.model.nlayers=2", r"did you mean --config.model.n_layers\?"),
+    ("--bogus_flag=1", r"Unknown command line flag 'bogus_flag'"),
+])
+def test_train_answers_bad_flags_in_one_line(arg, message):
+  proc = _run(ENTRY_POINTS["train"] + [arg])
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert re.search(message, _one_line(proc.stderr))
+
+
+def test_presets_resolve_from_any_directory_and_in_any_case(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  presets = common.presets_path()
+  assert os.path.isfile(presets) and presets.endswith(os.path.join("configs", "lima.py"))
+  assert common.resolve_config_spec("7B") == f"{presets}:7B"
+  assert common.resolve_config_spec("configs/lima.py:13b") == f"{presets}:13b"
+  mine = tmp_path / "mine.py"
+  mine.write_text("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict({'a': 1})\n")
+  assert common.resolve_config_spec("mine.py") == "mine.py"  # Any other file: as given.
+  assert common.load_config(common.resolve_config_spec("7B")).preset == "7b"
+  assert common.load_config(common.resolve_config_spec("configs/lima.py:TINY")).preset == "tiny"
+  argv = common.with_config_resolved(["prog", "--config", "65b", "--config.train.epochs=1"])
+  assert argv == ["prog", "--config", f"{presets}:65b", "--config.train.epochs=1"]
+  common.check_config_args(argv, None)
+  with pytest.raises(errors.InputError, match=r"--config.optimizer.l: no such field; did you mean "
+                                              r"--config.optimizer.lr\?"):
+    common.check_config_args(["prog", "--config=7b", "--config.optimizer.l=1"], None)
+  with pytest.raises(errors.InputError, match=r"--config.train.epochs is a value"):
+    common.check_config_args(["prog", "--config.train.epochs.x=1"], "tiny")
+
+
+def test_every_bad_input_type_is_an_input_error():
+  from lima_jax import convert  # pylint: disable=g-import-not-at-top
+  from lima_jax import train  # pylint: disable=g-import-not-at-top
+  from lima_jax.cli import compare, evaluate  # pylint: disable=g-import-not-at-top
+  for kind in (data_lib.DataError, convert.ConversionError, train.BadDataError, evaluate.InputError,
+               compare.InputError):
+    assert issubclass(kind, errors.InputError) and issubclass(kind, ValueError), kind
+
+
+_IMPORT_SCRIPT = """
+import os, sys
+before = dict(os.environ)
+import lima_jax
+lima_jax.load_pretrained, lima_jax.load_tokenizer, lima_jax.train, lima_jax.inference
+from lima_jax import cli
+from lima_jax.cli import common, evaluate, chat
+assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
+assert "JAX_PLATFORMS" not in os.environ
+print("ok")
+"""
+
+
+def test_import_leaves_the_environment_alone():
+  env = {k: v for k, v in ENV.items() if k not in ("JAX_PLATFORMS", "LIMA_JAX_AUTO_CPU")}
+  proc = _run(["-c", _IMPORT_SCRIPT], env=env)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+_AUTO_CPU_SCRIPT = ("import os; from lima_jax import hardware; "
+                    "print(hardware.default_to_cpu_without_tpu(log=True), os.environ.get('JAX_PLATFORMS'))")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None or os.path.exists("/dev/accel0"),
+                    reason="needs libtpu installed on a host without a TPU")
+def test_entry_points_choose_the_cpu_visibly_and_can_be_told_not_to():
+  env = {k: v for k, v in ENV.items() if k not in ("JAX_PLATFORMS", "LIMA_JAX_AUTO_CPU")}
+  proc = _run(["-c", _AUTO_CPU_SCRIPT], env=env)
+  assert proc.stdout.split() == ["True", "cpu"], proc.stderr
+  assert "running on the CPU" in proc.stderr and "LIMA_JAX_AUTO_CPU=0" in proc.stderr
+  proc = _run(["-c", _AUTO_CPU_SCRIPT], env={**env, "LIMA_JAX_AUTO_CPU": "0"})
+  assert proc.stdout.split() == ["False", "None"] and not proc.stderr.strip(), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  """A lima_jax checkpoint of a tiny random model with the bundled tokenizer stored in it."""
+  tok = tokenizer_lib.load_tokenizer(data_lib.bundled_paths()["tokenizer"])
+  config = model_lib.ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                 mlp_dim=32)
+  path = tmp_path_factory.mktemp("ckpt") / "tiny"
+  checkpoint.save_model(path, model_lib.init_params(config, jax.random.key(0)), config, tok.to_blob())
+  return path
+
+
+def test_load_tokenizer_reads_a_checkpoint_or_workdir(tiny_checkpoint, tmp_path):
+  bundled = tokenizer_lib.load_tokenizer(data_lib.bundled_paths()["tokenizer"])
+  workdir = tmp_path / "run"
+  (workdir / checkpoint.CHECKPOINTS_SUBDIR).mkdir(parents=True)
+  shutil.copytree(tiny_checkpoint, workdir / checkpoint.CHECKPOINTS_SUBDIR / "7")
+  for path in (tiny_checkpoint, workdir):
+    tok = tokenizer_lib.load_tokenizer(path)
+    assert (tok.vocab_size, tok.eot_id) == (bundled.vocab_size, bundled.eot_id)
+    assert tok.encode("Hello there") == bundled.encode("Hello there")
+  # An API user is told what the path lacks, not sent to a config field.
+  (tmp_path / "emptydir").mkdir()
+  with pytest.raises(FileNotFoundError, match="not a lima_jax checkpoint") as caught:
+    tokenizer_lib.load_tokenizer(tmp_path / "emptydir")
+  assert "tokenizer_path" not in str(caught.value) and "config" not in str(caught.value)
+
+
+def test_the_readme_python_api_snippet_runs(tiny_checkpoint):
+  readme = (ROOT / "README.md").read_text()
+  section = readme.split("## Python API", 1)[1]
+  snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  assert '"/models/llama-2-7b-hf"' in snippet
+  scope = {}
+  exec(snippet.replace('"/models/llama-2-7b-hf"', repr(str(tiny_checkpoint))), scope)  # pylint: disable=exec-used
+  logits, token_ids = scope["logits"], scope["token_ids"]
+  assert logits.shape == (1, len(token_ids[0]), scope["tok"].vocab_size)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def _requirements(path: pathlib.Path) -> list[str]:
+  lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+  return [line for line in lines if line and not line.startswith("-r")]
+
+
+def test_pyproject_and_requirements_list_the_same_packages():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert sorted(project["dependencies"]) == sorted(_requirements(ROOT / "requirements.txt"))
+  extras = project["optional-dependencies"]
+  assert sorted(extras["test"]) == sorted(_requirements(ROOT / "requirements-test.txt"))
+  assert sorted(extras["tpu"]) == sorted(_requirements(ROOT / "requirements-tpu.txt"))
+  scripts = project["scripts"]
+  assert sorted(scripts) == ["lima-aot", "lima-chat", "lima-compare", "lima-convert",
+                             "lima-evaluate", "lima-train"]
+  for target in scripts.values():
+    module, function = target.split(":")
+    assert callable(getattr(importlib.import_module(module), function)), target
+
+
+def test_no_sys_path_changes_in_the_code():
+  offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+               if "sys.path.insert" in p.read_text(encoding="utf-8") and p.name != "test_cli.py"]
+  assert not offenders
+
+
+def _installed_script(name: str) -> str | None:
+  beside = pathlib.Path(sys.executable).parent / name
+  return str(beside) if beside.is_file() else shutil.which(name)
+
+
+@pytest.mark.skipif(_installed_script("lima-train") is None,
+                    reason="lima_jax is not installed (pip install -e .): no console scripts")
+def test_console_scripts_work_from_another_directory(tmp_path):
+  env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+  proc = subprocess.run([_installed_script("lima-train"), "--config=7B", "--config.train.epoch=3"],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  assert proc.returncode == 2 and "did you mean --config.train.epochs?" in _one_line(proc.stderr)
+  judgements = tmp_path / "j.jsonl"
+  judgements.write_text('{"id": 1, "winner": "a"}\n{"id": 2, "winner": "tie"}\n')
+  proc = subprocess.run([_installed_script("lima-compare"), "pairwise", str(judgements)],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  assert proc.returncode == 0 and "A wins" in proc.stdout, proc.stderr
