@@ -636,6 +636,12 @@ def param_logical_axes(params: Mapping) -> dict:
   return jax.tree_util.tree_map_with_path(axes, params)
 
 
+def param_shardings(config: ModelConfig, mesh) -> dict:
+  """Each parameter's NamedSharding on `mesh`: the one set of rules training and sampling share."""
+  shapes = abstract_params(config)
+  return sharding.tree_shardings(param_logical_axes(shapes), shapes, mesh)
+
+
 def is_norm_scale(path: tuple[str, ...]) -> bool:
   """Norm scales are excluded from weight decay."""
   return path[-1] == "scale"

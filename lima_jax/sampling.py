@@ -57,7 +57,8 @@ _MIN_BUCKET = 16
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """Decoding settings; `configs/lima.py` `config.sampling` holds the same fields (LIMA's defaults)."""
+  """Decoding settings; the defaults are LIMA's, and their one home (`configs/lima.py` builds its
+  `config.sampling` from them)."""
   top_p: float = 0.9
   temperature: float = 0.7
   repetition_penalty: float = 1.2
@@ -255,10 +256,7 @@ class DecodeFns:
                         shapes, self.cache_shardings)
 
 
-def param_shardings(model_config: model_lib.ModelConfig, mesh: Mesh):
-  """Parameter shardings on `mesh`, by the same logical rules as training."""
-  shapes = model_lib.abstract_params(model_config)
-  return sharding.tree_shardings(model_lib.param_logical_axes(shapes), shapes, mesh)
+param_shardings = model_lib.param_shardings  # The same rules as training: one definition.
 
 
 def _per_layer_copies(params) -> bool:

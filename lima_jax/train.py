@@ -78,9 +78,7 @@ def _optimizer(config, total_steps: int | None) -> optax.GradientTransformation:
   return optim.make_optimizer(config.optimizer, _schedule_steps(config, total_steps))
 
 
-def param_shardings(model_config: model_lib.ModelConfig, mesh: Mesh):
-  abstract = model_lib.abstract_params(model_config)
-  return sharding.tree_shardings(model_lib.param_logical_axes(abstract), abstract, mesh)
+param_shardings = model_lib.param_shardings  # One definition, beside the parameters' logical axes.
 
 
 def abstract_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh,
@@ -296,8 +294,7 @@ def _log(message: str, *args) -> None:
     tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} {message % args if args else message}")
 
 
-def _is_hf_dir(path: str) -> bool:
-  return (epath.Path(path) / "config.json").is_file()
+_is_hf_dir = ckpt_lib.is_hf_dir
 
 
 def load_run_tokenizer(config):
