@@ -25,6 +25,7 @@ PARAMS = "params"
 MODEL_CONFIG = "model_config"
 TOKENIZER = "tokenizer"
 CHECKPOINTS_SUBDIR = "checkpoints"
+HF_CONFIG = "config.json"  # What makes a directory a Hugging Face model (see `is_hf_dir`).
 
 
 def _path(path) -> epath.Path:
@@ -39,6 +40,11 @@ def is_checkpoint(path) -> bool:
   if not ((path / PARAMS).is_dir() and (path / MODEL_CONFIG).is_dir()):
     return False
   return bool(ocp.step.is_path_finalized(path))
+
+
+def is_hf_dir(path) -> bool:
+  """A Hugging Face model directory (its config.json beside the weights), local or gs://."""
+  return (_path(path) / HF_CONFIG).is_file()
 
 
 def _step_dirs(directory: epath.Path) -> list[tuple[int, epath.Path]]:

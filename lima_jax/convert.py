@@ -52,7 +52,7 @@ from lima_jax import model as model_lib
 from lima_jax import safetensors_io
 from lima_jax.model import ModelConfig
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = checkpoint.HF_CONFIG
 GENERATION_CONFIG_FILE = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -539,7 +539,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> model_li
   if dtype not in DTYPES:
     raise ConversionError(f"dtype={dtype!r}; expected one of {DTYPES}")
   path = pathlib.Path(os.path.expanduser(os.fspath(path)))
-  if (path / CONFIG_FILE).is_file():
+  if checkpoint.is_hf_dir(path):
     params, config = load_hf_params(path, dtype=dtype)
     return model_lib.bind(config.replace(dtype=dtype), params)
   try:

@@ -30,7 +30,7 @@ from lima_jax import model as model_lib
 from lima_jax import sampling
 from lima_jax import tokenizer as tokenizer_lib
 
-HF_CONFIG = "config.json"
+HF_CONFIG = checkpoint.HF_CONFIG
 HF_GENERATION_CONFIG = "generation_config.json"
 BASE_MODEL_TURN_SEPARATOR = "\n\n"
 
@@ -64,8 +64,7 @@ class LoadedModel:
                              bos_id=self.tokenizer.bos_id, mesh=self.mesh, **kwargs)
 
 
-def _is_hf_dir(path: pathlib.Path) -> bool:
-  return (path / HF_CONFIG).is_file()
+_is_hf_dir = checkpoint.is_hf_dir
 
 
 def _generation_config_eos(path: pathlib.Path) -> list[int]:
