@@ -9,6 +9,8 @@ the command line, e.g. `--config.optimizer.lr=2e-5`.
 
 import ml_collections
 
+from lima_jax import sampling
+
 # LLaMA-1 shapes (Touvron et al., 2023, table 2); 32000 SentencePiece pieces + EOT.
 _LLAMA_SHAPES = {
     "7b": dict(d_model=4096, n_layers=32, n_heads=32, mlp_dim=11008),
@@ -107,17 +109,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.mesh.sequence = 1
   config.mesh.tensor = 1
 
-  config.sampling = ml_collections.ConfigDict()
-  config.sampling.top_p = 0.9
-  config.sampling.temperature = 0.7
-  config.sampling.repetition_penalty = 1.2
-  config.sampling.max_len = 2048  # Prompt + response tokens.
-  config.sampling.max_new_tokens = 2048
-  config.sampling.greedy = False  # Argmax (after the repetition penalty) instead of sampling.
-  config.sampling.seed = 0
-  config.sampling.penalty_scope = "generated"  # "generated" (the paper) or "all" (+ prompt, as HF).
-  config.sampling.max_prompt_len = 0  # Longer prompts lose their oldest turns; 0 = automatic.
-  config.sampling.batch_size = 8
+  # LIMA's decoding, from its one home: nucleus 0.9, temperature 0.7, repetition penalty 1.2 on
+  # generated tokens, 2048 tokens (each field is explained in lima_jax/sampling.py).
+  config.sampling = ml_collections.ConfigDict(sampling.SamplingConfig().to_dict())
 
   if preset == "tiny":
     config.data.max_len = 512
