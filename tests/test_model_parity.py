@@ -150,6 +150,33 @@ def test_residual_dropout_schedule_and_modes(small):
   np.testing.assert_allclose(jnp.mean(kept, axis=(1, 2, 3)), 1.0, atol=0.02)
 
 
+def test_each_scanned_layer_drops_at_its_own_rate(monkeypatch):
+  """Through the real scan: layer 0 drops nothing, the top layer drops at the full rate, the
+  layers between on LIMA's linear ramp (a reversed or constant ramp fails), in both branches."""
+  n_layers, top = 5, 0.3
+  config = model_lib.ModelConfig(vocab_size=64, d_model=64, n_layers=n_layers, n_heads=4,
+                                 mlp_dim=128, max_seq_len=64, residual_dropout=top, dtype="float32",
+                                 scan_layers=True, remat_policy="none")
+  params = model_lib.init_params(config, jax.random.key(0))
+  zeros = []  # Share of the residual branch dropped, per call, in the order the scan runs them.
+  original = model_lib._dropout  # pylint: disable=protected-access
+
+  def recording(x, rate, key):
+    out = original(x, rate, key)
+    jax.debug.callback(lambda share: zeros.append(float(share)),
+                       jnp.mean((out == 0) & (x != 0)), ordered=True)
+    return out
+
+  monkeypatch.setattr(model_lib, "_dropout", recording)
+  tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, config.vocab_size)
+  jax.block_until_ready(model_lib.bind(config, params)(tokens, dropout_key=jax.random.key(2)))
+  jax.effects_barrier()
+  measured = np.asarray(zeros).reshape(n_layers, 2)  # Bottom layer first; attention, then MLP.
+  want = top * np.arange(n_layers) / (n_layers - 1)
+  np.testing.assert_allclose(measured, np.repeat(want[:, None], 2, axis=1), atol=0.015)
+  assert measured[0].max() == 0.0 and measured[-1].min() > top - 0.015
+
+
 def test_padded_vocabulary_never_wins(small):
   config, params = small
   assert config.padded_vocab_size == 384
