@@ -32,6 +32,7 @@ PROMPTS = [
     {"prompt": "Hello", "id": "p5"},
 ]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+INFO_LINE = re.compile(r"^I\d{4} ", re.M)  # absl's INFO prefix (Orbax, jax).
 
 
 def write_jsonl(path, records):
@@ -188,6 +189,7 @@ def test_command_line(ckpt, prompts_file, tmp_path):
          "--config.sampling.max_len=64", "--config.sampling.penalty_scope=all"]
   proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not INFO_LINE.search(proc.stderr), proc.stderr[-3000:]  # Quiet unless --verbosity.
   records = read_jsonl(out)
   assert len(records) == 5 and records[0]["generator"] == "tiny"
   assert records[0]["decoding"]["greedy"] and records[0]["decoding"]["max_new_tokens"] == 3
@@ -203,10 +205,19 @@ def test_chat_script(ckpt):
                          "--max_new_tokens", "4", "--config.sampling.max_len=64"],
                         input=script, env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not INFO_LINE.search(proc.stderr), proc.stderr[-3000:]
   counts = [int(line.split()[0][1:]) for line in proc.stdout.splitlines() if line.startswith("[") and "prompt" in line]
   assert len(counts) == 3 and proc.stdout.count("assistant:") == 3
   assert counts[1] > counts[0] + 2  # The second turn sees the first exchange.
   assert counts[2] < counts[1] and "[new conversation]" in proc.stdout
+
+
+def test_verbosity_brings_the_info_logs_back(ckpt):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "chat.py"), "--checkpoint", ckpt,
+                         "--verbosity=0"], input="/quit\n", env=ENV, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert INFO_LINE.search(proc.stderr) and "Restoring checkpoint" in proc.stderr
 
 
 # --- compare.py ------------------------------------------------------------------------------

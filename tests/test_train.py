@@ -353,6 +353,17 @@ def test_tiny_preset_trains_evaluates_and_writes_what_a_user_reads(uninterrupted
   assert meta["config"]["train"]["epochs"] == 2 and meta["data"]["step"] == meta["step"]
 
 
+def test_rerunning_a_finished_run_says_so_and_exits_at_once(uninterrupted):
+  workdir, _ = uninterrupted
+  before = (workdir / "metrics.jsonl").read_text()
+  proc = run_train(workdir, env={"LIMA_JAX_CPU_ALLOCATOR": "0"})
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  output = proc.stdout + proc.stderr
+  assert "already finished" in output and "step 14 of 14" in output
+  assert "peak FLOP/s" not in output and "compiled the train step" not in output
+  assert (workdir / "metrics.jsonl").read_text() == before
+
+
 def test_stopped_and_resumed_run_ends_bit_identical(uninterrupted, tmp_path, compile_cache):
   reference, _ = uninterrupted
   workdir = tmp_path / "resumed"
