@@ -130,7 +130,8 @@ def test_does_not_fit_exits_2_with_reasons(tmp_path):
          "--topology=v5e-1", "--config.model.vocab_size=1000000", "--config.model.d_model=1024",
          "--config.model.n_heads=8", "--config.model.mlp_dim=256", "--config.model.n_layers=1",
          "--config.data.max_len=128", "--config.train.batch_size=1", f"--output={out}"]
-  env = dict(os.environ, LIMA_AOT_LOG_DIR=str(tmp_path / "logs"))
+  env = dict(os.environ, LIMA_AOT_LOG_DIR=str(tmp_path / "logs"),
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "does not fit" in proc.stdout and "over by" in proc.stdout and "to fit, try" in proc.stdout
