@@ -26,7 +26,6 @@ import numpy as np
 import optax
 import tqdm
 from absl import logging
-from etils import epath
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -38,6 +37,7 @@ from lima_jax import hardware
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
 from lima_jax import optim
+from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import tokenizer as tokenizer_lib
@@ -297,7 +297,7 @@ def _log(message: str, *args) -> None:
 
 
 def _is_hf_dir(path: str) -> bool:
-  return (epath.Path(path) / "config.json").is_file()
+  return (paths.path(path) / "config.json").is_file()
 
 
 def load_run_tokenizer(config):
@@ -480,7 +480,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the job in `workdir`; returns a summary (final step, losses, why it ended)."""
 
   maybe_initialize_distributed(config)
-  workdir = epath.Path(workdir)
+  workdir = paths.path(workdir)
   run_data = RunData(config)  # Bad data stops the run here, before any compile or weight load.
   steps_per_epoch = run_data.train.steps_per_epoch
   total_steps = int(config.train.epochs) * steps_per_epoch
@@ -579,8 +579,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if generations and jax.process_index() == 0:
           records = [{"epoch": done, "step": step, **g} for g in generations]
           (workdir / "dev_generations").mkdir(parents=True, exist_ok=True)
-          metrics_lib.write_text_atomic(workdir / "dev_generations" / f"epoch_{done}.jsonl",
-                                        "".join(json.dumps(r) + "\n" for r in records))
+          paths.write_text_atomic(workdir / "dev_generations" / f"epoch_{done}.jsonl",
+                                  "".join(json.dumps(r) + "\n" for r in records))
         summary["generations"] = generations
         last = time.perf_counter()  # Evaluation time is not step time.
       if stopping:

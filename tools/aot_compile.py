@@ -29,6 +29,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lima_jax import hardware  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lima_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/lima.py:65b",
                                           lock_config=False)
@@ -46,14 +47,10 @@ flags.mark_flags_as_required(["config", "topology"])
 
 
 def write_json(path: str, data: dict) -> None:
-  """Atomic: a reader sees the old file or the whole new one, never half."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Atomic (local or gs://, see lima_jax.paths): a reader sees the old file or the whole new one."""
+  target = paths.path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv):

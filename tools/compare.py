@@ -23,10 +23,15 @@ invalid JSON) stops the run with its file and line and exit status 2.
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lima_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PAIRWISE_LABELS = ("a", "tie", "b")
 ABSOLUTE_LABELS = ("fail", "pass", "excellent")
@@ -38,20 +43,21 @@ class InputError(Exception):
 
 
 def _json_lines(path: str):
+  """(line number, object) of a JSONL file, local or gs://."""
   try:
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InputError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-          raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+    text = paths.path(path).read_text(encoding="utf-8")
   except OSError as e:
-    raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+  for number, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+      raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    yield number, record
 
 
 def prompt_ids(path: str) -> set[str]:
