@@ -45,7 +45,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from lima_jax import paths
+from lima_jax import paths as paths_lib
 from lima_jax import tokenizer as tokenizer_lib
 
 _log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def read_jsonl(path: str | os.PathLike[str], *, kind: str = TRAIN, skip_bad_line
     FileNotFoundError: no such file.
     DataError: the first bad line (unless `skip_bad_lines`), or a file without any record.
   """
-  file = paths.path(path)
+  file = paths_lib.path(path)
   path = os.fspath(file)
   if not file.is_file():
     raise FileNotFoundError(f"{path}: data file not found")
@@ -278,7 +278,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     raise ValueError("no data path given")
   files = []
   for pattern in patterns:
-    matches = paths.expand_globs(pattern)
+    matches = paths_lib.expand_globs(pattern)
     if not matches:
       raise FileNotFoundError(f"{pattern}: the pattern matches no file")
     files.extend(os.fspath(m) for m in matches)
