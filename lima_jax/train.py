@@ -567,6 +567,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       preempted = stop.should_stop(step)
       stopping = preempted or step == int(config.train.get("stop_at_step", 0))
       if epoch_end or periodic or stopping or step == total_steps:
+        writer.flush()  # metrics.jsonl covers every step a resume from this checkpoint keeps.
         save(step)
       if epoch_end and not preempted:  # A preempted host has seconds left: only the save counts.
         done = step // steps_per_epoch
