@@ -15,7 +15,9 @@ directory (a checkpoint save, a resumed run) would look stale, so that cache is 
 """
 
 import contextlib
+import functools
 import glob as glob_lib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -28,7 +30,7 @@ from etils import epath
 PathLike = str | os.PathLike
 
 # Fresh listings for gs://: checkpoint discovery on resume must see what other processes wrote.
-# (Applies to gcsfs instances created from here on; every lima_jax module imports this one first.)
+# (fsspec applies it to gcsfs instances it creates later: at the first gs:// access.)
 fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
@@ -40,7 +42,15 @@ def is_remote(p: PathLike) -> bool:
 def path(p: PathLike) -> epath.Path:
   """`p` as an epath.Path (local paths get `~` expanded; URIs are kept as written)."""
   text = os.fspath(p)
+  if text.startswith("gs://") and not _gcsfs_installed():
+    raise ImportError(f"{text}: gs:// paths need gcsfs and google-cloud-storage: pip install -r "
+                      f"requirements-tpu.txt (or pip install gcsfs google-cloud-storage)")
   return epath.Path(text if is_remote(text) else os.path.expanduser(text))
+
+
+@functools.cache
+def _gcsfs_installed() -> bool:
+  return importlib.util.find_spec("gcsfs") is not None
 
 
 def absolute(p: PathLike) -> epath.Path:

@@ -65,6 +65,9 @@ def test_paths_keep_uris_glob_and_write_atomically_on_gcs(gcs):
       f"{base}/sub/b-1.jsonl", f"{base}/sub/b-2.jsonl"]
   assert paths.expand_globs(f"{base}/sub/none-*.jsonl") == []
   assert listing(f"{base}/sub") == ["b-1.jsonl", "b-2.jsonl", "c.txt"]  # No temporaries.
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  storage.Client().bucket(gcs.bucket).blob("paths/sub/d.txt").upload_from_string("new")
+  assert "d.txt" in listing(f"{base}/sub")  # Another writer's object: listings are not cached.
 
 
 def test_staged_directory_on_gcs_cleans_up_a_failure_and_names_an_unfinished_one(gcs):
@@ -117,9 +120,9 @@ def test_data_tokenizer_and_safetensors_read_from_gcs(gcs, tmp_path):
 # -- The workflow: train, kill, resume, evaluate, convert, all on gs:// ---------------------------
 
 
-# The tiny preset, 2 epochs of 7 steps (a checkpoint at each epoch end), short rows; no dev
-# generations (evaluation has its own test below).
-TRAIN_ARGS = ["--config=configs/lima.py:tiny", "--config.train.epochs=2",
+# The tiny preset, 3 epochs of 7 steps (a checkpoint at each epoch end: two epochs to SIGKILL in
+# after the first), short rows; no dev generations (evaluation has its own test below).
+TRAIN_ARGS = ["--config=configs/lima.py:tiny", "--config.train.epochs=3",
               "--config.data.max_len=128", "--config.model.max_seq_len=128",
               "--config.sampling.max_len=128", "--config.train.dev_generations=0",
               "--config.train.peak_flops_per_device=1e11"]
@@ -200,7 +203,7 @@ def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_paramet
   _, stderr = proc.communicate(timeout=60)
   assert step is not None and still_running, f"no kill after a checkpoint (step {step}): {stderr[-3000:]}"
   latest = _finished_step(workdir)
-  assert latest < 14, latest
+  assert latest < 21, latest
   fake = f"{workdir}/checkpoints/{latest + 1}"
   _cut_short_copy(f"{workdir}/checkpoints/{latest}", fake)
   assert paths.path(f"{fake}/params").is_dir() and not ckpt_lib.is_checkpoint(fake)
@@ -211,13 +214,13 @@ def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_paramet
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   log = resumed.stdout + resumed.stderr
   assert f"checkpoints/{latest} at step {latest}" in log, log[-3000:]
-  assert ckpt_lib.resolve(workdir).name == "14"
+  assert ckpt_lib.resolve(workdir).name == "21"
   a, b = ckpt_lib.restore_params(unbroken), ckpt_lib.restore_params(workdir)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   metrics = [json.loads(l) for l in paths.path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 15))
-  assert [r["step"] for r in metrics if "dev_loss" in r] == [7, 14]
+  assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 22))
+  assert [r["step"] for r in metrics if "dev_loss" in r] == [7, 14, 21]
   assert any(n.startswith("events.out.tfevents.") for n in listing(f"{workdir}/tensorboard"))
 
 
