@@ -92,9 +92,10 @@ def write_bytes_atomic(target: PathLike, data: bytes) -> None:
     target.write_bytes(data)
     return
   directory = os.path.dirname(os.path.abspath(target)) or "."
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=directory)
+  # Not mkstemp: its 0600 mode would differ from a plainly written file's.
+  tmp = os.path.join(directory, f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "xb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
@@ -131,7 +132,7 @@ def staged_directory(destination: PathLike, *, fresh: bool = False,
   dest = absolute(destination)
   if dest.exists():
     hint = ""
-    if complete_when and not (dest / complete_when).exists():
+    if complete_when and is_remote(dest) and not (dest / complete_when).exists():
       hint = f" (without {complete_when}: an unfinished write; delete it to start over)"
     raise FileExistsError(f"{dest} already exists{hint}; choose a new output directory")
   if is_remote(dest):

@@ -183,9 +183,10 @@ def _cut_short_copy(step_dir, dest) -> None:
   import fsspec  # pylint: disable=g-import-not-at-top
   fs = fsspec.filesystem("gs")
   fs.copy(step_dir, dest, recursive=True)
-  for obj in fs.find(dest):
-    if obj.endswith("/" + convert.ORBAX_COMMIT_FILE) or ("/params/" in obj and "/d/" in obj):
-      fs.rm(obj)
+  gone = [obj for obj in fs.find(dest)
+          if obj.endswith("/" + convert.ORBAX_COMMIT_FILE) or ("/params/" in obj and "/d/" in obj)]
+  fs.rm(gone)
+  assert any("/params/" in obj for obj in gone) and len(gone) >= 2, gone
 
 
 def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_parameters(gcs, job, unbroken):
