@@ -107,13 +107,14 @@ def test_data_tokenizer_and_safetensors_read_from_gcs(gcs, tmp_path):
   assert {p.name for p in written} <= set(listing(f"{base}/tok_out"))
   assert tokenizer_lib.load_tokenizer(f"{base}/tok_out").vocab_size == tok.vocab_size
   rng = np.random.default_rng(0)
-  arrays = {"a": rng.standard_normal((50, 7)).astype(np.float32),
+  # 12.5 MiB: more than gcsfs's 5 MiB block, so the write is a multi-part (resumable) upload.
+  arrays = {"a": rng.standard_normal((3200, 1024)).astype(np.float32),
             "b": rng.standard_normal((3,)).astype(np.float16)}
-  sources = [safetensors_io.TensorSource(k, v.dtype, v.shape, lambda v=v: [v[:20], v[20:]])
+  sources = [safetensors_io.TensorSource(k, v.dtype, v.shape, lambda v=v: [v[:2000], v[2000:]])
              for k, v in arrays.items()]
   safetensors_io.write_file(f"{base}/w.safetensors", sources)
   st = safetensors_io.SafetensorsFile(f"{base}/w.safetensors")
-  np.testing.assert_array_equal(st.read_rows("a", 13, 31), arrays["a"][13:31])
+  np.testing.assert_array_equal(st.read_rows("a", 1999, 2031), arrays["a"][1999:2031])
   np.testing.assert_array_equal(st.read("b"), arrays["b"])
 
 
