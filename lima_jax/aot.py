@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from lima_jax import hardware
+from lima_jax import paths
 
 GiB = hardware.GiB
 DEFAULT_MFU = 0.4
@@ -357,8 +358,7 @@ def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
     raise DoesNotFit(report) from e
   report["compile_seconds"] = round(time.perf_counter() - start, 1)
   if hlo_path:
-    with open(hlo_path, "w") as f:
-      f.write(compiled.as_text())
+    paths.write_text_atomic(hlo_path, compiled.as_text())
   mem = compiled.memory_analysis()
   peak = int(getattr(mem, "peak_memory_in_bytes", 0)) or int(
       mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

@@ -8,10 +8,10 @@ A checkpoint is a directory of Orbax items:
 
 Training step directories (`WORKDIR/checkpoints/<step>/`) add `opt_state/` and `train_state/`,
 so a converted checkpoint and a training checkpoint are read by the same functions. Orbax writes
-to a temporary directory and renames it on success: a crash never leaves one that looks complete.
+to a temporary directory and renames it on success (on GCS, which cannot rename, it writes in place
+and commit_success.txt last): a crash never leaves one that looks complete.
 """
 
-import os
 import re
 from typing import Any, Mapping
 
@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lima_jax import paths
 from lima_jax.model import ModelConfig
 
 PARAMS = "params"
@@ -29,7 +30,8 @@ HF_CONFIG = "config.json"  # What makes a directory a Hugging Face model (see `i
 
 
 def _path(path) -> epath.Path:
-  return epath.Path(os.fspath(path))
+  # Not epath's .absolute(): it turns gs://B/x into $PWD/gs:/B/x.
+  return paths.absolute(path)
 
 
 def is_checkpoint(path) -> bool:
@@ -87,12 +89,12 @@ def save_model(path, params: Mapping, model_config: ModelConfig,
   if tokenizer_blob is not None:
     items[TOKENIZER] = ocp.args.JsonSave(dict(tokenizer_blob))
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(path.absolute(), ocp.args.Composite(**items))
+    checkpointer.save(path, ocp.args.Composite(**items))
 
 
 def _read_json_item(path: epath.Path, item: str):
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(path.absolute(), ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    return checkpointer.restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
 
 def read_model_config(path) -> ModelConfig:
@@ -117,7 +119,7 @@ def restore_params(path, target: Any = None) -> dict:
   path = resolve(path)
   if target is None:
     with ocp.StandardCheckpointer() as checkpointer:
-      meta = checkpointer.metadata(path.absolute() / PARAMS)
+      meta = checkpointer.metadata(path / PARAMS)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     device = jax.devices()[0]
@@ -125,7 +127,7 @@ def restore_params(path, target: Any = None) -> dict:
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
         tree)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(path.absolute(), ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+    restored = checkpointer.restore(path, ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
   return restored[PARAMS]
 
 
@@ -149,7 +151,7 @@ def checkpoint_manager(workdir, *, keep: int = 0, async_save: bool = True) -> oc
   handlers = {PARAMS: ocp.StandardCheckpointHandler(), OPT_STATE: ocp.StandardCheckpointHandler(),
               MODEL_CONFIG: ocp.JsonCheckpointHandler(), TOKENIZER: ocp.JsonCheckpointHandler(),
               TRAIN_STATE: ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(_path(workdir).absolute() / CHECKPOINTS_SUBDIR, options=options,
+  return ocp.CheckpointManager(_path(workdir) / CHECKPOINTS_SUBDIR, options=options,
                                item_handlers=handlers)
 
 

@@ -33,10 +33,7 @@ import json
 import logging
 import math
 import os
-import pathlib
-import shutil
 import sys
-import tempfile
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -49,6 +46,7 @@ from etils import epath
 from lima_jax import checkpoint
 from lima_jax import errors
 from lima_jax import model as model_lib
+from lima_jax import paths
 from lima_jax import safetensors_io
 from lima_jax.model import ModelConfig
 
@@ -74,7 +72,7 @@ class ConversionError(errors.InputError):
 # -- Hugging Face config.json <-> ModelConfig. ------------------------------------------------
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: epath.Path) -> dict:
   if not path.is_file():
     raise ConversionError(f"{path}: file not found")
   try:
@@ -120,7 +118,7 @@ def hf_config_to_model_config(config_json: Mapping[str, Any] | str | os.PathLike
   if isinstance(config_json, Mapping):
     cfg, source = dict(config_json), CONFIG_FILE
   else:
-    path = pathlib.Path(config_json)
+    path = paths.path(config_json)
     path = path / CONFIG_FILE if path.is_dir() else path
     cfg, source = _read_json(path), str(path)
   model_type = cfg.get("model_type")
@@ -373,7 +371,7 @@ class HFCheckpoint:
   """
 
   def __init__(self, directory: str | os.PathLike):
-    self.dir = pathlib.Path(directory)
+    self.dir = paths.path(directory)
     if not self.dir.is_dir():
       raise ConversionError(f"{self.dir}: no such directory")
     self.config_json = _read_json(self.dir / CONFIG_FILE)
@@ -413,7 +411,7 @@ class HFCheckpoint:
     raise ConversionError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (found: {found[:10]}).{hint}")
 
   @staticmethod
-  def _open(path: pathlib.Path) -> safetensors_io.SafetensorsFile:
+  def _open(path: epath.Path) -> safetensors_io.SafetensorsFile:
     try:
       return safetensors_io.SafetensorsFile(path)
     except ValueError as e:
@@ -538,7 +536,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> model_li
   dtype = jnp.dtype(dtype).name
   if dtype not in DTYPES:
     raise ConversionError(f"dtype={dtype!r}; expected one of {DTYPES}")
-  path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  path = paths.path(path)
   if checkpoint.is_hf_dir(path):
     params, config = load_hf_params(path, dtype=dtype)
     return model_lib.bind(config.replace(dtype=dtype), params)
@@ -688,13 +686,13 @@ def save_streamed(path: epath.Path, params: Mapping, model_config_json: Mapping[
   if tokenizer_blob is not None:
     items[checkpoint.TOKENIZER] = ocp.args.JsonSave(dict(tokenizer_blob))
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(epath.Path(path).absolute(), ocp.args.Composite(**items))
+    checkpointer.save(paths.absolute(path), ocp.args.Composite(**items))
 
 
 def open_params(path) -> dict[tuple[str, ...], Any]:
   """Each parameter of a lima_jax checkpoint as an open TensorStore (lazy; slice, then read)."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  params_dir = epath.Path(checkpoint.resolve(path)).absolute() / checkpoint.PARAMS
+  params_dir = checkpoint.resolve(path) / checkpoint.PARAMS
   with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:  # (no _CHECKPOINT_METADATA per item)
     meta = ckptr.metadata(params_dir)
   tree = getattr(meta, "item_metadata", meta)
@@ -720,40 +718,22 @@ def open_params(path) -> dict[tuple[str, ...], Any]:
 
 # -- The two conversions. -------------------------------------------------------------------------
 
+# Orbax's mark of a finished save where it cannot rename (object stores): written last.
+ORBAX_COMMIT_FILE = "commit_success.txt"
+
 
 @contextlib.contextmanager
-def staged_directory(destination: str | os.PathLike, subdir: str | None = None):
-  """Yields a temporary directory next to `destination`, renamed to it only on success.
-
-  With `subdir`, the writer creates `tmp/subdir` (e.g. Orbax, which wants a fresh path) and
-  that becomes `destination`. On any failure the temporary directory, and any parent directory
-  this created, are removed: a failed conversion leaves nothing behind.
-  """
-  dest = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(destination))))
-  if dest.exists():
-    raise ConversionError(f"{dest} already exists; choose a new output directory")
-  created = []
-  parent = dest.parent
-  while not parent.exists():
-    created.append(parent)
-    parent = parent.parent
-  for d in reversed(created):
-    d.mkdir()
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-  try:
-    yield tmp
-    os.rename(tmp / subdir if subdir else tmp, dest)
-    if subdir:
-      shutil.rmtree(tmp)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    for d in created:
-      with contextlib.suppress(OSError):
-        d.rmdir()
-    raise
+def _staged(destination, **kwargs):
+  """`paths.staged_directory`, an existing destination reported as a ConversionError."""
+  with contextlib.ExitStack() as stack:
+    try:
+      out = stack.enter_context(paths.staged_directory(destination, **kwargs))
+    except FileExistsError as e:
+      raise ConversionError(str(e)) from None
+    yield out
 
 
-def _load_tokenizer_blob(hf_dir: pathlib.Path, eot: str, strict: bool) -> dict | None:
+def _load_tokenizer_blob(hf_dir: epath.Path, eot: str, strict: bool) -> dict | None:
   """The directory's tokenizer as a checkpoint blob; None if it has none.
 
   A tokenizer that fails to load is an error when `strict` (the vocabulary size depends on it),
@@ -790,7 +770,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype
   is stored in the checkpoint with `eot` as its EOT text; `add_eot` also grows the embedding and
   LM head to the tokenizer's vocabulary (EOT included), new rows at the mean of the old ones.
   """
-  hf_dir = pathlib.Path(hf_dir)
+  hf_dir = paths.path(hf_dir)
   hf = HFCheckpoint(hf_dir)
   config = hf.model_config
   if dtype is not None and dtype not in DTYPES:
@@ -823,14 +803,14 @@ def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype
   if dtype:
     out_config = out_config.replace(param_dtype=dtype)
   config_json = {**out_config.to_dict(), SPECIAL_TOKENS_KEY: hf.special_tokens()}
-  with staged_directory(ckpt_dir, subdir="checkpoint") as tmp:
-    save_streamed(epath.Path(tmp) / "checkpoint", tree, config_json, blob)
+  with _staged(ckpt_dir, fresh=True, complete_when=ORBAX_COMMIT_FILE) as out:
+    save_streamed(out, tree, config_json, blob)
   return out_config
 
 
 def _read_config_json(ckpt: epath.Path) -> dict:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(ckpt.absolute(), ocp.args.Composite(
+    restored = checkpointer.restore(paths.absolute(ckpt), ocp.args.Composite(
         **{checkpoint.MODEL_CONFIG: ocp.args.JsonRestore()}))
   return dict(restored[checkpoint.MODEL_CONFIG])
 
@@ -903,23 +883,25 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
       print(f"warning: {ckpt}: the model has {config.vocab_size} rows, no row for EOT (id "
             f"{eot_id}); generation_config.json stops at EOS only", file=sys.stderr)
       eot_id = None
-  with staged_directory(hf_dir) as tmp:
+  # config.json goes last: on GCS (no rename) it is what marks the directory complete, and every
+  # reader of a Hugging Face directory (ours, transformers) requires it.
+  with _staged(hf_dir, complete_when=CONFIG_FILE) as out:
     for shard, name in zip(shards, names):
-      safetensors_io.write_file(tmp / name, shard)
+      safetensors_io.write_file(out / name, shard)
       written.append(name)
     if len(shards) > 1:
       index = {"metadata": {"total_size": sum(s.nbytes for s in sources)},
                "weight_map": {s.name: n for shard, n in zip(shards, names) for s in shard}}
-      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+      (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
       written.append(INDEX_FILE)
-    hf_config = model_config_to_hf_config(config, dtype=out_dtype, special_tokens=tokens)
-    (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    written.append(CONFIG_FILE)
-    (tmp / GENERATION_CONFIG_FILE).write_text(
+    (out / GENERATION_CONFIG_FILE).write_text(
         json.dumps(generation_config(tokens, eot_id), indent=2) + "\n")
     written.append(GENERATION_CONFIG_FILE)
     if tokenizer is not None:
-      written += [p.name for p in tokenizer.save_files(tmp)]
+      written += [p.name for p in tokenizer.save_files(out)]
+    hf_config = model_config_to_hf_config(config, dtype=out_dtype, special_tokens=tokens)
+    (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    written.append(CONFIG_FILE)
   return written
 
 

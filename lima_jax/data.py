@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -47,6 +46,7 @@ import grain
 import numpy as np
 
 from lima_jax import errors
+from lima_jax import paths as paths_lib
 from lima_jax import tokenizer as tokenizer_lib
 
 _log = logging.getLogger(__name__)
@@ -230,36 +230,37 @@ def parse_record(record: Any, kind: str = TRAIN) -> tuple[tuple[str, ...], str, 
 
 def read_jsonl(path: str | os.PathLike[str], *, kind: str = TRAIN, skip_bad_lines: bool = False,
                stats: DataStats | None = None) -> list[Conversation]:
-  """Reads and validates one JSONL file; blank lines are allowed and ignored.
+  """Reads and validates one JSONL file (local or gs://); blank lines are allowed and ignored.
 
   Raises:
     FileNotFoundError: no such file.
     DataError: the first bad line (unless `skip_bad_lines`), or a file without any record.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  file = paths_lib.path(path)
+  path = os.fspath(file)
+  if not file.is_file():
     raise FileNotFoundError(f"{path}: data file not found")
   stats = stats if stats is not None else DataStats()
   conversations, bad = [], []
-  with open(path, "rb") as f:
-    for line_number, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
+  # One read, then lines: a gs:// object is fetched whole rather than line by line.
+  for line_number, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+    if not raw.strip():
+      continue
+    try:
       try:
-        try:
-          record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-          raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-          raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-        turns, source, extra = parse_record(record, kind)
-      except ValueError as e:
-        if not skip_bad_lines:
-          raise DataError(path, line_number, str(e)) from None
-        bad.append(BadLine(path, line_number, str(e)))
-        _log.warning("skipping bad line %s", bad[-1])
-        continue
-      conversations.append(Conversation(turns, source, path, line_number, extra))
+        record = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+      except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+      turns, source, extra = parse_record(record, kind)
+    except ValueError as e:
+      if not skip_bad_lines:
+        raise DataError(path, line_number, str(e)) from None
+      bad.append(BadLine(path, line_number, str(e)))
+      _log.warning("skipping bad line %s", bad[-1])
+      continue
+    conversations.append(Conversation(turns, source, path, line_number, extra))
   if not conversations:
     reason = (f"every line is bad ({len(bad)} skipped)" if bad
               else "the file has no records (it is empty or holds only blank lines)")
@@ -270,21 +271,18 @@ def read_jsonl(path: str | os.PathLike[str], *, kind: str = TRAIN, skip_bad_line
 
 
 def expand_paths(paths: str | Sequence[str]) -> list[str]:
-  """Comma-separated files or glob patterns (or a list of them) -> files, globs sorted."""
+  """Comma-separated files or glob patterns (or a list of them; local or gs://) -> files, globs
+  sorted."""
   patterns = paths.split(",") if isinstance(paths, str) else list(paths)
   patterns = [p.strip() for p in patterns if p.strip()]
   if not patterns:
     raise ValueError("no data path given")
   files = []
   for pattern in patterns:
-    pattern = os.path.expanduser(pattern)
-    if glob.has_magic(pattern):
-      matches = sorted(glob.glob(pattern))
-      if not matches:
-        raise FileNotFoundError(f"{pattern}: the pattern matches no file")
-      files.extend(matches)
-    else:
-      files.append(pattern)
+    matches = paths_lib.expand_globs(pattern)
+    if not matches:
+      raise FileNotFoundError(f"{pattern}: the pattern matches no file")
+    files.extend(os.fspath(m) for m in matches)
   return files
 
 

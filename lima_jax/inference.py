@@ -17,16 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from jax.sharding import Mesh
 
 from lima_jax import checkpoint
 from lima_jax import data as data_lib
 from lima_jax import model as model_lib
+from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import tokenizer as tokenizer_lib
 
@@ -67,7 +68,7 @@ class LoadedModel:
 _is_hf_dir = checkpoint.is_hf_dir
 
 
-def _generation_config_eos(path: pathlib.Path) -> list[int]:
+def _generation_config_eos(path: epath.Path) -> list[int]:
   """EOS ids a Hugging Face generation_config.json lists (LLaMA-3 lists several)."""
   file = path / HF_GENERATION_CONFIG
   if not file.is_file():
@@ -101,7 +102,7 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
   `tokenizer_path` overrides the source's tokenizer; `dtype` ("float32", "bfloat16") overrides
   the parameter and compute dtype (default: the checkpoint's, float32 for Hugging Face).
   """
-  path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  path = paths.path(path)
   notes: list[str] = []
   extra_stops: list[int] = []
   if _is_hf_dir(path):
@@ -119,9 +120,9 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
     except FileNotFoundError as e:
       raise FileNotFoundError(f"--checkpoint {path}: neither a Hugging Face directory (no {HF_CONFIG}) "
                               f"nor a lima_jax checkpoint ({e})") from None
-    if ckpt != path:
+    if ckpt != paths.absolute(path):
       notes.append(f"using checkpoint {ckpt}")
-    path = pathlib.Path(os.fspath(ckpt))
+    path = ckpt
     config = _with_dtype(checkpoint.read_model_config(ckpt), dtype)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           model_lib.abstract_params(config), _shardings(config, mesh))
@@ -156,7 +157,7 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
 
 def generator_name(path: str | os.PathLike) -> str:
   """A default name for a model's answers: its directory, with the step for training checkpoints."""
-  p = pathlib.Path(os.path.abspath(os.fspath(path)))
+  p = paths.absolute(path)
   if p.name.isdigit() and p.parent.name == checkpoint.CHECKPOINTS_SUBDIR:
     return f"{p.parent.parent.name}-step{p.name}"
   return p.name

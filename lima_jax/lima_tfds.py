@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 
 from etils import epath
@@ -27,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lima_jax import data as data_lib
+from lima_jax import paths
 
 SPLIT_FILES = {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
 FILE_FORMAT = "array_record"
@@ -76,7 +76,7 @@ class Lima(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    manual_dir = paths.path(dl_manager.manual_dir)
     present = {split: manual_dir / name for split, name in SPLIT_FILES.items()
                if (manual_dir / name).is_file()}
     if "train" not in present:

@@ -1,9 +1,10 @@
 """What a user watches during training: `metrics.jsonl`, TensorBoard events, a progress bar.
 
 Only process 0 writes (every writer here is a no-op elsewhere), so a pod slice produces one
-log. `metrics.jsonl` is rewritten whole and atomically (temporary file + rename) rather than
-appended, because object stores (`gs://`) cannot append; on a resume, lines past the restored
-step are dropped, so the file reads as one uninterrupted run.
+log. `metrics.jsonl` is rewritten whole and atomically (`paths.write_text_atomic`: temporary
+file + rename locally, one object upload on GCS) rather than appended, because object stores
+(`gs://`) cannot append; on a resume, lines past the restored step are dropped, so the file reads
+as one uninterrupted run. TensorBoard event files on gs:// go through google-cloud-storage.
 """
 
 import json
@@ -13,7 +14,8 @@ from typing import Any, Mapping
 
 import jax
 from absl import logging
-from etils import epath
+
+from lima_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -38,7 +40,7 @@ class MetricWriter:
 
   def __init__(self, workdir, *, resume_step: int = 0, flush_every_s: float = 10.0):
     self.active = jax.process_index() == 0
-    self._path = epath.Path(workdir) / METRICS_FILE
+    self._path = paths.path(workdir) / METRICS_FILE
     self._flush_every_s = flush_every_s
     self._last_flush = 0.0
     self._lines: list[str] = []
@@ -56,7 +58,7 @@ class MetricWriter:
       self._dirty = True
     import tensorboardX  # pylint: disable=g-import-not-at-top
     try:
-      self._tb = tensorboardX.SummaryWriter(logdir=str(epath.Path(workdir) / TENSORBOARD_DIR),
+      self._tb = tensorboardX.SummaryWriter(logdir=str(paths.path(workdir) / TENSORBOARD_DIR),
                                             purge_step=resume_step + 1 if resume_step else None)
     except ImportError as e:  # gs:// event files need google-cloud-storage.
       logging.warning("TensorBoard events are off (%s); metrics still go to %s", e, self._path)
@@ -80,7 +82,7 @@ class MetricWriter:
     if not self.active or not self._dirty:
       return
     self._path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(self._path, "".join(line + "\n" for line in self._lines))
+    paths.write_text_atomic(self._path, "".join(line + "\n" for line in self._lines))
     if self._tb is not None:
       self._tb.flush()
     self._dirty = False
@@ -92,14 +94,6 @@ class MetricWriter:
     self.flush()
     if self._tb is not None:
       self._tb.close()
-
-
-def write_text_atomic(path, text: str) -> None:
-  """Writes `path` so that a reader sees the old file or the new one, never a partial one."""
-  path = epath.Path(path)
-  tmp = path.parent / f".{path.name}.tmp-{jax.process_index()}-{time.time_ns()}"
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 class ProgressBar:

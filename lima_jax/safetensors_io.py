@@ -7,6 +7,8 @@ JSON header `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadat
 then the tensors' bytes back to back in C order. Reading with `readinto` at an offset touches only
 the rows asked for, and writing tensor by tensor from generators of blocks never holds a whole
 shard, which is what lets a 65B model convert on a host with far less memory than the model.
+Files are opened through lima_jax.paths, so they may live on gs:// (reads are byte ranges; a
+write is one streamed object upload, visible only once complete).
 """
 
 import dataclasses
@@ -17,6 +19,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from lima_jax import paths
 
 # safetensors dtype names <-> NumPy. Floating types only: lima_jax never stores quantized weights.
 FLOAT_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
@@ -45,9 +49,9 @@ class SafetensorsFile:
   """Random access to the tensors of one .safetensors file, without mapping it."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = os.fspath(path)
+    self.path = paths.path(path)
     try:
-      with open(self.path, "rb") as f:
+      with self.path.open("rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
           raise ValueError("file is shorter than the 8-byte header length")
@@ -55,7 +59,7 @@ class SafetensorsFile:
         if header_len > _MAX_HEADER_BYTES:
           raise ValueError(f"header length {header_len} is implausible")
         header = json.loads(f.read(header_len))
-      size = os.path.getsize(self.path)
+        size = f.seek(0, os.SEEK_END)
     except (OSError, ValueError) as e:
       raise ValueError(f"{self.path}: not a readable safetensors file ({e})") from e
     self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
@@ -81,7 +85,7 @@ class SafetensorsFile:
     out = np.empty((stop - start,) + info.shape[1:], dtype)
     offset = info.begin + start * row_elems * dtype.itemsize
     buffer = memoryview(out.reshape(-1).view(np.uint8))
-    with open(self.path, "rb", buffering=0) as f:
+    with self.path.open("rb") as f:
       f.seek(offset)
       got = 0
       while got < len(buffer):
@@ -135,7 +139,7 @@ def write_file(path: str | os.PathLike, sources: Sequence[TensorSource],
   """
   sources = sorted(sources, key=lambda s: -np.dtype(s.dtype).itemsize)
   header = _header_bytes(sources, dict(metadata))
-  with open(path, "wb") as f:
+  with paths.path(path).open("wb") as f:
     f.write(struct.pack("<Q", len(header)))
     f.write(header)
     for s in sources:

@@ -23,8 +23,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
+
+from etils import epath
+
+from lima_jax import paths
 
 SENTENCEPIECE = "sentencepiece"
 HF_JSON = "hf_json"
@@ -245,7 +248,7 @@ class Tokenizer:
     files = {name: base64.b64decode(data) for name, data in blob["files"].items()}
     return cls(blob["kind"], files, eot=blob["eot"])
 
-  def save_files(self, directory: str | os.PathLike[str]) -> list[pathlib.Path]:
+  def save_files(self, directory: str | os.PathLike[str]) -> list[epath.Path]:
     """Writes the tokenizer as a Hugging Face directory, with EOT declared as a special token.
 
     Writes the original `tokenizer.model` or `tokenizer.json` (the latter with EOT appended to
@@ -253,7 +256,7 @@ class Tokenizer:
     `transformers.AutoTokenizer` maps the EOT text to `eot_id` and `load_tokenizer` on the
     directory gives back this tokenizer. Returns the written paths.
     """
-    directory = pathlib.Path(directory)
+    directory = paths.path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     eot_entry = {"content": self.eot_text, "lstrip": False, "rstrip": False,
                  "normalized": False, "single_word": False, "special": True}
@@ -291,7 +294,7 @@ class Tokenizer:
     return written
 
 
-def _read_tokenizer_files(path: pathlib.Path) -> tuple[str, dict[str, bytes]]:
+def _read_tokenizer_files(path: epath.Path) -> tuple[str, dict[str, bytes]]:
   """Finds the vocabulary at `path` (a file or a model directory) and reads it, with its configs."""
   if path.is_dir():
     if (path / SP_FILE).is_file():  # LLaMA-1/2 HF directories hold both; the .model is canonical.
@@ -313,7 +316,7 @@ def _read_tokenizer_files(path: pathlib.Path) -> tuple[str, dict[str, bytes]]:
   return SENTENCEPIECE, {SP_FILE: path.read_bytes()}
 
 
-def _checkpoint_blob(path: pathlib.Path) -> dict | None:
+def _checkpoint_blob(path: epath.Path) -> dict | None:
   """The tokenizer a lima_jax checkpoint (or a workdir's newest one) carries, else None."""
   from lima_jax import checkpoint  # pylint: disable=g-import-not-at-top  # Orbax: only when needed.
   try:
@@ -330,7 +333,7 @@ def load_tokenizer(path: str | os.PathLike[str], eot: str = DEFAULT_EOT) -> Toke
   `tokenizer_config.json` / `special_tokens_map.json` (if present) names BOS, EOS and pad. A
   checkpoint's tokenizer keeps the EOT it was trained with; `eot` applies to the files only.
   """
-  path = pathlib.Path(os.path.expanduser(os.fspath(path)))
+  path = paths.path(path)
   if path.is_dir() and not (path / SP_FILE).is_file() and not (path / HF_FILE).is_file():
     blob = _checkpoint_blob(path)
     if blob is not None:

@@ -25,7 +25,6 @@ import numpy as np
 import optax
 import tqdm
 from absl import logging
-from etils import epath
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -38,6 +37,7 @@ from lima_jax import hardware
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
 from lima_jax import optim
+from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import tokenizer as tokenizer_lib
@@ -490,7 +490,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the job in `workdir`; returns a summary (final step, losses, why it ended)."""
 
   maybe_initialize_distributed(config)
-  workdir = epath.Path(workdir)
+  workdir = paths.path(workdir)
   run_data = RunData(config)  # Bad data stops the run here, before any compile or weight load.
   steps_per_epoch = run_data.train.steps_per_epoch
   total_steps = int(config.train.epochs) * steps_per_epoch
@@ -583,6 +583,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       preempted = stop.should_stop(step)
       stopping = preempted or step == int(config.train.get("stop_at_step", 0))
       if epoch_end or periodic or stopping or step == total_steps:
+        writer.flush()  # metrics.jsonl covers every step a resume from this checkpoint keeps.
         save(step)
       if epoch_end and not preempted:  # A preempted host has seconds left: only the save counts.
         done = step // steps_per_epoch
@@ -595,8 +596,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if generations and jax.process_index() == 0:
           records = [{"epoch": done, "step": step, **g} for g in generations]
           (workdir / "dev_generations").mkdir(parents=True, exist_ok=True)
-          metrics_lib.write_text_atomic(workdir / "dev_generations" / f"epoch_{done}.jsonl",
-                                        "".join(json.dumps(r) + "\n" for r in records))
+          paths.write_text_atomic(workdir / "dev_generations" / f"epoch_{done}.jsonl",
+                                  "".join(json.dumps(r) + "\n" for r in records))
         summary["generations"] = generations
         last = time.perf_counter()  # Evaluation time is not step time.
       if stopping:

@@ -21,6 +21,7 @@ import sys
 
 from lima_jax import aot
 from lima_jax import errors
+from lima_jax import paths
 from lima_jax.cli import common
 
 
@@ -39,14 +40,10 @@ def define_flags() -> None:
 
 
 def write_json(path: str, data: dict) -> None:
-  """Atomic: a reader sees the old file or the whole new one, never half."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Atomic (local or gs://, see lima_jax.paths): a reader sees the old file or the whole new one."""
+  target = paths.path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv, log_dir: str):

@@ -22,12 +22,14 @@ invalid JSON) stops the run with its file and line and exit status 2.
 """
 
 import json
+import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
 from lima_jax import errors
+from lima_jax import paths
 from lima_jax.cli import common
 
 PAIRWISE_LABELS = ("a", "tie", "b")
@@ -39,20 +41,21 @@ InputError = errors.InputError  # A problem in an input file; the message names 
 
 
 def _json_lines(path: str):
+  """(line number, object) of a JSONL file, local or gs://."""
   try:
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InputError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-          raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+    text = paths.path(path).read_text(encoding="utf-8")
   except OSError as e:
-    raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+  for number, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+      raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    yield number, record
 
 
 def prompt_ids(path: str) -> set[str]:

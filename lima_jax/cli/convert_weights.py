@@ -15,9 +15,11 @@ orbax-to-hf accepts a checkpoint directory or a training workdir (its newest ste
 sharded safetensors + index, config.json, generation_config.json (LIMA's sampling) and the
 tokenizer files when the checkpoint carries a tokenizer.
 
-Either command writes into a temporary directory next to the destination and renames it at the
-end; on bad input it prints what is wrong (file, field, tensor) and exits with status 2,
-leaving no output directory behind.
+Either side may be a gs:// URI. Locally, either command writes into a temporary directory next to
+the destination and renames it at the end; on gs://, which cannot rename, it writes in place and
+the file readers require last (Orbax's commit_success.txt, the Hugging Face config.json). On bad
+input it prints what is wrong (file, field, tensor) and exits with status 2, leaving no output
+directory behind.
 """
 
 import ctypes

@@ -19,10 +19,13 @@ shorthands for `--config.sampling.*`.
 
 Output JSONL, one line per prompt (per turn for MT-Bench) in the prompts' order: id,
 conversation, response, generator, decoding, model, prompt_tokens, response_tokens,
-finish_reason (stop | length | max_len), prompt_truncated. Each finished batch is appended to
-OUTPUT.partial and fsync'ed; OUTPUT appears (by rename) only once every prompt is answered. A
-rerun with the same settings resumes from OUTPUT.partial (a torn last line is dropped and its
-prompt answered again); with other settings it stops rather than mix them.
+finish_reason (stop | length | max_len), prompt_truncated. After each finished batch,
+OUTPUT.partial is rewritten whole and atomically (object stores cannot append); OUTPUT appears
+only once every prompt is answered. Atomic means: locally a temporary file, fsync'ed and renamed;
+on gs:// one object upload, which replaces the object only once complete. A rerun with the same
+settings resumes from OUTPUT.partial (a torn last line, e.g. from an older appending version, is
+dropped and its prompt answered again); with other settings it stops rather than mix them. Every
+path (--checkpoint, --prompts, --output, --alpaca_eval, --mt_bench, --tokenizer) may be gs://.
 
 `--alpaca_eval FILE` also writes AlpacaEval's model-outputs JSON (a list of `instruction`,
 `output`, `generator`, `dataset`); `--mt_bench FILE` writes FastChat's MT-Bench answer JSONL
@@ -40,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 from lima_jax import data as data_lib
 from lima_jax import errors
+from lima_jax import paths
 from lima_jax import sampling
 from lima_jax.cli import common
 
@@ -62,15 +66,19 @@ class Prompt:
 # -- Reading prompts ----------------------------------------------------------------------------
 
 
+def _lines(path: str) -> list[str]:
+  """The lines of a text file, local or gs:// (read whole: a gs:// object is one request)."""
+  return paths.path(path).read_text(encoding="utf-8").split("\n")
+
+
 def _first_record(path: str) -> dict | None:
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          return None
-        return record if isinstance(record, dict) else None
+  for line in _lines(path):
+    if line.strip():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        return None
+      return record if isinstance(record, dict) else None
   return None
 
 
@@ -101,60 +109,43 @@ def read_prompts(path: str) -> list[Prompt]:
 def read_mt_bench(path: str) -> list[dict]:
   """MT-Bench questions: {"question_id", "category", "turns": [str, ...]}."""
   questions, seen = [], {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InputError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or "question_id" not in record:
-        raise InputError(f"{where}: an MT-Bench question needs question_id and turns")
-      turns = record.get("turns")
-      if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise InputError(f"{where}: turns must be a non-empty list of non-empty strings")
-      qid = record["question_id"]
-      if str(qid) in seen:
-        raise InputError(f"{where}: duplicate question_id {qid!r} (first on line {seen[str(qid)]})")
-      seen[str(qid)] = number
-      questions.append(dict(record, _index=len(questions)))
+  for number, line in enumerate(_lines(path), 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{number}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or "question_id" not in record:
+      raise InputError(f"{where}: an MT-Bench question needs question_id and turns")
+    turns = record.get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+      raise InputError(f"{where}: turns must be a non-empty list of non-empty strings")
+    qid = record["question_id"]
+    if str(qid) in seen:
+      raise InputError(f"{where}: duplicate question_id {qid!r} (first on line {seen[str(qid)]})")
+    seen[str(qid)] = number
+    questions.append(dict(record, _index=len(questions)))
   if not questions:
     raise InputError(f"{path}: no questions")
   return questions
 
 
-# -- The partial file: append, fsync, resume ----------------------------------------------------
+# -- The partial file: rewritten atomically per batch, resumed from -------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-  fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Readers see the old file or the whole new one, never a part."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  _fsync_dir(path)
+def _jsonl(records: Sequence[dict]) -> str:
+  return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def read_partial(path: str) -> tuple[list[dict], bool]:
   """Records of a partial file, and whether a torn last line was dropped.
 
-  Only the last line may be torn (a crash in the middle of an append); a bad line elsewhere means
-  the file is not ours, and is an error.
+  Only the last line may be torn (a crash in the middle of an append, by versions that appended);
+  a bad line elsewhere means the file is not ours, and is an error.
   """
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  lines = _lines(path)
   torn = False
   if lines and lines[-1] == "":
     lines.pop()
@@ -181,7 +172,7 @@ def _record_key(record_or_prompt) -> str:
 
 
 class ResponseLog:
-  """Finished responses, appended to OUTPUT.partial as they come; resumes from it."""
+  """Finished responses, saved to OUTPUT.partial (rewritten whole) as they come; resumes from it."""
 
   def __init__(self, output: str, settings: dict, writer: bool, log: Callable[[str], None]):
     self.output = output
@@ -189,15 +180,15 @@ class ResponseLog:
     self.settings = settings
     self.writer = writer
     self.records: dict[str, dict] = {}
-    if os.path.exists(self.partial):
+    if paths.path(self.partial).exists():
       records, torn = read_partial(self.partial)
       for number, r in enumerate(records, 1):
         self._check_settings(r, number)
         self.records[_record_key(r)] = r
       if torn:
         log(f"{self.partial}: dropped a torn last line; that prompt is answered again")
-      if writer:  # Rewrite without the torn line before appending to it.
-        write_atomic(self.partial, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+      if writer and torn:
+        paths.write_text_atomic(self.partial, _jsonl(records))
       log(f"resuming: {len(self.records)} responses already in {self.partial}")
 
   def _check_settings(self, record: dict, number: int) -> None:
@@ -216,20 +207,18 @@ class ResponseLog:
       self.records[_record_key(r)] = r
     if not self.writer or not records:
       return
-    with open(self.partial, "a", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    # Whole, not appended: gs:// objects cannot grow, and a crash leaves the previous version.
+    paths.write_text_atomic(self.partial, _jsonl(list(self.records.values())))
 
   def finish(self, order: Sequence[str]) -> list[dict]:
     """Writes OUTPUT in `order` (the writer holds every record) and removes the partial file."""
     if not self.writer:
       return [self.records[k] for k in order if k in self.records]
     ordered = [self.records[k] for k in order]
-    write_atomic(self.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
-    if os.path.exists(self.partial):
-      os.remove(self.partial)
+    paths.write_text_atomic(self.output, _jsonl(ordered))
+    partial = paths.path(self.partial)
+    if partial.exists():
+      partial.unlink()
     return ordered
 
 
@@ -307,9 +296,10 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
   from lima_jax import sharding  # pylint: disable=g-import-not-at-top
 
   for flag, path in (("--output", output), ("--alpaca_eval", alpaca_eval), ("--mt_bench", mt_bench)):
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    # Object stores have no directories to create first; a local one must exist.
+    if path and not paths.is_remote(path) and not paths.absolute(path).parent.is_dir():
       raise InputError(f"{flag} {path}: the directory does not exist")
-  if not os.path.isfile(prompts_path):
+  if not paths.path(prompts_path).is_file():
     raise InputError(f"--prompts {prompts_path}: no such file")
   mt = is_mt_bench_file(prompts_path)
   if mt_bench and not mt:
@@ -317,7 +307,7 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
                      f"{prompts_path} is not one")
   questions = read_mt_bench(prompts_path) if mt else None
   prompts = None if mt else read_prompts(prompts_path)
-  if os.path.exists(output) and not os.path.exists(output + PARTIAL_SUFFIX):
+  if paths.path(output).exists() and not paths.path(output + PARTIAL_SUFFIX).exists():
     raise InputError(f"--output {output} already exists (a finished run); choose another --output")
 
   try:
@@ -365,12 +355,12 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
   records = responses.finish(order)
   if writer:
     if alpaca_eval:
-      write_atomic(alpaca_eval, json.dumps(alpaca_eval_records(records, generator), indent=2,
-                                           ensure_ascii=False) + "\n")
+      paths.write_text_atomic(alpaca_eval, json.dumps(alpaca_eval_records(records, generator),
+                                                      indent=2, ensure_ascii=False) + "\n")
       log(f"wrote {alpaca_eval}")
     if mt_bench:
       lines = mt_bench_records(questions, records, generator)
-      write_atomic(mt_bench, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+      paths.write_text_atomic(mt_bench, _jsonl(lines))
       log(f"wrote {mt_bench}")
     log(f"wrote {output} ({len(records)} responses)")
   return records
