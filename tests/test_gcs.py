@@ -34,6 +34,7 @@ from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
 import convert_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -116,6 +117,9 @@ def test_data_tokenizer_and_safetensors_read_from_gcs(gcs, tmp_path):
   st = safetensors_io.SafetensorsFile(f"{base}/w.safetensors")
   np.testing.assert_array_equal(st.read_rows("a", 1999, 2031), arrays["a"][1999:2031])
   np.testing.assert_array_equal(st.read("b"), arrays["b"])
+  judged = f"{base}/judgements.jsonl"
+  paths.path(judged).write_text('{"id": "1", "winner": "a"}\n{"id": "2", "winner": "tie"}\n')
+  assert compare.read_judgements(judged, "pairwise") == {"1": "a", "2": "tie"}
 
 
 # -- The workflow: train, kill, resume, evaluate, convert, all on gs:// ---------------------------
@@ -247,6 +251,14 @@ def test_evaluate_reads_and_writes_gcs_and_resumes_its_partial_object(gcs, unbro
                            log=logs.append) == records
   assert any("resuming: 1 responses" in line for line in logs), logs
   assert not paths.path(again + evaluate.PARTIAL_SUFFIX).exists()
+  # MT-Bench: questions from gs://, answers to gs://.
+  questions, answers = gcs.uri("eval", "question.jsonl"), gcs.uri("eval", "mt_bench.jsonl")
+  paths.path(questions).write_text(json.dumps(
+      {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now another."]}) + "\n")
+  evaluate.evaluate(unbroken, questions, gcs.uri("eval", "mt.jsonl"), sampling_config=scfg,
+                    mt_bench=answers, generator="tiny", log=lambda _: None)
+  (answer,) = [json.loads(l) for l in paths.path(answers).read_text().splitlines()]
+  assert answer["question_id"] == 81 and len(answer["choices"][0]["turns"]) == 2
 
 
 def test_convert_to_hf_on_gcs_and_back_is_exact(gcs, unbroken):
