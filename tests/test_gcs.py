@@ -312,5 +312,9 @@ def test_a_kill_during_a_save_on_gcs_leaves_no_checkpoint_a_resume_restores(gcs,
   manager = ckpt_lib.checkpoint_manager(workdir)  # What a resumed run opens.
   try:
     assert manager.latest_step() == 2 and manager.all_steps() == [2]
+    deadline = time.time() + 30  # It deletes the unfinished step, so step 3 can be saved again.
+    while step3.exists() and time.time() < deadline:
+      time.sleep(0.2)
+    assert not step3.exists()
   finally:
     manager.close()
