@@ -18,7 +18,7 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("checkpoint", "convert", "data", "inference", "model", "sampling", "sharding",
+_SUBMODULES = ("checkpoint", "convert", "data", "inference", "model", "paths", "sampling", "sharding",
                "tokenizer", "train")
 
 
