@@ -18,8 +18,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("checkpoint", "convert", "data", "inference", "model", "paths", "sampling", "sharding",
-               "tokenizer", "train")
+_SUBMODULES = ("checkpoint", "convert", "data", "inference", "model", "paths", "sampling",
+               "sharding", "tokenizer", "train")
 
 
 def __getattr__(name):

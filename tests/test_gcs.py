@@ -103,7 +103,8 @@ def test_data_tokenizer_and_safetensors_read_from_gcs(gcs, tmp_path):
   with pytest.raises(FileNotFoundError, match="train-9"):
     data_lib.read_jsonl(f"{base}/lima/train-9.jsonl")
   tok = tokenizer_lib.load_tokenizer(f"{base}/tok")
-  assert tok.encode("Hello there") == tokenizer_lib.load_tokenizer(BUNDLED["tokenizer"]).encode("Hello there")
+  local_tok = tokenizer_lib.load_tokenizer(BUNDLED["tokenizer"])
+  assert tok.encode("Hello there") == local_tok.encode("Hello there")
   written = tok.save_files(f"{base}/tok_out")
   assert {p.name for p in written} <= set(listing(f"{base}/tok_out"))
   assert tokenizer_lib.load_tokenizer(f"{base}/tok_out").vocab_size == tok.vocab_size
@@ -194,7 +195,8 @@ def _cut_short_copy(step_dir, dest) -> None:
   assert any("/params/" in obj for obj in gone) and len(gone) >= 2, gone
 
 
-def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_parameters(gcs, job, unbroken):
+def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_parameters(gcs, job,
+                                                                                   unbroken):
   flags, env = job
   workdir = gcs.uri("runs", "killed")
   proc = subprocess.Popen(train_command(workdir, flags), env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -207,7 +209,7 @@ def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_paramet
   still_running = proc.poll() is None
   proc.send_signal(signal.SIGKILL)
   _, stderr = proc.communicate(timeout=60)
-  assert step is not None and still_running, f"no kill after a checkpoint (step {step}): {stderr[-3000:]}"
+  assert step is not None and still_running, f"not killed after a checkpoint: {stderr[-3000:]}"
   latest = _finished_step(workdir)
   assert latest < 21, latest
   fake = f"{workdir}/checkpoints/{latest + 1}"
@@ -242,7 +244,8 @@ def test_evaluate_reads_and_writes_gcs_and_resumes_its_partial_object(gcs, unbro
   assert len(records) == 2 and all(1 <= r["response_tokens"] <= 4 for r in records)
   assert [json.loads(l) for l in paths.path(out).read_text().splitlines()] == records
   assert not paths.path(out + evaluate.PARTIAL_SUFFIX).exists()
-  assert [a["output"] for a in json.loads(paths.path(alpaca).read_text())] == [r["response"] for r in records]
+  outputs = [a["output"] for a in json.loads(paths.path(alpaca).read_text())]
+  assert outputs == [r["response"] for r in records]
   # A run stopped after its first batch: the partial object holds one record; the rerun adds one.
   again = gcs.uri("eval", "again.jsonl")
   paths.path(again + evaluate.PARTIAL_SUFFIX).write_text(json.dumps(records[0]) + "\n")
@@ -253,8 +256,8 @@ def test_evaluate_reads_and_writes_gcs_and_resumes_its_partial_object(gcs, unbro
   assert not paths.path(again + evaluate.PARTIAL_SUFFIX).exists()
   # MT-Bench: questions from gs://, answers to gs://.
   questions, answers = gcs.uri("eval", "question.jsonl"), gcs.uri("eval", "mt_bench.jsonl")
-  paths.path(questions).write_text(json.dumps(
-      {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now another."]}) + "\n")
+  question = {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now another."]}
+  paths.path(questions).write_text(json.dumps(question) + "\n")
   evaluate.evaluate(unbroken, questions, gcs.uri("eval", "mt.jsonl"), sampling_config=scfg,
                     mt_bench=answers, generator="tiny", log=lambda _: None)
   (answer,) = [json.loads(l) for l in paths.path(answers).read_text().splitlines()]
