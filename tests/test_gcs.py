@@ -34,6 +34,7 @@ from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
 import convert_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -102,7 +103,8 @@ def test_data_tokenizer_and_safetensors_read_from_gcs(gcs, tmp_path):
   with pytest.raises(FileNotFoundError, match="train-9"):
     data_lib.read_jsonl(f"{base}/lima/train-9.jsonl")
   tok = tokenizer_lib.load_tokenizer(f"{base}/tok")
-  assert tok.encode("Hello there") == tokenizer_lib.load_tokenizer(BUNDLED["tokenizer"]).encode("Hello there")
+  local_tok = tokenizer_lib.load_tokenizer(BUNDLED["tokenizer"])
+  assert tok.encode("Hello there") == local_tok.encode("Hello there")
   written = tok.save_files(f"{base}/tok_out")
   assert {p.name for p in written} <= set(listing(f"{base}/tok_out"))
   assert tokenizer_lib.load_tokenizer(f"{base}/tok_out").vocab_size == tok.vocab_size
@@ -116,6 +118,9 @@ def test_data_tokenizer_and_safetensors_read_from_gcs(gcs, tmp_path):
   st = safetensors_io.SafetensorsFile(f"{base}/w.safetensors")
   np.testing.assert_array_equal(st.read_rows("a", 1999, 2031), arrays["a"][1999:2031])
   np.testing.assert_array_equal(st.read("b"), arrays["b"])
+  judged = f"{base}/judgements.jsonl"
+  paths.path(judged).write_text('{"id": "1", "winner": "a"}\n{"id": "2", "winner": "tie"}\n')
+  assert compare.read_judgements(judged, "pairwise") == {"1": "a", "2": "tie"}
 
 
 # -- The workflow: train, kill, resume, evaluate, convert, all on gs:// ---------------------------
@@ -190,7 +195,8 @@ def _cut_short_copy(step_dir, dest) -> None:
   assert any("/params/" in obj for obj in gone) and len(gone) >= 2, gone
 
 
-def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_parameters(gcs, job, unbroken):
+def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_parameters(gcs, job,
+                                                                                   unbroken):
   flags, env = job
   workdir = gcs.uri("runs", "killed")
   proc = subprocess.Popen(train_command(workdir, flags), env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -203,7 +209,7 @@ def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_paramet
   still_running = proc.poll() is None
   proc.send_signal(signal.SIGKILL)
   _, stderr = proc.communicate(timeout=60)
-  assert step is not None and still_running, f"no kill after a checkpoint (step {step}): {stderr[-3000:]}"
+  assert step is not None and still_running, f"not killed after a checkpoint: {stderr[-3000:]}"
   latest = _finished_step(workdir)
   assert latest < 21, latest
   fake = f"{workdir}/checkpoints/{latest + 1}"
@@ -238,7 +244,8 @@ def test_evaluate_reads_and_writes_gcs_and_resumes_its_partial_object(gcs, unbro
   assert len(records) == 2 and all(1 <= r["response_tokens"] <= 4 for r in records)
   assert [json.loads(l) for l in paths.path(out).read_text().splitlines()] == records
   assert not paths.path(out + evaluate.PARTIAL_SUFFIX).exists()
-  assert [a["output"] for a in json.loads(paths.path(alpaca).read_text())] == [r["response"] for r in records]
+  outputs = [a["output"] for a in json.loads(paths.path(alpaca).read_text())]
+  assert outputs == [r["response"] for r in records]
   # A run stopped after its first batch: the partial object holds one record; the rerun adds one.
   again = gcs.uri("eval", "again.jsonl")
   paths.path(again + evaluate.PARTIAL_SUFFIX).write_text(json.dumps(records[0]) + "\n")
@@ -247,6 +254,14 @@ def test_evaluate_reads_and_writes_gcs_and_resumes_its_partial_object(gcs, unbro
                            log=logs.append) == records
   assert any("resuming: 1 responses" in line for line in logs), logs
   assert not paths.path(again + evaluate.PARTIAL_SUFFIX).exists()
+  # MT-Bench: questions from gs://, answers to gs://.
+  questions, answers = gcs.uri("eval", "question.jsonl"), gcs.uri("eval", "mt_bench.jsonl")
+  question = {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now another."]}
+  paths.path(questions).write_text(json.dumps(question) + "\n")
+  evaluate.evaluate(unbroken, questions, gcs.uri("eval", "mt.jsonl"), sampling_config=scfg,
+                    mt_bench=answers, generator="tiny", log=lambda _: None)
+  (answer,) = [json.loads(l) for l in paths.path(answers).read_text().splitlines()]
+  assert answer["question_id"] == 81 and len(answer["choices"][0]["turns"]) == 2
 
 
 def test_convert_to_hf_on_gcs_and_back_is_exact(gcs, unbroken):
@@ -300,5 +315,9 @@ def test_a_kill_during_a_save_on_gcs_leaves_no_checkpoint_a_resume_restores(gcs,
   manager = ckpt_lib.checkpoint_manager(workdir)  # What a resumed run opens.
   try:
     assert manager.latest_step() == 2 and manager.all_steps() == [2]
+    deadline = time.time() + 30  # It deletes the unfinished step, so step 3 can be saved again.
+    while step3.exists() and time.time() < deadline:
+      time.sleep(0.2)
+    assert not step3.exists()
   finally:
     manager.close()
