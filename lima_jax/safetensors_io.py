@@ -19,7 +19,9 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
@@ -234,26 +236,78 @@ def _header_bytes(sources: Sequence[TensorSource], metadata: Mapping[str, str]) 
   return raw + b" " * (-len(raw) % _ALIGN)
 
 
+def _read_ahead(sources: Sequence[TensorSource], depth: int) -> Iterator[tuple[TensorSource, np.ndarray]]:
+  """(source, block) for every block of every source in order, made up to `depth` blocks ahead
+  on a thread (reads and transposes there overlap the file writes here)."""
+  slots: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        slots.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for s in sources:
+        for block in s.blocks():
+          if not put(("block", s, np.ascontiguousarray(block, dtype=s.dtype))):
+            return
+      put(("done", None, None))
+    except BaseException as e:  # pylint: disable=broad-exception-caught  (re-raised below)
+      put(("error", None, e))
+
+  thread = threading.Thread(target=produce, name="safetensors-read-ahead", daemon=True)
+  thread.start()
+  try:
+    while True:
+      kind, source, item = slots.get()
+      if kind == "done":
+        return
+      if kind == "error":
+        raise item
+      yield source, item
+  finally:
+    stop.set()
+    thread.join()
+
+
 def write_file(path: str | os.PathLike, sources: Sequence[TensorSource],
-               metadata: Mapping[str, str] = (("format", "pt"),)) -> None:
+               metadata: Mapping[str, str] = (("format", "pt"),), read_ahead: int = 2) -> None:
   """Writes `sources` as one safetensors file, streaming each tensor's blocks to disk.
 
   Wider dtypes go first (stable otherwise), as the reference writer orders them, so every
-  tensor starts at an offset aligned to its element size.
+  tensor starts at an offset aligned to its element size. Blocks are produced up to
+  `read_ahead` ahead of the write on a thread (0: in line).
   """
   sources = sorted(sources, key=lambda s: -np.dtype(s.dtype).itemsize)
   header = _header_bytes(sources, dict(metadata))
+  if read_ahead > 0:
+    blocks = _read_ahead(sources, read_ahead)
+  else:
+    blocks = ((s, np.ascontiguousarray(b, dtype=s.dtype)) for s in sources for b in s.blocks())
+  written = dict.fromkeys((s.name for s in sources), 0)
+
+  def check(s: TensorSource) -> None:
+    if written[s.name] != s.nbytes:
+      raise ValueError(f"{path}: tensor {s.name} produced {written[s.name]} bytes, expected {s.nbytes}")
+
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(header)))
     f.write(header)
-    for s in sources:
-      written = 0
-      for block in s.blocks():
-        block = np.ascontiguousarray(block, dtype=s.dtype)
-        f.write(memoryview(block.reshape(-1).view(np.uint8)))
-        written += block.nbytes
-      if written != s.nbytes:
-        raise ValueError(f"{path}: tensor {s.name} produced {written} bytes, expected {s.nbytes}")
+    done = 0  # Sources before this index are complete.
+    for s, block in blocks:
+      while sources[done] is not s:
+        check(sources[done])
+        done += 1
+      f.write(memoryview(block.reshape(-1).view(np.uint8)))
+      written[s.name] += block.nbytes
+    for s in sources[done:]:
+      check(s)
 
 
 def plan_shards(sources: Sequence[TensorSource], max_shard_bytes: int) -> list[list[TensorSource]]:
