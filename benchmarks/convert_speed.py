@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -103,15 +104,30 @@ def _fsync_tree(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _timed(fn, output: pathlib.Path) -> tuple[float, float, int]:
-  """(seconds to return, seconds to return and fsync `output`, peak RSS above start)."""
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _timed(fn, output: pathlib.Path) -> tuple[float, float, int, float]:
+  """(seconds to return, seconds to return and fsync `output`, peak RSS above start, CPU
+  seconds of this process over both)."""
   os.sync()
+  cpu = _cpu_seconds()
   with PeakRSS() as rss:
     start = time.perf_counter()
     fn()
     returned = time.perf_counter() - start
   _fsync_tree(output)
-  return returned, time.perf_counter() - start, rss.peak_above
+  return returned, time.perf_counter() - start, rss.peak_above, _cpu_seconds() - cpu
+
+
+def _cpu_pressure() -> float | None:
+  try:
+    with open("/proc/pressure/cpu", encoding="ascii") as f:
+      return float(f.readline().split()[2].split("=")[1])
+  except (OSError, IndexError, ValueError):
+    return None
 
 
 def main():
@@ -142,32 +158,36 @@ def main():
       runs["hf-to-orbax"].append(_timed(lambda: convert.hf_to_orbax(hf_dir, work / "ckpt"), work / "ckpt"))
       runs["orbax-to-hf"].append(_timed(lambda: convert.orbax_to_hf(work / "ckpt", work / "out"), work / "out"))
       ckpt_bytes = _bytes_under(work / "ckpt")
-      print(f"repeat {r}: " + ", ".join(f"{k} {v[-1][1]:.2f} s ({v[-1][0]:.2f} s cached)"
+      print(f"repeat {r}: " + ", ".join(f"{k} {v[-1][1]:.2f} s ({v[-1][0]:.2f} s cached, {v[-1][3]:.2f} cpu-s)"
                                         for k, v in runs.items()), file=sys.stderr)
 
-  copy_s = min(s for _, s, _ in runs["copy"])
-  copy_cached = min(s for s, _, _ in runs["copy"])
+  copy_s = min(r[1] for r in runs["copy"])
+  copy_cached = min(r[0] for r in runs["copy"])
   result = {
       "command": "python benchmarks/convert_speed.py " + " ".join(sys.argv[1:]),
       "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-               "load_average_1m": round(os.getloadavg()[0], 1)},
+               "load_average_1m": round(os.getloadavg()[0], 1),
+      # The share of time runnable processes waited for a CPU (Linux PSI): how shared it was.
+      "cpu_pressure_avg60": _cpu_pressure()},
       "model": {**MODEL, "dtype": args.dtype, "max_shard_size": args.max_shard_size},
       "model_bytes": model_bytes,
       "hf_dir_bytes": hf_dir_bytes,
       "checkpoint_bytes": ckpt_bytes,
       "copy": {"best_seconds": round(copy_s, 3), "gib_per_s": round(hf_dir_bytes / copy_s / 2**30, 3),
-               "seconds": [round(s, 3) for _, s, _ in runs["copy"]],
-               "cached_seconds": [round(s, 3) for s, _, _ in runs["copy"]]},
+               "seconds": [round(r[1], 3) for r in runs["copy"]],
+               "cached_seconds": [round(r[0], 3) for r in runs["copy"]],
+               "cpu_seconds": [round(r[3], 3) for r in runs["copy"]]},
   }
   for name in ("hf-to-orbax", "orbax-to-hf"):
-    best = min(s for _, s, _ in runs[name])
-    cached = min(s for s, _, _ in runs[name])
-    peak = max(p for _, _, p in runs[name])
+    best = min(r[1] for r in runs[name])
+    cached = min(r[0] for r in runs[name])
+    peak = max(r[2] for r in runs[name])
     result[name] = {
         "best_seconds": round(best, 3), "gib_per_s": round(model_bytes / best / 2**30, 3),
-        "seconds": [round(s, 3) for _, s, _ in runs[name]],
-        "cached_seconds": [round(s, 3) for s, _, _ in runs[name]],
+        "seconds": [round(r[1], 3) for r in runs[name]],
+        "cached_seconds": [round(r[0], 3) for r in runs[name]],
+        "cpu_seconds": [round(r[3], 3) for r in runs[name]],
         "ratio_to_copy": round(copy_s / best, 3),
         "cached_ratio_to_copy": round(copy_cached / cached, 3),
         "peak_rss_above_runtime_bytes": peak,

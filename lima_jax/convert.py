@@ -877,7 +877,8 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
 
   Writes safetensors shards of at most `max_shard_size` (with model.safetensors.index.json when
   there are several), config.json, generation_config.json (LIMA's sampling) and, when the
-  checkpoint carries one, the tokenizer. One layer is in memory at a time. `dtype=None` keeps
+  checkpoint carries one, the tokenizer (with LIMA's chat template). A few layer tensors are in
+  memory at a time (one being written, two read ahead on a thread). `dtype=None` keeps
   the stored dtypes. Returns the written file names.
   """
   try:

@@ -151,3 +151,35 @@ def test_corrupt_model_exits_2_writes_nothing_and_load_pretrained_refuses(tmp_pa
   assert not (tmp_path / "out").exists()
   with pytest.raises(convert.ConversionError, match=message):
     convert.load_pretrained(hf_dir)
+
+
+def test_writer_reads_ahead_and_reports_bad_sources(tmp_path):
+  """The writer's read-ahead thread: output equal to the reference reader's; errors surface."""
+  def rows(n, cols, dtype):
+    return lambda: (np.full((1, cols), i, dtype) for i in range(n))
+  sources = [safetensors_io.TensorSource("a", np.float16, (37, 5), rows(37, 5, np.float16)),
+             safetensors_io.TensorSource("b", np.float32, (3, 2), rows(3, 2, np.float32)),
+             safetensors_io.TensorSource("e", np.float32, (0,), lambda: iter(()))]
+  for ahead in (0, 2):
+    path = tmp_path / f"ok{ahead}.safetensors"
+    safetensors_io.write_file(path, sources, read_ahead=ahead)
+    loaded = safetensors.numpy.load_file(path)
+    np.testing.assert_array_equal(loaded["a"], np.repeat(np.arange(37, dtype=np.float16)[:, None], 5, 1))
+    np.testing.assert_array_equal(loaded["b"], np.repeat(np.arange(3, dtype=np.float32)[:, None], 2, 1))
+
+  def failing():
+    yield np.zeros((1, 5), np.float16)
+    raise ValueError("tensor a: values overflow float16")
+  with pytest.raises(ValueError, match="values overflow float16"):
+    safetensors_io.write_file(tmp_path / "fail.safetensors",
+                              [safetensors_io.TensorSource("a", np.float16, (2, 5), failing)])
+  short = safetensors_io.TensorSource("a", np.float16, (37, 5), rows(36, 5, np.float16))
+  with pytest.raises(ValueError, match="tensor a produced 360 bytes, expected 370"):
+    safetensors_io.write_file(tmp_path / "short.safetensors", [short, sources[1]])
+
+
+def test_transpose_2d_matches_numpy():
+  for shape in ((37, 5), (16, 16), (1, 7), (100, 33)):
+    x = np.arange(np.prod(shape), dtype=np.float16).reshape(shape)
+    np.testing.assert_array_equal(convert.transpose_2d(x), x.T)
+    assert convert.transpose_2d(x).flags.c_contiguous
