@@ -705,13 +705,19 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
     # transposed) on a thread while TensorStore writes this one, so at most three chunks are
     # in memory and both cores work.
     ahead = asyncio.ensure_future(asyncio.to_thread(read, jobs[0])) if jobs else None
-    for i, (store, _, index) in enumerate(jobs):
-      block = await ahead
-      ahead = (asyncio.ensure_future(asyncio.to_thread(read, jobs[i + 1]))
-               if i + 1 < len(jobs) else None)
-      await store[index].write(block, can_reference_source_data_indefinitely=True)
-      del block
-    _release_free_memory()
+    try:
+      for i, (store, _, index) in enumerate(jobs):
+        block = await ahead
+        ahead = (asyncio.ensure_future(asyncio.to_thread(read, jobs[i + 1]))
+                 if i + 1 < len(jobs) else None)
+        await store[index].write(block, can_reference_source_data_indefinitely=True)
+        del block
+        _release_free_memory()  # Else glibc keeps freed chunk buffers (+15% peak RSS here).
+    finally:
+      if ahead is not None and not ahead.done():  # A failed write: let the read finish quietly.
+        with contextlib.suppress(Exception):
+          await ahead
+      _release_free_memory()
 
 
 def save_streamed(path: epath.Path, params: Mapping, model_config_json: Mapping[str, Any],
