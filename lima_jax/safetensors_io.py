@@ -144,10 +144,16 @@ def parse_header(file_size: int, header_len: int | None, raw: bytes
 
 
 def _library_check(path: str) -> None:
-  """Has the reference library (when installed) open the header too: its word is final."""
+  """Has the reference library (when installed) open the header too: its word is final.
+
+  Local files only: the library opens paths itself (a gs:// object is checked by
+  `parse_header` alone).
+  """
   try:
     import safetensors  # pylint: disable=g-import-not-at-top
   except ImportError:
+    return
+  if not os.path.isfile(path):
     return
   try:
     with safetensors.safe_open(path, framework="numpy"):

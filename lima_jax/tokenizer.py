@@ -212,7 +212,7 @@ def _sentencepiece_tokenizer_json(model: bytes, eot_entry: Mapping[str, Any], eo
     from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
     import tokenizers  # pylint: disable=g-import-not-at-top
     from tokenizers import decoders, models, normalizers, processors  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  except (ImportError, TypeError):  # TypeError: a protobuf runtime the generated code rejects.
     return None
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model)
