@@ -15,7 +15,9 @@ pipeline inserts special ids.
 
 Checkpoints carry the tokenizer as a JSON-able blob (`Tokenizer.to_blob`) so that evaluation and
 export need no tokenizer flag; `Tokenizer.save_files` writes a Hugging Face-loadable directory
-that declares EOT as an added special token with the same id.
+that declares EOT as an added special token with the same id, and a chat template that renders
+LIMA's layout, so `apply_chat_template` (transformers, vLLM, TRL) gives the ids lima_jax trains
+and generates on.
 """
 
 from __future__ import annotations
@@ -161,6 +163,103 @@ class _HFJsonVocab:
     return None if i is None else self._tok.id_to_token(i)
 
 
+def _jinja_string(text: str) -> str:
+  """`text` as a Jinja string literal (JSON's escapes are ones Jinja reads back)."""
+  return json.dumps(text)
+
+
+def chat_template(bos: str | None, eot: str) -> str:
+  """A Jinja chat template rendering LIMA's layout: [BOS] turn_1 EOT turn_2 EOT ... (no role tags).
+
+  The generation prompt is empty: the answer starts right after the last user turn's EOT.
+  Assistant text and its EOT sit inside `{% generation %}` so that transformers'
+  `return_assistant_tokens_mask` (TRL's assistant-only loss) marks what lima_jax trains on. A
+  system message, or turns that do not alternate user / assistant from a user turn, raise an
+  error: LIMA was trained on neither, and guessing a layout would silently change the model.
+  """
+  return "".join([
+      "{#- LIMA's layout (lima_jax.data): BOS, each turn's text then EOT, no role tags. -#}\n",
+      "{%- for message in messages -%}\n",
+      "{%- if message['role'] == 'system' -%}",
+      "{{- raise_exception('This LIMA model was trained without a system prompt; put that text "
+      "into the first user message instead.') -}}",
+      "{%- elif message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}",
+      "{{- raise_exception('LIMA conversations alternate user and assistant turns, starting "
+      "with user; message ' ~ loop.index0 ~ ' has role ' ~ message['role']) -}}",
+      "{%- endif -%}\n",
+      "{%- endfor -%}\n",
+      "{{- " + _jinja_string(bos) + " -}}\n" if bos else "",
+      "{%- for message in messages -%}\n",
+      "{%- if message['role'] == 'assistant' -%}",
+      "{% generation %}{{- message['content'] + " + _jinja_string(eot) + " -}}{% endgeneration %}",
+      "{%- else -%}",
+      "{{- message['content'] + " + _jinja_string(eot) + " -}}",
+      "{%- endif -%}\n",
+      "{%- endfor -%}\n",
+  ])
+
+
+def _sentencepiece_tokenizer_json(model: bytes, eot_entry: Mapping[str, Any], eot_id: int
+                                  ) -> bytes | None:
+  """An equivalent `tokenizer.json` for a SentencePiece BPE model; None where not equivalent.
+
+  transformers' own `LlamaTokenizer` rebuilds its pipeline from `tokenizer.model` and skips the
+  dummy-prefix space when a text already starts with one, so " hi" would get other ids than
+  SentencePiece gives lima_jax. This file keeps SentencePiece's rule: every piece of text
+  between special tokens gets "▁" prepended and its spaces become "▁", then BPE merges in the
+  order of the merged pieces' scores, falling back to byte pieces. Only models whose
+  normalizer is the identity and that keep whitespace as is (LLaMA-1/2, the bundled sample) are
+  converted; for others None (transformers then converts tokenizer.model itself).
+  """
+  try:
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    from tokenizers import decoders, models, normalizers, processors  # pylint: disable=g-import-not-at-top
+  except (ImportError, TypeError):  # TypeError: a protobuf runtime the generated code rejects.
+    return None
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model)
+  spec = proto.normalizer_spec
+  normal, unknown, control, byte = 1, 2, 3, 6  # ModelProto.SentencePiece.Type
+  if (proto.trainer_spec.model_type != 2 or spec.precompiled_charsmap or spec.remove_extra_whitespaces
+      or spec.name not in ("identity", "") or spec.escape_whitespaces is False
+      or any(p.type not in (normal, unknown, control, byte) for p in proto.pieces)):
+    return None
+  pieces = [p.piece for p in proto.pieces]
+  vocab = {piece: i for i, piece in enumerate(pieces)}
+  merges = []
+  for i, p in enumerate(proto.pieces):
+    if p.type != normal or len(p.piece) < 2:
+      continue
+    for cut in range(1, len(p.piece)):
+      left, right = p.piece[:cut], p.piece[cut:]
+      if left in vocab and right in vocab:
+        merges.append((-p.score, i, vocab[left], vocab[right], left, right))
+  merges.sort()
+  unk = next((p.piece for p in proto.pieces if p.type == unknown), None)
+  tok = tokenizers.Tokenizer(models.BPE(
+      vocab=vocab, merges=[(m[4], m[5]) for m in merges], unk_token=unk, fuse_unk=True,
+      byte_fallback=proto.trainer_spec.byte_fallback))
+  steps = [normalizers.Replace(" ", "▁")]
+  if spec.add_dummy_prefix:
+    steps.insert(0, normalizers.Prepend("▁"))
+  tok.normalizer = normalizers.Sequence(steps)
+  decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+  if spec.add_dummy_prefix:
+    decode.append(decoders.Strip(" ", 1, 0))
+  tok.decoder = decoders.Sequence(decode)
+  tok.add_special_tokens([tokenizers.AddedToken(p.piece, normalized=False, special=True)
+                          for p in proto.pieces if p.type in (unknown, control)])
+  bos_id = proto.trainer_spec.bos_id
+  if 0 <= bos_id < len(pieces):
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{pieces[bos_id]} $A", pair=f"{pieces[bos_id]} $A {pieces[bos_id]} $B",
+        special_tokens=[(pieces[bos_id], bos_id)])
+  out = json.loads(tok.to_str())
+  out["added_tokens"].append({"id": eot_id, **eot_entry})
+  return json.dumps(out, ensure_ascii=False, indent=2).encode("utf-8")
+
+
 class Tokenizer:
   """A base vocabulary plus EOT, with LIMA's id conventions.
 
@@ -252,9 +351,12 @@ class Tokenizer:
     """Writes the tokenizer as a Hugging Face directory, with EOT declared as a special token.
 
     Writes the original `tokenizer.model` or `tokenizer.json` (the latter with EOT appended to
-    its added tokens), `tokenizer_config.json` and `special_tokens_map.json`, so that
-    `transformers.AutoTokenizer` maps the EOT text to `eot_id` and `load_tokenizer` on the
-    directory gives back this tokenizer. Returns the written paths.
+    its added tokens; for a SentencePiece BPE model also an equivalent `tokenizer.json`),
+    `tokenizer_config.json` with LIMA's `chat_template`, and `special_tokens_map.json`, so that
+    `transformers.AutoTokenizer` encodes text and chats as lima_jax does, maps the EOT text to
+    `eot_id`, and `load_tokenizer` on the directory gives back this tokenizer. A chat template
+    the source files had (an instruct model's) is replaced: the model is now trained on LIMA's.
+    Returns the written paths.
     """
     directory = paths.path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -266,10 +368,18 @@ class Tokenizer:
     names = {k: v for k, v in names.items() if v is not None}
     config: dict[str, Any] = {}
     outputs: dict[str, bytes] = {}
+    # The generic tokenizers-backed class loads tokenizer.json as written; model-specific ones
+    # (LlamaTokenizer) may rebuild its pre-tokenizer and change the ids.
+    fast = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if self.kind == SENTENCEPIECE:
       outputs[SP_FILE] = self._vocab.files[SP_FILE]
-      config.update(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
-                    legacy=True, clean_up_tokenization_spaces=False)
+      as_json = _sentencepiece_tokenizer_json(self._vocab.files[SP_FILE], eot_entry, self.eot_id)
+      if as_json is None:
+        config.update(tokenizer_class="LlamaTokenizer", legacy=True)
+      else:
+        outputs[HF_FILE] = as_json
+        config.update(fast)
+      config.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False)
     else:
       spec = json.loads(self._vocab.files[HF_FILE])
       added = [t for t in spec.get("added_tokens") or [] if t.get("content") != self.eot_text]
@@ -277,12 +387,14 @@ class Tokenizer:
       outputs[HF_FILE] = json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
       if HF_CONFIG_FILE in self._vocab.files:
         config.update(json.loads(self._vocab.files[HF_CONFIG_FILE]))
+      config.update(fast)
     config.update(names)
     decoder = dict(config.get("added_tokens_decoder") or {})
     decoder[str(self.eot_id)] = eot_entry
     config["added_tokens_decoder"] = decoder
     extra = [t for t in config.get("additional_special_tokens") or [] if t != self.eot_text]
     config["additional_special_tokens"] = extra + [self.eot_text]
+    config["chat_template"] = chat_template(self._vocab.piece(self.bos_id), self.eot_text)
     special_map = {**names, "additional_special_tokens": config["additional_special_tokens"]}
     outputs[HF_CONFIG_FILE] = json.dumps(config, ensure_ascii=False, indent=2).encode("utf-8")
     outputs[HF_SPECIAL_MAP_FILE] = json.dumps(special_map, ensure_ascii=False,

@@ -155,7 +155,7 @@ def test_tokenizer_config_names_special_tokens(tmp_path, hf_json_dir):
 
 def test_save_files_sentencepiece(tmp_path, sp_tok):
   written = {p.name for p in sp_tok.save_files(tmp_path)}
-  assert written == {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
+  assert written == {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
   config = json.loads((tmp_path / "tokenizer_config.json").read_text())
   assert config["added_tokens_decoder"]["1024"]["content"] == "<EOT>"
   assert config["added_tokens_decoder"]["1024"]["special"] is True
