@@ -31,12 +31,11 @@ from lima_jax import paths  # pylint: disable=wrong-import-position
 from lima_jax import safetensors_io  # pylint: disable=wrong-import-position
 from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+from lima_jax.cli import compare  # pylint: disable=wrong-import-position
+from lima_jax.cli import convert_weights  # pylint: disable=wrong-import-position
+from lima_jax.cli import evaluate  # pylint: disable=wrong-import-position
 
-import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
-import convert_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
-import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 BUNDLED = data_lib.bundled_paths()
 

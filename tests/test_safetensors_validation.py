@@ -1,6 +1,5 @@
 """Untrusted safetensors files: refused with a message naming file and tensor, never misread."""
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -15,8 +14,8 @@ import safetensors.numpy
 import llama_reference as ref
 from lima_jax import convert
 from lima_jax import safetensors_io
+from lima_jax.cli import convert_weights
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 A = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
 B = {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}
@@ -140,9 +139,6 @@ def test_corrupt_model_exits_2_writes_nothing_and_load_pretrained_refuses(tmp_pa
   hf_dir = tmp_path / "hf"
   shutil.copytree(hf_source, hf_dir)
   _rewrite_header(hf_dir / "model.safetensors", edit)
-  spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "tools" / "convert_weights.py")
-  convert_weights = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(convert_weights)
   destination = tmp_path / "out" / "ckpt"
   status = convert_weights.main(["hf-to-orbax", "--hf_dir", str(hf_dir), "--ckpt_dir", str(destination)])
   err = capsys.readouterr().err
