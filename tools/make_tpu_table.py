@@ -29,6 +29,7 @@ import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from lima_jax import hardware
+from lima_jax import paths
 
 GiB = hardware.GiB
 PRESETS = ("7b", "13b", "33b", "65b")
@@ -78,13 +79,6 @@ def compile_one(preset: str, topology: str, mfu: float, timeout: int) -> dict:
   return report
 
 
-def write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 class Results:
   """docs/tpu_table.json: reports keyed "preset@slice", reused while the versions match."""
 
@@ -120,7 +114,7 @@ class Results:
     entry["compiled_on"] = datetime.date.today().isoformat()
     with self.lock:
       self.data[key] = entry
-      write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+      paths.write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
     peak = _peak(entry)
     print(f"  {preset} on {topology}: fits={entry['fits']} peak {peak / GiB:.1f} GiB", flush=True)
     return entry
@@ -270,7 +264,7 @@ def splice_readme(path: str, block: str) -> bool:
   start, end = text.find(README_BEGIN), text.find(README_END)
   if start < 0 or end < start:
     return False
-  write_atomic(path, text[:start] + block + text[end + len(README_END):])
+  paths.write_text_atomic(path, text[:start] + block + text[end + len(README_END):])
   return True
 
 
@@ -309,7 +303,7 @@ def main(argv=None) -> int:
     if args.search:
       list(pool.map(lambda pg: smallest(results, *pg), [(p, g) for p in order for g in generations]))
   text = render(results, presets, slices, generations if args.search else [])
-  write_atomic(args.output, text)
+  paths.write_text_atomic(args.output, text)
   print(f"wrote {args.output}")
   if args.search and args.readme:
     if splice_readme(args.readme, readme_block(results, presets, slices, generations)):
