@@ -2,8 +2,6 @@
 a chat pipeline answers as tools/evaluate.py does, generation_config stops at EOT."""
 
 import json
-import os
-import sys
 
 import jax
 import jinja2
@@ -18,11 +16,8 @@ from lima_jax import data
 from lima_jax import model as model_lib
 from lima_jax import sampling
 from lima_jax import tokenizer as tokenizer_lib
+from lima_jax.cli import evaluate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Single- and multi-turn, and the text where SentencePiece's dummy prefix and byte fallback
 # matter: leading / repeated spaces, newlines, tabs, empty turns, characters outside the vocab.
