@@ -96,6 +96,7 @@ def _expected_param_bytes(model_config, fsdp: int) -> int:
   return total
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_train_compiles_for_v5p8():
   config = small_tiny_config()
@@ -111,6 +112,7 @@ def test_tiny_train_compiles_for_v5p8():
   assert report["step_seconds"] > 0 and report["tokens_per_second"] > 0
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_decode_compiles_for_v4_8():
   config = small_tiny_config()
@@ -121,6 +123,7 @@ def test_tiny_decode_compiles_for_v4_8():
   assert report["param_bytes_per_device"] == _expected_param_bytes(model_config, 4)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_does_not_fit_exits_2_with_reasons(tmp_path):
   out = tmp_path / "report.json"
@@ -142,6 +145,7 @@ def test_does_not_fit_exits_2_with_reasons(tmp_path):
   assert any("more chips" in tip for tip in report["advice"])
 
 
+@pytest.mark.slow
 def test_splash_kernel_matches_xla_attention():
   """Causal + packed segments + GQA + padding, forward and gradients (Pallas interpreter)."""
   from lima_jax import tpu_attention
@@ -198,6 +202,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_splash_under_shard_map_matches_xla_attention():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

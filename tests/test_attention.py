@@ -28,6 +28,7 @@ def _inputs(seq, heads=4, kv_heads=2, dim=8, keys=None):
   return q, k, v, jax.random.normal(r[3], q.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq", [2 * model_lib.CAUSAL_BLOCK, 48])  # Blocked, and one block.
 def test_causal_self_attention_matches_reference(seq):
   q, k, v, weights = _inputs(seq)
@@ -51,6 +52,7 @@ def test_causal_self_attention_matches_reference(seq):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_attention_over_a_longer_cache_reads_every_visible_key():
   q, k, v, _ = _inputs(3, keys=20)
   q_positions = jnp.array([[9, 10, 11], [2, 3, 4]])

@@ -44,6 +44,7 @@ def _one_line(stderr: str) -> str:
   return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_a_mistyped_config_key_is_one_line_and_exit_2(entry, tmp_path):
   proc = _run(ENTRY_POINTS[entry] + ["--config.train.epoch=3"], cwd=tmp_path)
@@ -59,6 +60,7 @@ def test_a_mistyped_config_key_is_one_line_and_exit_2(entry, tmp_path):
     ("--config.model.nlayers=2", r"did you mean --config.model.n_layers\?"),
     ("--bogus_flag=1", r"Unknown command line flag 'bogus_flag'"),
 ])
+@pytest.mark.slow
 def test_train_answers_bad_flags_in_one_line(arg, message):
   proc = _run(ENTRY_POINTS["train"] + [arg])
   assert proc.returncode == 2, proc.stderr[-3000:]
@@ -108,6 +110,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_import_leaves_the_environment_alone():
   env = {k: v for k, v in ENV.items() if k not in ("JAX_PLATFORMS", "LIMA_JAX_AUTO_CPU")}
   proc = _run(["-c", _IMPORT_SCRIPT], env=env)
@@ -118,6 +121,7 @@ _AUTO_CPU_SCRIPT = ("import os; from lima_jax import hardware; "
                     "print(hardware.default_to_cpu_without_tpu(log=True), os.environ.get('JAX_PLATFORMS'))")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None or os.path.exists("/dev/accel0"),
                     reason="needs libtpu installed on a host without a TPU")
 def test_entry_points_choose_the_cpu_visibly_and_can_be_told_not_to():
@@ -198,6 +202,7 @@ def _installed_script(name: str) -> str | None:
   return str(beside) if beside.is_file() else shutil.which(name)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_installed_script("lima-train") is None,
                     reason="lima_jax is not installed (pip install -e .): no console scripts")
 def test_console_scripts_work_from_another_directory(tmp_path):

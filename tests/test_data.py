@@ -451,6 +451,7 @@ def test_default_config_uses_bundled_sample_and_reports(tok, caplog):
   assert tok.eot_id == 1024 and isinstance(tok, tokenizer_lib.Tokenizer)
 
 
+@pytest.mark.slow
 def test_grain_worker_processes_give_the_same_batches(tok):
   in_process = data.make_train_loader(_lima_config(), tok, global_batch_size=8, process_index=0,
                                       process_count=1)

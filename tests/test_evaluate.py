@@ -116,6 +116,7 @@ def test_resume_refuses_other_settings(ckpt, prompts_file, reference, tmp_path):
                       sampling_config=SCFG.replace(seed=5), generator="tiny", log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_mt_bench(ckpt, tmp_path):
   questions = [{"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},
                {"question_id": 82, "category": "math", "turns": ["What is 2+2?", "And 3+3?"]}]
@@ -182,6 +183,7 @@ def test_bad_inputs(ckpt, prompts_file, reference, tmp_path):
     evaluate.evaluate(str(tmp_path), prompts_file, str(tmp_path / "o.jsonl"), sampling_config=SCFG)
 
 
+@pytest.mark.slow
 def test_command_line(ckpt, prompts_file, tmp_path):
   out = tmp_path / "cli.jsonl"
   cmd = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--checkpoint", ckpt,
@@ -199,6 +201,7 @@ def test_command_line(ckpt, prompts_file, tmp_path):
   assert proc.returncode != 0 and "top_k" in proc.stderr
 
 
+@pytest.mark.slow
 def test_chat_script(ckpt):
   script = "Hello there\nTell me more\n/reset\nHi\n/quit\nnever read\n"
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "chat.py"), "--checkpoint", ckpt,
@@ -212,6 +215,7 @@ def test_chat_script(ckpt):
   assert counts[2] < counts[1] and "[new conversation]" in proc.stdout
 
 
+@pytest.mark.slow
 def test_verbosity_brings_the_info_logs_back(ckpt):
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "chat.py"), "--checkpoint", ckpt,
                          "--verbosity=0"], input="/quit\n", env=ENV, capture_output=True, text=True,

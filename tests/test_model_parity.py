@@ -85,6 +85,7 @@ def test_scan_and_unrolled_agree(small):
   np.testing.assert_allclose(unrolled, scanned, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_same_gradients(small):
   config, params = small
   tokens = ref.tokens(length=8)
@@ -150,6 +151,7 @@ def test_residual_dropout_schedule_and_modes(small):
   np.testing.assert_allclose(jnp.mean(kept, axis=(1, 2, 3)), 1.0, atol=0.02)
 
 
+@pytest.mark.slow
 def test_each_scanned_layer_drops_at_its_own_rate(monkeypatch):
   """Through the real scan: layer 0 drops nothing, the top layer drops at the full rate, the
   layers between on LIMA's linear ramp (a reversed or constant ramp fails), in both branches."""

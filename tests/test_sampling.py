@@ -142,6 +142,7 @@ def test_greedy_equals_transformers_generate(hf_and_params):
   assert len({tuple(r.tokens) for r in ours}) > 1
 
 
+@pytest.mark.slow
 def test_greedy_with_penalty_on_prompt_equals_transformers(hf_and_params):
   """penalty_scope="all" is transformers' repetition penalty (prompt + generated tokens)."""
   hf, params = hf_and_params
@@ -157,6 +158,7 @@ def test_greedy_with_penalty_on_prompt_equals_transformers(hf_and_params):
   assert [r.tokens for r in ours] != [r.tokens for r in generated_only]
 
 
+@pytest.mark.slow
 def test_stacked_and_per_layer_cpu_decoding_agree(hf_and_params, monkeypatch):
   """With too little free memory for per-layer copies, generate reads the stacked arrays: same
   answers, greedy and sampled."""
@@ -174,6 +176,7 @@ def test_stacked_and_per_layer_cpu_decoding_agree(hf_and_params, monkeypatch):
     assert [r.tokens for r in a] == [r.tokens for r in b]
 
 
+@pytest.mark.slow
 def test_batched_equals_alone(hf_and_params):
   _, params = hf_and_params
   # 5 prompts: a full batch and one with an unused row. 16 new tokens put every batch in the same
@@ -195,6 +198,7 @@ def test_batched_equals_alone(hf_and_params):
   assert [r.tokens for r in a] != [r.tokens for r in c]
 
 
+@pytest.mark.slow
 def test_stops_at_stop_id(hf_and_params):
   _, params = hf_and_params
   config = greedy_config(max_new_tokens=10)
@@ -250,6 +254,7 @@ def test_bad_inputs(hf_and_params):
     sampling.SamplingConfig.from_dict({"top_k": 5})
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_single_device(tmp_path):
   """On an 8-device mesh (fsdp 4 x tensor 2) sampled answers equal those of one device."""
   script = textwrap.dedent(f"""

@@ -110,6 +110,7 @@ def test_paper_recipe_in_every_preset():
     assert config.model.residual_dropout == dropout
 
 
+@pytest.mark.slow
 def test_weight_decay_skips_exactly_the_norm_scales():
   config, model_config = small_setup()
   params = jax.tree.map(jnp.asarray, numpy_params(model_config))
@@ -155,6 +156,7 @@ def test_gradient_clipping_is_off_by_default_and_bounds_the_gradient_when_on():
 # -- The step --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dropout_is_active_in_training_and_off_in_eval():
   config, model_config = small_setup(residual_dropout=0.3)
   mesh, state = single_device_state(config, model_config)
@@ -174,6 +176,7 @@ def test_dropout_is_active_in_training_and_off_in_eval():
   assert abs(float(metrics["loss"]) - eval_loss) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_handful_of_examples_is_overfit_and_accumulation_keeps_the_batch():
   config, model_config = small_setup()
   config.optimizer.update(dict(lr=1e-2, end_lr=1e-2, weight_decay=0.0))
@@ -260,6 +263,7 @@ def run_python(code_or_args, env_extra=None, timeout=300, **kwargs):
                         **kwargs)
 
 
+@pytest.mark.slow
 def test_one_step_is_the_same_on_1_and_8_devices_and_checkpoints_move_between_meshes(tmp_path,
                                                                                      compile_cache):
   proc = run_python([sys.executable, "-c", MESH_SCRIPT.format(), str(tmp_path / "wd")],
@@ -322,6 +326,7 @@ def uninterrupted(tmp_path_factory, compile_cache):
   return workdir, proc
 
 
+@pytest.mark.slow
 def test_tiny_preset_trains_evaluates_and_writes_what_a_user_reads(uninterrupted):
   workdir, proc = uninterrupted
   records = read_metrics(workdir)
@@ -353,6 +358,7 @@ def test_tiny_preset_trains_evaluates_and_writes_what_a_user_reads(uninterrupted
   assert meta["config"]["train"]["epochs"] == 2 and meta["data"]["step"] == meta["step"]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_so_and_exits_at_once(uninterrupted):
   workdir, _ = uninterrupted
   before = (workdir / "metrics.jsonl").read_text()
@@ -364,6 +370,7 @@ def test_rerunning_a_finished_run_says_so_and_exits_at_once(uninterrupted):
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_ends_bit_identical(uninterrupted, tmp_path, compile_cache):
   reference, _ = uninterrupted
   workdir = tmp_path / "resumed"
@@ -382,6 +389,7 @@ def test_stopped_and_resumed_run_ends_bit_identical(uninterrupted, tmp_path, com
   assert [r["loss"] for r in read_metrics(workdir) if "loss" in r] == ref_losses
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, compile_cache):
   workdir = tmp_path / "preempted"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **compile_cache)
@@ -405,6 +413,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, compile_cach
   assert ckpt_lib.resolve(workdir).name == str(meta["step"])
 
 
+@pytest.mark.slow
 def test_bad_data_fails_before_compiling_with_status_2(tmp_path):
   bad = tmp_path / "train.jsonl"
   bad.write_text('{"conversations": ["hi", "hello"]}\n{"conversations": "not a list"}\n')

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 if not os.environ.get("JAX_PLATFORMS"):
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -23,6 +24,8 @@ if not os.environ.get("JAX_PLATFORMS"):
 import jax  # pylint: disable=wrong-import-position
 
 from lima_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.slow  # Three training processes.
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARGS = ["--config=configs/lima.py:tiny", "--config.train.epochs=2", "--config.train.batch_size=52",
