@@ -97,6 +97,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # "latest": only the newest checkpoint keeps the AdamW moments (2x the parameters' bytes), older
   # ones keep their parameters; "all": every checkpoint keeps them (resume from any step).
   config.train.keep_optimizer_state = "latest"
+  # Epochs whose checkpoints stay, e.g. "5-10" (the paper's choice) or "5,8,10"; "" = every one.
+  # The others are saved too (to resume from) and deleted once a newer checkpoint is committed.
+  config.train.keep_epochs = ""
   config.train.dev_generations = 4  # Dev prompts answered at each epoch end.
   config.train.dev_max_new_tokens = 256
   config.train.peak_flops_per_device = 0.0  # 0 = from the chip table, or measured on CPU.

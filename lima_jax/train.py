@@ -647,6 +647,35 @@ def evaluate_dev(eval_step, params, run_data: RunData, mesh: Mesh, spec) -> dict
   return {"dev_loss": loss, "dev_perplexity": math.exp(min(loss, 80.0))}
 
 
+def parse_epochs(spec: str, field: str = "train.keep_epochs") -> frozenset[int] | None:
+  """"5-10" or "5,8,10" (or a mix, "1,5-10") -> those epoch numbers; "" -> None (all)."""
+  spec = str(spec or "").strip()
+  if not spec:
+    return None
+  epochs = set()
+  try:
+    for part in spec.split(","):
+      first, dash, last = part.strip().partition("-")
+      first, last = int(first), int(last if dash else first)
+      if first < 1 or last < first:
+        raise ValueError(part)
+      epochs.update(range(first, last + 1))
+  except ValueError:
+    raise ConfigError(f"{field}={spec!r}: expected epoch numbers from 1 as ranges and lists, e.g. "
+                      f"\"5-10\" or \"5,8,10\" (\"\" keeps every epoch)") from None
+  return frozenset(epochs)
+
+
+def superseded_steps(finished: list[int], keep_epochs: frozenset[int] | None,
+                     steps_per_epoch: int) -> list[int]:
+  """Finished steps to delete under `train.keep_epochs`: all but the newest (the resume point)
+  that are not the end of a kept epoch (periodic and preemption saves included)."""
+  if keep_epochs is None or not finished:
+    return []
+  kept = lambda s: s % steps_per_epoch == 0 and s // steps_per_epoch in keep_epochs
+  return [s for s in finished[:-1] if not kept(s)]
+
+
 def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
                  total_steps: int) -> TrainState | None:
   """The state of the newest step in the workdir that an exact resume can start from, or None.
@@ -705,6 +734,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if keep_opt not in ckpt_lib.KEEP_OPTIMIZER_STATE:
     raise ConfigError(f"train.keep_optimizer_state={keep_opt!r}; expected one of "
                       f"{', '.join(ckpt_lib.KEEP_OPTIMIZER_STATE)}")
+  keep_epochs = parse_epochs(config.train.get("keep_epochs", ""))
   run_data = RunData(config)  # Bad data stops the run here, before any compile or weight load.
   steps_per_epoch = run_data.train.steps_per_epoch
   total_steps = int(config.train.epochs) * steps_per_epoch
@@ -731,11 +761,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   start_step = int(jax.device_get(state.step))
 
   def prune() -> None:
-    """Drops the optimizer state of steps older than the newest committed one that has it."""
+    """Drops what no committed newer step needs: the optimizer state of older steps (by
+    default), and the steps `train.keep_epochs` leaves out. Runs with no save in flight."""
     if keep_opt == "latest":
       pruned = ckpt_lib.prune_optimizer_state(manager)
       if pruned:
         logging.info("deleted opt_state/ of steps %s (train.keep_optimizer_state=latest)", pruned)
+    for step in superseded_steps(ckpt_lib.finished_steps(manager), keep_epochs, steps_per_epoch):
+      manager.delete(step)  # Every process calls it (Orbax syncs them); process 0 deletes.
+      logging.info("deleted checkpoint %d (not an epoch in train.keep_epochs)", step)
 
   def save(step: int) -> None:
     meta = {"step": step, "epoch": step / steps_per_epoch,

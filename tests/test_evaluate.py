@@ -175,7 +175,7 @@ def test_embedding_padded_past_the_tokenizer_loads_and_never_samples_a_padding_i
                               vocab_pad_multiple=64)
   params = model_lib.init_params(cfg, jax.random.key(0))
   manager = checkpoint.checkpoint_manager(tmp_path / "wd")
-  checkpoint.save_training(manager, 1, params=params, opt_state={}, model_config=cfg,
+  checkpoint.save_training(manager, 1, params=params, opt_state={"count": 0}, model_config=cfg,
                            tokenizer_blob=tok.to_blob(), train_state={"step": 1})
   manager.close()
   greedy = SCFG.replace(greedy=True, max_new_tokens=4)

@@ -458,9 +458,11 @@ def test_without_any_optimizer_state_the_run_continues_from_parameters_and_says_
   reference, _ = uninterrupted
   workdir = tmp_path / "params_only"
   shutil.copytree(reference / "checkpoints" / "7", workdir / "checkpoints" / "7")  # Pruned.
-  proc = run_train(workdir, env=compile_cache)
+  proc = run_train(workdir, "--config.train.keep_epochs=2", env=compile_cache)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "NOT an exact resume" in proc.stdout + proc.stderr
+  # Epoch 1 is not in train.keep_epochs: deleted once epoch 2's checkpoint was committed.
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["14"]
   steps = [r for r in read_metrics(workdir) if "loss" in r]
   assert [r["step"] for r in steps] == list(range(8, 15))
   assert ckpt_lib.read_train_state(workdir)["step"] == 14
@@ -471,6 +473,20 @@ def test_without_any_optimizer_state_the_run_continues_from_parameters_and_says_
   counts = [int(v) for p, v in jax.tree_util.tree_leaves_with_path(opt_state)
             if jax.tree_util.keystr(p).endswith("['count']")]
   assert counts and all(c == 14 for c in counts), counts
+
+
+def test_keep_epochs_keeps_those_epoch_ends_and_always_the_newest_step():
+  assert train.parse_epochs("") is None
+  assert train.parse_epochs("5-10") == frozenset(range(5, 11))
+  assert train.parse_epochs("1, 5-6,9") == frozenset({1, 5, 6, 9})
+  for bad in ("0-3", "7-5", "five", "5-"):
+    with pytest.raises(train.ConfigError, match="train.keep_epochs"):
+      train.parse_epochs(bad)
+  keep = train.parse_epochs("2-3")
+  # 7 steps an epoch: 7, 14, 21, 28 are epoch ends; 10 a periodic save; 30 the newest.
+  assert train.superseded_steps([7, 10, 14, 21, 28, 30], keep, 7) == [7, 10, 28]
+  assert train.superseded_steps([7, 10], keep, 7) == [7]
+  assert train.superseded_steps([7, 10], None, 7) == []
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, compile_cache):
