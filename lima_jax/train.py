@@ -700,7 +700,7 @@ def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
     _warn("no checkpoint in %s keeps its optimizer state (opt_state/); continuing from step %d's "
           "parameters with fresh AdamW moments: NOT an exact resume", manager.directory, step)
     fresh = init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
-    opt_state = _with_step_counts(fresh.opt_state, int(meta["step"]))
+    params, opt_state = fresh.params, _with_step_counts(fresh.opt_state, int(meta["step"]))  # Donated.
   elif step != finished[-1]:
     _warn("steps %s keep no optimizer state; resuming exactly from step %d, the newest that does, "
           "and training the later steps again", [s for s in finished if s > step], step)

@@ -110,10 +110,10 @@ FAULT_ARGS = ["--config.train.batch_size=8", "--config.train.checkpoint_every_st
 FAULT_STEPS = 21
 
 
-def _start_pair(workdir, cache):
+def _start_pair(workdir, cache, **env):
   port = _free_port()
   return [_start(workdir, 2, cache, *FAULT_ARGS, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
+                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), **env) for i in range(2)]
 
 
 def _wait_for_step(workdir, procs, step, timeout=400):
@@ -174,7 +174,7 @@ def test_a_killed_peer_ends_the_survivor_with_how_to_resume_and_sigterm_saves_on
   assert stopped < FAULT_STEPS, "the run ended before SIGTERM arrived"
   assert (ckpt_lib.resolve(workdir) / "opt_state").is_dir()
 
-  # And once more to the run's normal end.
-  for p in _start_pair(workdir, cache):
-    _finish(p)
+  # And once more to the run's normal end, without the preemption service: the log says so.
+  outputs = [_finish(p) for p in _start_pair(workdir, cache, JAX_ENABLE_PREEMPTION_SERVICE="false")]
+  assert "preemption handling is OFF" in outputs[0]
   assert ckpt_lib.read_train_state(workdir)["step"] == FAULT_STEPS
