@@ -305,11 +305,25 @@ def peer_lost(reason: str) -> None:
 
 
 def _looks_like_lost_peer(error: Exception) -> bool:
-  """True for the runtime errors a dead peer causes in a cross-process collective or RPC."""
+  """True for the runtime errors a dead peer causes in a cross-process collective or RPC (not
+  for timeouts: a slow peer is not a lost one)."""
   text = str(error).lower()
   return any(marker in text for marker in (
-      "gloo", "connection closed", "connection reset", "heartbeat", "unavailable",
-      "socket closed", "coordination service", "deadline exceeded"))
+      "connection closed", "connection reset", "connection refused", "socket closed",
+      "heartbeat", "unavailable:"))
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of the coordination service (no device collective) across the job's processes.
+
+  Processes finish compiling at different times (one hits the compilation cache, another not),
+  and the first cross-process collective gives up early: CPU's gloo sets up its context then,
+  and waits 30 s for the peers.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if jax.process_count() > 1 and client is not None:
+    client.wait_at_barrier(f"lima_jax:{name}", timeout_in_ms=timeout_s * 1000)
 
 
 # Run beside each process of a multi-process job: it reads its stdin until the training process
@@ -797,6 +811,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   compile_start = time.perf_counter()
   compiled_step = step_fn.lower(state, abstract_batch(config, mesh)).compile()
   _log("compiled the train step in %.1f s", time.perf_counter() - compile_start)
+  wait_for_all_processes("train_step_compiled")
   last = time.perf_counter()
   epoch_tokens = [0.0, 0.0]  # Non-pad tokens and all positions of the epoch's batches so far.
   try:

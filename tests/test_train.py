@@ -580,6 +580,7 @@ def test_pretrained_hf_weights_load_into_shards_with_an_eot_row_at_the_mean(tmp_
   shutil.copy(data.bundled_paths()["tokenizer"], tmp_path / "tokenizer.model")
   config = lima_config()
   config.model.init_from = str(tmp_path)
+  config.data.max_len = 128  # The model's max_position_embeddings.
   config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
   tokenizer = train.load_run_tokenizer(config)
   assert tokenizer.vocab_size == 1025 and tokenizer.eot_id == 1024
