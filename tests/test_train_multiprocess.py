@@ -120,7 +120,9 @@ def _wait_for_step(workdir, procs, step, timeout=400):
   """Waits until a finished checkpoint of at least `step` exists; returns its step."""
   deadline = time.time() + timeout
   while time.time() < deadline:
-    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+    if any(p.poll() is not None for p in procs):
+      pytest.fail("a process ended early:\n" + "\n---\n".join(
+          f"status {p.wait()}: {p.communicate()[1][-3000:]}" for p in procs))
     steps = [int(d.name) for d in (workdir / "checkpoints").glob("*") if d.name.isdigit()
              and ckpt_lib.is_checkpoint(d)] if (workdir / "checkpoints").is_dir() else []
     if steps and max(steps) >= step:
