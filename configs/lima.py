@@ -96,6 +96,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 0  # 0 = only at epoch ends.
   config.train.keep_checkpoints = 0  # 0 = keep every epoch (the paper picks one of epochs 5-10).
+  # "latest": only the newest checkpoint keeps the AdamW moments (2x the parameters' bytes), older
+  # ones keep their parameters; "all": every checkpoint keeps them (resume from any step).
+  config.train.keep_optimizer_state = "latest"
+  # Epochs whose checkpoints stay, e.g. "5-10" (the paper's choice) or "5,8,10"; "" = every one.
+  # The others are saved too (to resume from) and deleted once a newer checkpoint is committed.
+  config.train.keep_epochs = ""
   config.train.dev_generations = 4  # Dev prompts answered at each epoch end.
   config.train.dev_max_new_tokens = 256
   config.train.peak_flops_per_device = 0.0  # 0 = from the chip table, or measured on CPU.

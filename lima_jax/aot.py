@@ -139,24 +139,32 @@ def matmul_params(model_config) -> int:
   return c.n_layers * (attn + 3 * c.d_model * c.mlp_dim) + c.d_model * c.padded_vocab_size
 
 
-def train_flops(model_config, batch_size: int, seq_len: int) -> dict[str, float]:
+def train_flops(model_config, batch_size: int, seq_len: int, *, tokens: float | None = None,
+                attended: float | None = None) -> dict[str, float]:
   """Analytic FLOPs of one optimizer step over batch_size x seq_len tokens.
 
-  model    = 6 * N * tokens + 12 * L * (H * Dh) * seq^2 * batch
+  model    = 6 * N * tokens + 12 * L * (H * Dh) * attended
              (N = matmul parameters, `matmul_params`; forward 2 N per token, backward 4 N; the
-             attention scores and weighted values are 4 * (H * Dh) * seq^2 a layer forward,
-             twice that backward; the causal mask is not exploited)
-  hardware = model + one more forward (2 * N * tokens + 4 * L * (H * Dh) * seq^2 * batch)
-             with full remat, which recomputes each layer in the backward pass.
-  MFU uses `model`; `hardware` is what the chips execute.
+             attention scores and weighted values are 4 * (H * Dh) per query-key pair a layer
+             forward, twice that backward; the causal mask is not exploited)
+  hardware = the padded program (tokens = batch * seq, attended = batch * seq^2) + one more
+             forward with full remat, which recomputes each layer in the backward pass.
+
+  `tokens` (non-pad tokens) and `attended` (the sum over the batch's sequences of their length
+  squared: each attends only within itself) make `model` count the real work, so MFU and
+  tokens/s never credit padding; left out, both are the padded values. `hardware` is always
+  what the chips execute.
   """
   c = model_config
   n = matmul_params(c)
-  tokens = batch_size * seq_len
-  attn_fwd = 4 * c.n_layers * c.n_heads * c.dim_per_head * seq_len ** 2 * batch_size
-  model = 6 * n * tokens + 3 * attn_fwd
-  recompute = 2 * n * tokens + attn_fwd if c.remat_policy == "full" else 0
-  return {"model": float(model), "hardware": float(model + recompute),
+  width = 4 * c.n_layers * c.n_heads * c.dim_per_head
+  padded_tokens, padded_attended = batch_size * seq_len, batch_size * seq_len ** 2
+  tokens = padded_tokens if tokens is None else tokens
+  attended = padded_attended if attended is None else attended
+  model = 6 * n * tokens + 3 * width * attended
+  padded = 6 * n * padded_tokens + 3 * width * padded_attended
+  recompute = 2 * n * padded_tokens + width * padded_attended if c.remat_policy == "full" else 0
+  return {"model": float(model), "hardware": float(padded + recompute),
           "matmul_params": float(n), "tokens": float(tokens)}
 
 

@@ -6,10 +6,16 @@ A checkpoint is a directory of Orbax items:
   model_config/  JSON: the ModelConfig fields
   tokenizer/     JSON: the tokenizer blob (its files, base64, and the EOT text); optional
 
-Training step directories (`WORKDIR/checkpoints/<step>/`) add `opt_state/` and `train_state/`,
-so a converted checkpoint and a training checkpoint are read by the same functions. Orbax writes
-to a temporary directory and renames it on success (on GCS, which cannot rename, it writes in place
-and commit_success.txt last): a crash never leaves one that looks complete.
+Training step directories (`WORKDIR/checkpoints/<step>/`) add `train_state/` and, where an exact
+resume needs it, `opt_state/` (the AdamW moments, twice the parameters' bytes), so a converted
+checkpoint and a training checkpoint are read by the same functions. Orbax writes to a temporary
+directory and renames it on success (on GCS, which cannot rename, it writes in place and
+commit_success.txt last): a crash never leaves one that looks complete.
+
+By default (`train.keep_optimizer_state="latest"`) only the newest finished step keeps
+`opt_state/`: once a newer save is committed, older steps lose theirs (`prune_optimizer_state`),
+so every epoch stays selectable by its parameters at a third of the bytes, and there is always
+one step to resume from exactly, even after a crash between the two.
 """
 
 import re
@@ -135,6 +141,7 @@ def restore_params(path, target: Any = None) -> dict:
 
 OPT_STATE = "opt_state"
 TRAIN_STATE = "train_state"
+KEEP_OPTIMIZER_STATE = ("latest", "all")
 
 
 def checkpoint_manager(workdir, *, keep: int = 0, async_save: bool = True) -> ocp.CheckpointManager:
@@ -174,14 +181,62 @@ def save_training(manager: ocp.CheckpointManager, step: int, *, params, opt_stat
 
 
 def restore_training(manager: ocp.CheckpointManager, step: int, *, params_target,
-                     opt_state_target) -> tuple[Any, Any, dict]:
+                     opt_state_target=None) -> tuple[Any, Any, dict]:
   """(params, opt_state, train_state dict) of step `step`, restored straight into the shards
-  that the targets' shardings name, whatever mesh the checkpoint was saved from."""
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      PARAMS: ocp.args.StandardRestore(params_target),
-      OPT_STATE: ocp.args.StandardRestore(opt_state_target),
-      TRAIN_STATE: ocp.args.JsonRestore()}))
-  return restored[PARAMS], restored[OPT_STATE], restored[TRAIN_STATE]
+  that the targets' shardings name, whatever mesh the checkpoint was saved from.
+
+  With `opt_state_target=None` the optimizer state is not read (opt_state is None): for steps
+  whose `opt_state/` was pruned, or callers that need only the weights.
+  """
+  items = {PARAMS: ocp.args.StandardRestore(params_target), TRAIN_STATE: ocp.args.JsonRestore()}
+  if opt_state_target is not None:
+    step_dir = _path(manager.directory) / str(step)
+    if not has_optimizer_state(step_dir):
+      raise FileNotFoundError(f"{step_dir}: no {OPT_STATE}/ item (pruned: train.keep_optimizer_state"
+                              f"=latest keeps it only in the newest step); resume from a step that has it")
+    items[OPT_STATE] = ocp.args.StandardRestore(opt_state_target)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  opt_state = restored[OPT_STATE] if OPT_STATE in items else None
+  return restored[PARAMS], opt_state, restored[TRAIN_STATE]
+
+
+def has_optimizer_state(path) -> bool:
+  """True where a finished step directory still holds its optimizer state (an exact resume point)."""
+  path = _path(path)
+  return is_checkpoint(path) and (path / OPT_STATE).is_dir()
+
+
+def finished_steps(manager: ocp.CheckpointManager) -> list[int]:
+  """Steps of `WORKDIR/checkpoints/` whose save finished, oldest first."""
+  return [s for s, _ in _step_dirs(_path(manager.directory))]
+
+
+def resumable_steps(manager: ocp.CheckpointManager) -> list[int]:
+  """Finished steps that keep `opt_state/` (an exact resume needs it), oldest first."""
+  return [s for s, p in _step_dirs(_path(manager.directory)) if (p / OPT_STATE).is_dir()]
+
+
+def prune_optimizer_state(manager: ocp.CheckpointManager) -> list[int]:
+  """Deletes `opt_state/` from every finished step older than the newest one that has it.
+
+  Call it only when no save is in flight (after `manager.wait_until_finished()`): a step counts
+  once Orbax has committed it, so a crash at any point leaves at least one resumable step. Only
+  process 0 deletes (on gs:// this removes the objects under the item's prefix); the step's
+  parameters, config, tokenizer and train state stay, and `is_checkpoint`, `restore_params` and
+  Orbax's restore of those items accept it as before. Returns the pruned steps.
+  """
+  keep = resumable_steps(manager)
+  if jax.process_index() != 0 or len(keep) < 2:
+    return []
+  pruned = []
+  for step in keep[:-1]:
+    item = _path(manager.directory) / str(step) / OPT_STATE
+    try:
+      item.rmtree()
+    except FileNotFoundError:  # Orbax's own max_to_keep deletion got there first.
+      continue
+    pruned.append(step)
+  return pruned
 
 
 def read_train_state(path) -> dict:

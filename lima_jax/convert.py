@@ -605,6 +605,25 @@ def add_eot_row(params: Mapping, model_config: ModelConfig,
   return out, config
 
 
+def set_rows_to_mean(params: Mapping, ids, mean_of: int) -> dict:
+  """Rows `ids` of the embedding (and columns of an untied LM head) set to the mean of the
+  first `mean_of` rows: a fresh token on a padding row of a model whose embedding is padded past
+  its tokenizer. Pure jnp, so it runs on sharded arrays inside `jit`."""
+  ids = jnp.asarray(ids, jnp.int32)
+
+  def fill(table, axis):
+    t = jnp.moveaxis(table, axis, 0)
+    mean = jnp.mean(t[:mean_of].astype(jnp.float32), axis=0).astype(t.dtype)
+    t = t.at[ids].set(jnp.broadcast_to(mean, (ids.shape[0],) + mean.shape))
+    return jnp.moveaxis(t, 0, axis)
+
+  out = dict(params)
+  out["embed"] = {**params["embed"], "embedding": fill(params["embed"]["embedding"], 0)}
+  if "lm_head" in params:
+    out["lm_head"] = fill(params["lm_head"], 1)
+  return out
+
+
 # -- Orbax writing one block at a time. ---------------------------------------------------------
 
 

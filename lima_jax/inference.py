@@ -136,23 +136,65 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
                          f"(tokenizer.model, tokenizer.json or their directory)")
       tok = tokenizer_lib.load_tokenizer_from_blob(blob)
   vocab = config.vocab_size
-  if vocab == tok.vocab_size:
+  # Rows past the tokenizer's ids (an embedding padded past it, e.g. 32064 rows for 32000
+  # pieces) are padding: a base model's EOT id lands on one of them, while lima_jax training
+  # (its checkpoints, or their exports, which declare EOT) trained that row as EOT.
+  padded_rows = vocab > tok.vocab_size
+  trained_eot = vocab == tok.vocab_size or (padded_rows and (
+      (path / checkpoint.TRAIN_STATE).is_dir() if source == "checkpoint" else _declares_eot(path, tok)))
+  if vocab < tok.base_vocab_size or (vocab < tok.vocab_size and vocab != tok.base_vocab_size):
+    raise ValueError(
+        f"{path}: the model's vocabulary has {vocab} ids but the tokenizer has {tok.base_vocab_size} "
+        f"(+ EOT = {tok.vocab_size}); pass the model's own tokenizer with --tokenizer")
+  if trained_eot:
     has_eot = True
     stops = [tok.eot_id, tok.eos_id]
-  elif vocab == tok.base_vocab_size:
+  else:
     has_eot = False
     stops = [tok.eos_id]
     notes.append(f"the model's vocabulary ({vocab}) has no EOT row (a base model): prompts are the "
                  f"turns joined by blank lines, and answers stop at EOS only (id {tok.eos_id})")
-  else:
-    raise ValueError(
-        f"{path}: the model's vocabulary has {vocab} ids but the tokenizer has {tok.base_vocab_size} "
-        f"(+ EOT = {tok.vocab_size}); pass the model's own tokenizer with --tokenizer")
+  if padded_rows:
+    usable = tok.vocab_size if has_eot else tok.base_vocab_size
+    notes.append(f"the model has {vocab} rows for {usable} tokenizer ids: the rest are padding, "
+                 f"never sampled")
+    config, params = _without_padding_rows(config, params, usable, mesh)
   stops += [e for e in extra_stops if e < vocab]
   stop_ids = tuple(sorted({s for s in stops if s is not None}))
   if not stop_ids:
     notes.append("no stop id (the tokenizer has no EOS): answers run to the token limit")
   return LoadedModel(config, params, tok, source, str(path), stop_ids, has_eot, notes, mesh)
+
+
+def _declares_eot(path: epath.Path, tok: tokenizer_lib.Tokenizer) -> bool:
+  """True where a Hugging Face directory's tokenizer_config.json names EOT at its id (a lima_jax
+  export of a fine-tuned model), so the row there is trained."""
+  file = path / tokenizer_lib.HF_CONFIG_FILE
+  if not file.is_file():
+    return False
+  try:
+    decoder = json.loads(file.read_text()).get("added_tokens_decoder") or {}
+  except (OSError, json.JSONDecodeError):
+    return False
+  return (decoder.get(str(tok.eot_id)) or {}).get("content") == tok.eot_text
+
+
+def _without_padding_rows(config: model_lib.ModelConfig, params: dict, vocab: int,
+                          mesh: Mesh | None) -> tuple[model_lib.ModelConfig, dict]:
+  """The model seen as one of `vocab` ids: the rows past it become masked padding, so sampling
+  never picks an id the tokenizer cannot decode. Rows beyond the new padded size are dropped."""
+  small = config.replace(vocab_size=vocab)
+  if small.padded_vocab_size == config.padded_vocab_size:
+    return small, params
+  rows = small.padded_vocab_size
+
+  def cut(p):
+    out = {**p, "embed": {**p["embed"], "embedding": p["embed"]["embedding"][:rows]}}
+    if "lm_head" in p:
+      out["lm_head"] = p["lm_head"][:, :rows]
+    return out
+
+  return small, jax.jit(cut, out_shardings=_shardings(small, mesh))(params)
 
 
 def generator_name(path: str | os.PathLike) -> str:

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -235,12 +237,16 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
           "lr": schedule(state.step),
           "loss_tokens": jnp.sum(batch["loss_mask"]),
           "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
+          # Sum of squared sequence lengths: a sequence of length n has positions 0..n-1 and
+          # sum(2p + 1) = n^2, the query-key pairs its (segment-local) attention computes.
+          "attended": jnp.sum(jnp.where(batch["segment_ids"] > 0,
+                                        2 * batch["positions"].astype(jnp.float32) + 1, 0.0)),
       }
       new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
       return new_state, metrics
 
   rep = _replicated(mesh)
-  metric_shards = {k: rep for k in ("loss", "grad_norm", "lr", "loss_tokens", "tokens")}
+  metric_shards = {k: rep for k in ("loss", "grad_norm", "lr", "loss_tokens", "tokens", "attended")}
   jitted = jax.jit(step_fn, in_shardings=(shards, b_shards), out_shardings=(shards, metric_shards),
                    donate_argnums=0)
   return jitted, shards, b_shards
@@ -264,6 +270,105 @@ class BadDataError(errors.InputError):
   """Input data (or the tokenizer) that cannot be trained on; the command exits with status 2."""
 
 
+class ConfigError(errors.InputError):
+  """Config fields that contradict each other or the checkpoint; found before any compile, exit 2."""
+
+
+# Exit status of a process whose peer was lost (killed, preempted, crashed): rerun all hosts.
+EXIT_PEER_LOST = 3
+_peer_loss_hint = {"workdir": None, "saved_step": None}
+
+
+def peer_lost(reason: str) -> None:
+  """Says that a peer process is gone and how to resume, then ends this process at once.
+
+  Called from the training loop when a collective fails because its peer is gone (CPU's gloo
+  says so at once). It exits without cleanup: waiting for saves or barriers that need the dead
+  peer would hang, and every checkpoint on disk is either committed or never counted.
+  """
+  n, i = jax.process_count(), jax.process_index()
+  workdir = _peer_loss_hint["workdir"] or "the same directory"
+  saved = _peer_loss_hint["saved_step"]
+  first_line = reason.strip().splitlines()[0][:400] if reason.strip() else "no detail"
+  since = f" (the last save started was step {saved})" if saved is not None else ""
+  sys.stdout.flush()
+  sys.stderr.write(
+      f"\nerror: process {i} of {n} lost a peer process: another host of this run was killed, "
+      f"preempted or crashed ({first_line}).\n"
+      f"To resume, rerun the same command on all {n} hosts with the same --workdir={workdir}: "
+      f"the run continues from the newest finished checkpoint there{since}.\n")
+  sys.stderr.flush()
+  if _reporter is not None:
+    _reporter.orderly_exit()
+  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+
+
+def _looks_like_lost_peer(error: Exception) -> bool:
+  """True for the runtime errors a dead peer causes in a cross-process collective or RPC (not
+  for timeouts: a slow peer is not a lost one)."""
+  text = str(error).lower()
+  return any(marker in text for marker in (
+      "connection closed", "connection reset", "connection refused", "socket closed",
+      "heartbeat", "unavailable:"))
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of the coordination service (no device collective) across the job's processes.
+
+  Processes finish compiling at different times (one hits the compilation cache, another not),
+  and the first cross-process collective gives up early: CPU's gloo sets up its context then,
+  and waits 30 s for the peers.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if jax.process_count() > 1 and client is not None:
+    client.wait_at_barrier(f"lima_jax:{name}", timeout_in_ms=timeout_s * 1000)
+
+
+# Run beside each process of a multi-process job: it reads its stdin until the training process
+# ends, however it ends, and speaks where that process could not (an abort from C++).
+_WATCHER = """
+import os, sys
+if b"ok" not in sys.stdin.buffer.read():
+  os.write(2, sys.argv[1].encode())
+"""
+
+
+class _AbnormalEndReporter:
+  """Says how to resume when this process of a multi-process job dies without a word.
+
+  When a peer host is lost, JAX's distributed runtime ends the survivors from C++ (a missed
+  heartbeat, 100 s by default, or the coordinator's socket closing; "Terminating process because
+  the JAX distributed service detected fatal errors"), before any Python handler can run: its
+  error callback cannot be given a Python function (jaxlib 0.10.2 fails to convert the status
+  it passes). So a small watcher process holds a pipe from this one; if the pipe closes without
+  the "ok" that every orderly exit sends, the watcher prints the guidance on the same stderr.
+  """
+
+  def __init__(self, workdir: str):
+    n, i = jax.process_count(), jax.process_index()
+    message = (
+        f"\nerror: process {i} of {n} of this run ended abnormally. If a peer host was lost "
+        f"(killed, preempted or crashed), JAX's distributed runtime ends the survivors this way "
+        f"(see 'Terminating process because the JAX distributed service detected fatal errors' "
+        f"above).\nTo resume, rerun the same command on all {n} hosts with the same "
+        f"--workdir={workdir}: the run continues from the newest finished checkpoint there.\n")
+    self._proc = subprocess.Popen([sys.executable, "-c", _WATCHER, message], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, start_new_session=True)
+
+  def orderly_exit(self) -> None:
+    """Tells the watcher that this exit is explained (a normal end, or a message printed)."""
+    try:
+      self._proc.stdin.write(b"ok")
+      self._proc.stdin.close()
+    except (OSError, ValueError):
+      pass
+
+
+_reporter: _AbnormalEndReporter | None = None
+_report_abnormal_end = False  # The command line (`main`) asks for the watcher; library use does not.
+
+
 def maybe_initialize_distributed(config) -> None:
   """Joins the multi-host job when asked (`train.distributed`) or when the environment says so.
 
@@ -285,6 +390,9 @@ def maybe_initialize_distributed(config) -> None:
   if env.get("JAX_PROCESS_ID"):
     kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
   jax.distributed.initialize(**kwargs)
+  global _reporter
+  if _report_abnormal_end and jax.process_count() > 1 and _reporter is None:
+    _reporter = _AbnormalEndReporter(_peer_loss_hint["workdir"] or "the same directory")
 
 
 def _log(message: str, *args) -> None:
@@ -292,6 +400,13 @@ def _log(message: str, *args) -> None:
   logging.info(message, *args)
   if jax.process_index() == 0:
     tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} {message % args if args else message}")
+
+
+def _warn(message: str, *args) -> None:
+  """A warning every process logs, and process 0 also prints."""
+  logging.warning(message, *args)
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} warning: {message % args if args else message}")
 
 
 _is_hf_dir = ckpt_lib.is_hf_dir
@@ -371,11 +486,56 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
     fields["vocab_size"] = max(base.vocab_size, tokenizer.vocab_size)
   else:
     fields["vocab_size"] = tokenizer.vocab_size
+  max_len, max_seq_len = int(config.data.max_len), int(fields["max_seq_len"])
+  if max_len > max_seq_len:
+    if init_from:
+      raise ConfigError(
+          f"data.max_len={max_len} is longer than the pretrained model's context: model.init_from="
+          f"{init_from} has max_position_embeddings={max_seq_len}, and lima_jax does not "
+          f"extrapolate RoPE; set --config.data.max_len={max_seq_len} (or less)")
+    raise ConfigError(
+        f"data.max_len={max_len} is longer than model.max_seq_len={max_seq_len} (RoPE would run "
+        f"past the positions the model is made for); set --config.data.max_len={max_seq_len} or "
+        f"--config.model.max_seq_len={max_len}")
   return model_lib.ModelConfig.from_dict(fields)
 
 
-def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Mesh):
-  """Pretrained weights read straight into their shards, grown by the EOT row if needed."""
+def _declares_eot(init_from: str, tokenizer) -> bool:
+  """True where a Hugging Face directory's tokenizer_config.json names the EOT text at its id,
+  as a lima_jax export (tools/convert_weights.py orbax-to-hf) writes it: the row is trained."""
+  config_file = paths.path(init_from) / tokenizer_lib.HF_CONFIG_FILE
+  if not config_file.is_file():
+    return False
+  try:
+    decoder = json.loads(config_file.read_text()).get("added_tokens_decoder") or {}
+  except (OSError, ValueError):
+    return False
+  entry = decoder.get(str(tokenizer.eot_id)) or {}
+  return entry.get("content") == tokenizer.eot_text
+
+
+def needs_fresh_eot_row(init_from: str, base_vocab_size: int, tokenizer) -> bool:
+  """True where the pretrained rows already cover the EOT id but none of them is EOT's own.
+
+  Models that pad their embedding past the tokenizer (e.g. 32064 rows for 32000 pieces) put
+  EOT's id (the tokenizer's size) on a padding row. A lima_jax training checkpoint, or a model
+  whose rows end exactly at EOT, or an export that declares EOT, already trained that row.
+  """
+  eot = tokenizer.eot_id
+  if base_vocab_size <= eot or base_vocab_size == tokenizer.vocab_size:
+    return False
+  if _is_hf_dir(init_from):
+    return not _declares_eot(init_from, tokenizer)
+  return not (ckpt_lib.resolve(init_from) / ckpt_lib.TRAIN_STATE).is_dir()
+
+
+def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Mesh, tokenizer=None):
+  """Pretrained weights read straight into their shards, with a row for EOT at the mean.
+
+  EOT gets a fresh row: appended where the embedding ends before its id, or, where the
+  embedding is padded past the tokenizer (`needs_fresh_eot_row`; needs `tokenizer`), the
+  padding row at its id overwritten with the mean of the tokenizer's rows.
+  """
   from lima_jax import convert  # pylint: disable=g-import-not-at-top  # Only to start from weights.
   init_from = config.model.init_from
   if _is_hf_dir(init_from):
@@ -391,7 +551,13 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
                           model_lib.abstract_params(base), base_shards)
     params = ckpt_lib.restore_params(init_from, target)
   if base.vocab_size == model_config.vocab_size:
-    return params
+    if tokenizer is None or not needs_fresh_eot_row(init_from, base.vocab_size, tokenizer):
+      return params
+    _log("model.init_from has %d rows for %d tokenizer ids: EOT (id %d) gets a fresh row at the "
+         "mean of the first %d, over the padding row there", base.vocab_size, tokenizer.vocab_size,
+         tokenizer.eot_id, tokenizer.base_vocab_size)
+    fresh = lambda p: convert.set_rows_to_mean(p, (tokenizer.eot_id,), tokenizer.base_vocab_size)
+    return jax.jit(fresh, out_shardings=param_shardings(model_config, mesh), donate_argnums=0)(params)
   grow = lambda p: convert.add_eot_row(p, base, model_config.vocab_size)[0]
   return jax.jit(grow, out_shardings=param_shardings(model_config, mesh), donate_argnums=0)(params)
 
@@ -421,23 +587,43 @@ class StopSignal:
   """SIGTERM (TPU preemption) -> save at the next step boundary and exit cleanly.
 
   One process catches the signal itself. Several processes must agree on the step, so there
-  JAX's preemption sync point (which also listens for SIGTERM) decides.
+  JAX's preemption sync point (which also listens for SIGTERM) decides; where it is not set up
+  (`jax_enable_preemption_service` off, or the job joined without `jax.distributed`), the log
+  says so at start-up rather than handling preemption silently not at all.
   """
 
   def __init__(self):
     self.received = False
     self._previous = None
+    self.enabled = True
     if jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+    elif not self.multihost_sync_available():
+      self._disable("JAX's preemption sync manager is not set up (is jax_enable_preemption_service "
+                    "off, or was jax.distributed initialised without it?)")
+
+  @staticmethod
+  def multihost_sync_available() -> bool:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    state = distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
+
+  def _disable(self, why: str) -> None:
+    self.enabled = False
+    _warn("preemption handling is OFF: %s. A SIGTERM now ends the hosts without a final save; "
+          "a rerun resumes from the newest finished checkpoint", why)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.received = True
 
   def should_stop(self, step: int) -> bool:
+    if not self.enabled:
+      return False
     if jax.process_count() > 1:
       try:
         return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:
+      except RuntimeError as e:
+        self._disable(f"reached_preemption_sync_point failed: {e}")
         return False
     return self.received
 
@@ -476,7 +662,7 @@ def evaluate_dev(eval_step, params, run_data: RunData, mesh: Mesh, spec) -> dict
 def finished_step(workdir, total_steps: int) -> int | None:
   """The newest checkpoint's step when the run is already done, else None: a rerun then stops
   before any peak-FLOP/s measurement or compile."""
-  directory = epath.Path(workdir) / ckpt_lib.CHECKPOINTS_SUBDIR
+  directory = paths.path(workdir) / ckpt_lib.CHECKPOINTS_SUBDIR
   if not directory.is_dir():
     return None
   try:
@@ -486,11 +672,94 @@ def finished_step(workdir, total_steps: int) -> int | None:
   return step if step >= total_steps else None
 
 
+def parse_epochs(spec: str, field: str = "train.keep_epochs") -> frozenset[int] | None:
+  """"5-10" or "5,8,10" (or a mix, "1,5-10") -> those epoch numbers; "" -> None (all)."""
+  spec = str(spec or "").strip()
+  if not spec:
+    return None
+  epochs = set()
+  try:
+    for part in spec.split(","):
+      first, dash, last = part.strip().partition("-")
+      first, last = int(first), int(last if dash else first)
+      if first < 1 or last < first:
+        raise ValueError(part)
+      epochs.update(range(first, last + 1))
+  except ValueError:
+    raise ConfigError(f"{field}={spec!r}: expected epoch numbers from 1 as ranges and lists, e.g. "
+                      f"\"5-10\" or \"5,8,10\" (\"\" keeps every epoch)") from None
+  return frozenset(epochs)
+
+
+def superseded_steps(finished: list[int], keep_epochs: frozenset[int] | None,
+                     steps_per_epoch: int) -> list[int]:
+  """Finished steps to delete under `train.keep_epochs`: all but the newest (the resume point)
+  that are not the end of a kept epoch (periodic and preemption saves included)."""
+  if keep_epochs is None or not finished:
+    return []
+  kept = lambda s: s % steps_per_epoch == 0 and s // steps_per_epoch in keep_epochs
+  return [s for s in finished[:-1] if not kept(s)]
+
+
+def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
+                 total_steps: int) -> TrainState | None:
+  """The state of the newest step in the workdir that an exact resume can start from, or None.
+
+  A step resumes exactly only with its `opt_state/`; with `train.keep_optimizer_state=latest`
+  older steps keep only their parameters. Steps newer than the newest resumable one are named
+  in the log and redone. Where no step keeps an optimizer state at all (e.g. it was deleted by
+  hand), the run continues from the newest parameters with fresh AdamW moments (their step
+  counters, hence the lr schedule, continue) and the log says that this is not exact.
+  """
+  finished = ckpt_lib.finished_steps(manager)
+  if not finished:
+    return None
+  resumable = ckpt_lib.resumable_steps(manager)
+  rep = _replicated(mesh)
+  abstract = abstract_train_state(config, model_config, mesh, total_steps)
+  step = resumable[-1] if resumable else finished[-1]
+  params, opt_state, meta = ckpt_lib.restore_training(
+      manager, step, params_target=abstract.params,
+      opt_state_target=abstract.opt_state if resumable else None)
+  if opt_state is None:
+    _warn("no checkpoint in %s keeps its optimizer state (opt_state/); continuing from step %d's "
+          "parameters with fresh AdamW moments: NOT an exact resume", manager.directory, step)
+    fresh = init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
+    params, opt_state = fresh.params, _with_step_counts(fresh.opt_state, int(meta["step"]))  # Donated.
+  elif step != finished[-1]:
+    _warn("steps %s keep no optimizer state; resuming exactly from step %d, the newest that does, "
+          "and training the later steps again", [s for s in finished if s > step], step)
+  rng = np.asarray(meta["rng"], _key_data().dtype)
+  state = TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
+                     opt_state=opt_state, rng=_host_array(rng, rep))
+  run_data.train.set_state(meta["data"])
+  differences = _config_differences(meta.get("config", {}), _json_config(config))
+  _log("resumed from %s at step %d", manager.directory / str(step), meta["step"])
+  if differences:
+    _log("the config differs from the checkpoint's: %s", "; ".join(differences))
+  return state
+
+
+def _with_step_counts(opt_state, step: int):
+  """The optimizer state with every step counter (optax's `count` fields) set to `step`."""
+  def set_count(path, leaf):
+    if path and getattr(path[-1], "name", None) == "count":
+      return _host_array(np.asarray(step, leaf.dtype), leaf.sharding)
+    return leaf
+  return jax.tree_util.tree_map_with_path(set_count, opt_state)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the job in `workdir`; returns a summary (final step, losses, why it ended)."""
 
-  maybe_initialize_distributed(config)
   workdir = paths.path(workdir)
+  _peer_loss_hint["workdir"] = str(workdir)
+  maybe_initialize_distributed(config)
+  keep_opt = str(config.train.get("keep_optimizer_state", "latest"))
+  if keep_opt not in ckpt_lib.KEEP_OPTIMIZER_STATE:
+    raise ConfigError(f"train.keep_optimizer_state={keep_opt!r}; expected one of "
+                      f"{', '.join(ckpt_lib.KEEP_OPTIMIZER_STATE)}")
+  keep_epochs = parse_epochs(config.train.get("keep_epochs", ""))
   run_data = RunData(config)  # Bad data stops the run here, before any compile or weight load.
   steps_per_epoch = run_data.train.steps_per_epoch
   total_steps = int(config.train.epochs) * steps_per_epoch
@@ -515,39 +784,43 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_step = make_eval_step(model_config, mesh, shards.params, b_shards)
 
   manager = ckpt_lib.checkpoint_manager(workdir, keep=int(config.train.keep_checkpoints))
-  latest = manager.latest_step()
-  rep = _replicated(mesh)
-  if latest is not None:
-    abstract = abstract_train_state(config, model_config, mesh, total_steps)
-    params, opt_state, meta = ckpt_lib.restore_training(
-        manager, latest, params_target=abstract.params, opt_state_target=abstract.opt_state)
-    rng = np.asarray(meta["rng"], _key_data().dtype)
-    state = TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
-                       opt_state=opt_state, rng=_host_array(rng, rep))
-    run_data.train.set_state(meta["data"])
-    differences = _config_differences(meta.get("config", {}), _json_config(config))
-    _log("resumed from %s at step %d", manager.directory / str(latest), meta["step"])
-    if differences:
-      _log("the config differs from the checkpoint's: %s", "; ".join(differences))
-  else:
-    params = load_pretrained_params(config, model_config, mesh) if config.model.init_from else None
+  state = resume_state(config, model_config, mesh, manager, run_data, total_steps)
+  if state is None:
+    params = (load_pretrained_params(config, model_config, mesh, run_data.tokenizer)
+              if config.model.init_from else None)
     state = init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
   start_step = int(jax.device_get(state.step))
+
+  def prune() -> None:
+    """Drops what no committed newer step needs: the optimizer state of older steps (by
+    default), and the steps `train.keep_epochs` leaves out. Runs with no save in flight."""
+    if keep_opt == "latest":
+      pruned = ckpt_lib.prune_optimizer_state(manager)
+      if pruned:
+        logging.info("deleted opt_state/ of steps %s (train.keep_optimizer_state=latest)", pruned)
+    for step in superseded_steps(ckpt_lib.finished_steps(manager), keep_epochs, steps_per_epoch):
+      manager.delete(step)  # Every process calls it (Orbax syncs them); process 0 deletes.
+      logging.info("deleted checkpoint %d (not an epoch in train.keep_epochs)", step)
 
   def save(step: int) -> None:
     meta = {"step": step, "epoch": step / steps_per_epoch,
             "rng": np.asarray(jax.device_get(state.rng)).tolist(),
             "data": run_data.train.get_state(), "config": _json_config(config),
             "total_steps": total_steps, "mesh": dict(mesh.shape)}
+    # Orbax would wait for the previous save here anyway; once it is committed, the state
+    # before it is no longer needed to resume.
+    manager.wait_until_finished()
+    prune()
     if ckpt_lib.save_training(manager, step, params=state.params, opt_state=state.opt_state,
                               model_config=model_config, tokenizer_blob=run_data.tokenizer.to_blob(),
                               train_state=meta):
+      _peer_loss_hint["saved_step"] = step
       _log("saving checkpoint %s", manager.directory / str(step))
 
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
   peak, peak_source = metrics_lib.peak_flops(float(config.train.peak_flops_per_device))
   _log("peak FLOP/s per device for MFU: %.3g (%s)", peak, peak_source)
-  flops = aot.train_flops(model_config, int(config.train.batch_size), int(config.data.max_len))
+  batch_size, max_len = int(config.train.batch_size), int(config.data.max_len)
   stop = StopSignal()
   bar = metrics_lib.ProgressBar(total_steps, start_step)
   summary: dict[str, Any] = {"start_step": start_step, "total_steps": total_steps, "losses": []}
@@ -555,24 +828,38 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   compile_start = time.perf_counter()
   compiled_step = step_fn.lower(state, abstract_batch(config, mesh)).compile()
   _log("compiled the train step in %.1f s", time.perf_counter() - compile_start)
+  wait_for_all_processes("train_step_compiled")
   last = time.perf_counter()
+  epoch_tokens = [0.0, 0.0]  # Non-pad tokens and all positions of the epoch's batches so far.
   try:
     step = start_step
     while step < total_steps:
       epoch, local_batch = next(run_data.train)
       batch = data_lib.to_global_batch(local_batch, mesh, batch_spec)
-      state, step_metrics = compiled_step(state, batch)
-      step_metrics = jax.device_get(step_metrics)
+      try:
+        state, step_metrics = compiled_step(state, batch)
+        step_metrics = jax.device_get(step_metrics)
+      except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() > 1 and _looks_like_lost_peer(e):
+          peer_lost(str(e))
+        raise
       step += 1
       now = time.perf_counter()
       step_time, last = now - last, now
       loss = float(step_metrics["loss"])
       summary["losses"].append(loss)
+      tokens = float(step_metrics["tokens"])
+      epoch_tokens = [epoch_tokens[0] + tokens, epoch_tokens[1] + batch_size * max_len]
       if step % int(config.train.log_every_steps) == 0 or step == total_steps:
+        # MFU and tokens/s count only real tokens (and attention within each real sequence);
+        # HFU counts the padded program the chips run.
+        flops = aot.train_flops(model_config, batch_size, max_len, tokens=tokens,
+                                attended=float(step_metrics["attended"]))
         writer.write(step, {
             "loss": loss, "lr": step_metrics["lr"], "grad_norm": step_metrics["grad_norm"],
             "epoch": step / steps_per_epoch, "step_time_s": step_time,
-            "tokens_per_s": step_metrics["tokens"] / step_time,
+            "tokens_per_s": tokens / step_time,
+            "padding_share": 1.0 - tokens / (batch_size * max_len),
             "mfu": flops["model"] / step_time / (peak * mesh.size) if peak else 0.0,
             "hfu": flops["hardware"] / step_time / (peak * mesh.size) if peak else 0.0})
       bar.update({"epoch": f"{epoch + 1}", "loss": f"{loss:.4f}",
@@ -585,6 +872,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if epoch_end or periodic or stopping or step == total_steps:
         writer.flush()  # metrics.jsonl covers every step a resume from this checkpoint keeps.
         save(step)
+      if epoch_end:
+        padding = 1.0 - epoch_tokens[0] / max(epoch_tokens[1], 1.0)
+        writer.write(step, {"epoch_padding_share": padding})
+        _log("epoch %d: %.1f%% of the batch positions were padding (MFU and tokens/s leave them out)",
+             step // steps_per_epoch, 100 * padding)
+        epoch_tokens = [0.0, 0.0]
       if epoch_end and not preempted:  # A preempted host has seconds left: only the save counts.
         done = step // steps_per_epoch
         dev = evaluate_dev(eval_step, state.params, run_data, mesh, batch_spec)
@@ -606,6 +899,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   finally:
     bar.close()
     manager.wait_until_finished()
+    prune()
     manager.close()
     writer.close()
     stop.restore()
@@ -620,10 +914,20 @@ def main(argv) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("workdir", config.preset)
-  summary = train_and_evaluate(config, workdir)
-  if jax.process_index() == 0:
-    for g in summary.get("generations", []):
-      print(f"\n### dev prompt {g['index']}: {g['conversation'][-1]}\n{g['response']}")
+  global _report_abnormal_end
+  _report_abnormal_end = True
+  try:
+    summary = train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+      for g in summary.get("generations", []):
+        print(f"\n### dev prompt {g['index']}: {g['conversation'][-1]}\n{g['response']}")
+  finally:
+    # Leave the job here rather than at interpreter exit, so that an abort in the shutdown
+    # barrier (a peer died meanwhile) still leaves the watcher to explain it.
+    if jax.distributed.is_initialized():
+      jax.distributed.shutdown()
+    if _reporter is not None:
+      _reporter.orderly_exit()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ work in this process and in subprocesses without credentials or a network.
 
 import importlib.util
 import json
-import os
 import pathlib
 import platform
 import socket

@@ -5,7 +5,6 @@ import json
 
 import jax
 import jinja2
-import numpy as np
 import pytest
 import transformers
 

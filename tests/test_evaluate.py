@@ -165,6 +165,41 @@ def test_hf_base_model_without_eot(tmp_path):
     assert record["response"] == tok.decode(want)
 
 
+def test_embedding_padded_past_the_tokenizer_loads_and_never_samples_a_padding_id(tmp_path):
+  """E.g. 32064 rows for a 32000-piece tokenizer: a lima_jax training checkpoint trained EOT at
+  id 32000 (a padding row before); a Hugging Face base model did not."""
+  from lima_jax import inference  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load_tokenizer(TOKENIZER)
+  rows = tok.base_vocab_size + 64  # 1088, as 32064 for 32000.
+  cfg = model_lib.ModelConfig(vocab_size=rows, d_model=32, n_layers=1, n_heads=4, mlp_dim=64,
+                              vocab_pad_multiple=64)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  manager = checkpoint.checkpoint_manager(tmp_path / "wd")
+  checkpoint.save_training(manager, 1, params=params, opt_state={"count": 0}, model_config=cfg,
+                           tokenizer_blob=tok.to_blob(), train_state={"step": 1})
+  manager.close()
+  greedy = SCFG.replace(greedy=True, max_new_tokens=4)
+  loaded = inference.load_model(tmp_path / "wd")
+  assert loaded.has_eot and set(loaded.stop_ids) == {tok.eot_id, tok.eos_id}
+  assert loaded.model_config.vocab_size == tok.vocab_size  # Sampling masks the ids past it.
+  assert any("1088 rows for 1025 tokenizer ids" in n for n in loaded.notes)
+  results = loaded.generate([loaded.prompt_ids(["Hello"])], greedy)
+  assert results[0].tokens and all(t < tok.vocab_size for t in results[0].tokens)
+  # The same rows as a Hugging Face base model: no EOT row of its own, so no EOT in prompts.
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, max_position_embeddings=128, bos_token_id=tok.bos_id,
+      eos_token_id=tok.eos_id))
+  hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  shutil.copy(TOKENIZER, tmp_path / "hf" / "tokenizer.model")
+  base = inference.load_model(tmp_path / "hf")
+  assert not base.has_eot and base.stop_ids == (tok.eos_id,)
+  assert base.model_config.vocab_size == tok.base_vocab_size
+  results = base.generate([base.prompt_ids(["Hello"])], greedy)
+  assert results[0].tokens and all(t < tok.base_vocab_size for t in results[0].tokens)
+
+
 def test_bad_inputs(ckpt, prompts_file, reference, tmp_path):
   _, out, _ = reference
   bad = tmp_path / "bad.jsonl"

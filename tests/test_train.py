@@ -201,6 +201,28 @@ def test_a_handful_of_examples_is_overfit_and_accumulation_keeps_the_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-2 * 1e-2)
 
 
+def test_model_flops_count_real_tokens_and_attention_within_each_sequence():
+  from lima_jax import aot  # pylint: disable=g-import-not-at-top
+  config, model_config = small_setup()
+  batch = random_batch(config, 61, seed=2)
+  # Two conversations packed in row 0: positions restart, segment 2 of 10 tokens.
+  batch["segment_ids"][0] = np.where(np.arange(32) < 20, 1, np.where(np.arange(32) < 30, 2, 0))
+  batch["positions"][0] = np.where(np.arange(32) < 20, np.arange(32), np.arange(32) - 20)
+  lengths = [np.bincount(row[row > 0]) for row in batch["segment_ids"]]
+  tokens = sum(int(l.sum()) for l in lengths)
+  attended = sum(int((l ** 2).sum()) for l in lengths)
+  mesh, state = single_device_state(config, model_config)
+  step_fn, _, _ = train.make_train_step(config, model_config, mesh, 100)
+  _, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
+  assert float(metrics["tokens"]) == tokens and float(metrics["attended"]) == attended
+  padded = aot.train_flops(model_config, 8, 32)
+  real = aot.train_flops(model_config, 8, 32, tokens=tokens, attended=attended)
+  n, width = padded["matmul_params"], 4 * 2 * 4 * 8
+  assert real["model"] == 6 * n * tokens + 3 * width * attended
+  assert padded["model"] == 6 * n * 8 * 32 + 3 * width * 8 * 32 ** 2
+  assert real["hardware"] == padded["hardware"] > real["model"]  # The chips run the padding.
+
+
 # -- One step on several meshes, and a checkpoint moved between them (8 simulated devices). --------
 
 MESH_SCRIPT = textwrap.dedent("""
@@ -337,9 +359,13 @@ def test_tiny_preset_trains_evaluates_and_writes_what_a_user_reads(uninterrupted
   assert [r["step"] for r in dev] == [7, 14] and dev[1]["dev_loss"] < dev[0]["dev_loss"]
   assert dev[1]["dev_perplexity"] == pytest.approx(math.exp(dev[1]["dev_loss"]), rel=1e-6)
   for r in steps:
-    assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "epoch"} <= set(r)
+    assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "epoch", "padding_share"} <= set(r)
     assert r["lr"] == pytest.approx(1e-3 + (1e-4 - 1e-3) * (r["step"] - 1) / 13, rel=1e-5)
+    assert 0 < r["padding_share"] < 1 and r["mfu"] < r["hfu"]  # MFU leaves the padding out.
   assert 0 < steps[-1]["mfu"] < 1
+  padding = [r["epoch_padding_share"] for r in records if "epoch_padding_share" in r]
+  assert len(padding) == 2 and all(0 < p < 1 for p in padding)
+  assert "of the batch positions were padding" in proc.stdout + proc.stderr
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   # Generations for the first dev prompts, each epoch, and printed at the end.
   for epoch in (1, 2):
@@ -370,16 +396,71 @@ def test_rerunning_a_finished_run_says_so_and_exits_at_once(uninterrupted):
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def dir_bytes(path) -> int:
+  return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+@pytest.mark.slow
+def test_every_epoch_keeps_its_parameters_and_only_the_newest_its_optimizer_state(uninterrupted):
+  workdir, _ = uninterrupted
+  checkpoints = workdir / "checkpoints"
+  assert not (checkpoints / "7" / "opt_state").exists() and (checkpoints / "14" / "opt_state").is_dir()
+  # Epoch 1 is still a checkpoint that evaluation, export and init_from select as before.
+  assert ckpt_lib.resolve(checkpoints / "7") == checkpoints / "7"
+  assert ckpt_lib.read_model_config(checkpoints / "7").vocab_size == 1025
+  params_7 = ckpt_lib.restore_params(checkpoints / "7")
+  assert ckpt_lib.read_train_state(checkpoints / "7")["step"] == 7
+  # (epochs + 3.5) x the fp32 parameters: each epoch's parameters, one optimizer state (2x),
+  # and the small items; every epoch kept the moments before (3x a checkpoint).
+  param_bytes = tree_bytes(params_7)
+  total = dir_bytes(checkpoints)
+  assert total <= (2 + 3.5) * param_bytes, (total, param_bytes, total / param_bytes)
+
+
+def test_pruning_keeps_one_resumable_step_and_steps_without_opt_state_restore(tmp_path):
+  config = model_lib.ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32)
+  params = numpy_params(config)
+  manager = ckpt_lib.checkpoint_manager(tmp_path)
+  ckpt_lib.save_training(manager, 1, params=params, opt_state={"mu": params}, model_config=config,
+                         tokenizer_blob=None, train_state={"step": 1})
+  assert ckpt_lib.prune_optimizer_state(manager) == []  # Step 1 may still be in flight.
+  manager.wait_until_finished()
+  assert ckpt_lib.prune_optimizer_state(manager) == []  # The only resumable step stays.
+  ckpt_lib.save_training(manager, 2, params=params, opt_state={"mu": params}, model_config=config,
+                         tokenizer_blob=None, train_state={"step": 2})
+  manager.wait_until_finished()
+  assert ckpt_lib.resumable_steps(manager) == [1, 2]
+  assert ckpt_lib.prune_optimizer_state(manager) == [1]
+  assert ckpt_lib.resumable_steps(manager) == [2] and ckpt_lib.finished_steps(manager) == [1, 2]
+  step_1 = tmp_path / "checkpoints" / "1"
+  assert ckpt_lib.is_checkpoint(step_1) and not ckpt_lib.has_optimizer_state(step_1)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  restored, opt_state, meta = ckpt_lib.restore_training(manager, 1, params_target=target)
+  assert opt_state is None and meta == {"step": 1}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  with pytest.raises(FileNotFoundError, match="no opt_state/ item"):
+    ckpt_lib.restore_training(manager, 1, params_target=target, opt_state_target={"mu": target})
+  manager.close()
+
+
 @pytest.mark.slow
 def test_stopped_and_resumed_run_ends_bit_identical(uninterrupted, tmp_path, compile_cache):
   reference, _ = uninterrupted
   workdir = tmp_path / "resumed"
-  first = run_train(workdir, "--config.train.stop_at_step=5", env=compile_cache)
+  first = run_train(workdir, "--config.train.stop_at_step=9", env=compile_cache)
   assert first.returncode == 0, first.stderr[-4000:]
-  assert ckpt_lib.read_train_state(workdir)["step"] == 5
+  assert ckpt_lib.read_train_state(workdir)["step"] == 9
+  # Step 9's save pruned epoch 1's moments; the run resumes exactly from step 9.
+  assert [s for s in (7, 9) if (workdir / "checkpoints" / str(s) / "opt_state").is_dir()] == [9]
   second = run_train(workdir, env=compile_cache)
   assert second.returncode == 0, second.stderr[-4000:]
   assert "resumed from" in second.stdout + second.stderr
+  assert [s for s in (7, 9, 14) if (workdir / "checkpoints" / str(s) / "opt_state").is_dir()] == [14]
   a, b = final_params(reference), final_params(workdir)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -387,6 +468,44 @@ def test_stopped_and_resumed_run_ends_bit_identical(uninterrupted, tmp_path, com
   assert steps == list(range(1, 15))  # One line per step, as if never stopped.
   ref_losses = [r["loss"] for r in read_metrics(reference) if "loss" in r]
   assert [r["loss"] for r in read_metrics(workdir) if "loss" in r] == ref_losses
+
+
+@pytest.mark.slow
+def test_without_any_optimizer_state_the_run_continues_from_parameters_and_says_so(
+    uninterrupted, tmp_path, compile_cache):
+  import shutil  # pylint: disable=g-import-not-at-top
+  reference, _ = uninterrupted
+  workdir = tmp_path / "params_only"
+  shutil.copytree(reference / "checkpoints" / "7", workdir / "checkpoints" / "7")  # Pruned.
+  proc = run_train(workdir, "--config.train.keep_epochs=2", env=compile_cache)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "NOT an exact resume" in proc.stdout + proc.stderr
+  # Epoch 1 is not in train.keep_epochs: deleted once epoch 2's checkpoint was committed.
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["14"]
+  steps = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in steps] == list(range(8, 15))
+  assert ckpt_lib.read_train_state(workdir)["step"] == 14
+  # optax's step counters (the lr schedule's, Adam's bias correction's) continued from 7.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    opt_state = checkpointer.restore(workdir / "checkpoints" / "14" / "opt_state")
+  counts = [int(v) for p, v in jax.tree_util.tree_leaves_with_path(opt_state)
+            if jax.tree_util.keystr(p).endswith("['count']")]
+  assert counts and all(c == 14 for c in counts), counts
+
+
+def test_keep_epochs_keeps_those_epoch_ends_and_always_the_newest_step():
+  assert train.parse_epochs("") is None
+  assert train.parse_epochs("5-10") == frozenset(range(5, 11))
+  assert train.parse_epochs("1, 5-6,9") == frozenset({1, 5, 6, 9})
+  for bad in ("0-3", "7-5", "five", "5-"):
+    with pytest.raises(train.ConfigError, match="train.keep_epochs"):
+      train.parse_epochs(bad)
+  keep = train.parse_epochs("2-3")
+  # 7 steps an epoch: 7, 14, 21, 28 are epoch ends; 10 a periodic save; 30 the newest.
+  assert train.superseded_steps([7, 10, 14, 21, 28, 30], keep, 7) == [7, 10, 28]
+  assert train.superseded_steps([7, 10], keep, 7) == [7]
+  assert train.superseded_steps([7, 10], None, 7) == []
 
 
 @pytest.mark.slow
@@ -482,6 +601,7 @@ def test_pretrained_hf_weights_load_into_shards_with_an_eot_row_at_the_mean(tmp_
   shutil.copy(data.bundled_paths()["tokenizer"], tmp_path / "tokenizer.model")
   config = lima_config()
   config.model.init_from = str(tmp_path)
+  config.data.max_len = 128  # The model's max_position_embeddings.
   config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
   tokenizer = train.load_run_tokenizer(config)
   assert tokenizer.vocab_size == 1025 and tokenizer.eot_id == 1024
@@ -503,3 +623,46 @@ def test_pretrained_hf_weights_load_into_shards_with_an_eot_row_at_the_mean(tmp_
   # The optimizer state is then made around them, already in place.
   fresh = train.init_train_state(config, model_config, mesh, 0, params=params, total_steps=10)
   np.testing.assert_array_equal(np.asarray(fresh.params["embed"]["embedding"]), embed)
+
+
+def test_an_embedding_padded_past_the_tokenizer_gives_eot_a_fresh_mean_row_in_place(tmp_path):
+  """As 32064 rows for a 32000-piece tokenizer: EOT's id (the tokenizer's size) is a padding row
+  of the pretrained model; it becomes the mean of the tokenizer's rows, the size stays."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from lima_jax import data  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=1088, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False))
+  hf.save_pretrained(tmp_path, safe_serialization=True)
+  shutil.copy(data.bundled_paths()["tokenizer"], tmp_path / "tokenizer.model")
+  config = lima_config()
+  config.model.init_from = str(tmp_path)
+  config.data.max_len = 128
+  config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
+  tokenizer = train.load_run_tokenizer(config)
+  assert (tokenizer.base_vocab_size, tokenizer.eot_id) == (1024, 1024)
+  model_config = train.build_model_config(config, tokenizer)
+  assert model_config.vocab_size == 1088
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  params = train.load_pretrained_params(config, model_config, mesh, tokenizer)
+  state = hf.state_dict()
+  for got, want in ((np.asarray(params["embed"]["embedding"]), state["model.embed_tokens.weight"].numpy()),
+                    (np.asarray(params["lm_head"]).T, state["lm_head.weight"].numpy())):
+    np.testing.assert_allclose(got[1024], want[:1024].mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.delete(got[:1088], 1024, axis=0), np.delete(want, 1024, axis=0))
+  # A context longer than the checkpoint's is refused before anything compiles.
+  config.data.max_len = 256
+  with pytest.raises(train.ConfigError, match="max_position_embeddings=128.*data.max_len=128"):
+    train.build_model_config(config, tokenizer)
+
+
+def test_max_len_past_max_seq_len_fails_before_compiling_with_status_2(tmp_path):
+  proc = run_train(tmp_path / "wd", "--config.data.max_len=256")  # model.max_seq_len=128.
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "data.max_len=256 is longer than model.max_seq_len=128" in proc.stderr
+  assert "--config.model.max_seq_len=256" in proc.stderr
+  assert "compiled the train step" not in proc.stdout + proc.stderr
+  assert not (tmp_path / "wd" / "checkpoints").exists()

@@ -11,9 +11,11 @@ may differ only by float summation order. Dev loss and generations run on both t
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,3 +103,82 @@ def test_two_processes_train_the_same_as_one(tmp_path):
   a, b = ckpt_lib.restore_params(tmp_path / "one"), ckpt_lib.restore_params(tmp_path / "two")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=5e-5)
+
+
+# Short steps saved at every step, so that a kill or SIGTERM always lands mid-run with a
+# checkpoint behind it; 3 epochs of 7 steps.
+FAULT_ARGS = ["--config.train.batch_size=8", "--config.train.checkpoint_every_steps=1",
+              "--config.train.dev_generations=0", "--config.train.epochs=3"]
+FAULT_STEPS = 21
+
+
+def _start_pair(workdir, cache, **env):
+  port = _free_port()
+  return [_start(workdir, 2, cache, *FAULT_ARGS, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), **env) for i in range(2)]
+
+
+def _wait_for_step(workdir, procs, step, timeout=400):
+  """Waits until a finished checkpoint of at least `step` exists; returns its step."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if any(p.poll() is not None for p in procs):
+      pytest.fail("a process ended early:\n" + "\n---\n".join(
+          f"status {p.wait()}: {p.communicate()[1][-3000:]}" for p in procs))
+    steps = [int(d.name) for d in (workdir / "checkpoints").glob("*") if d.name.isdigit()
+             and ckpt_lib.is_checkpoint(d)] if (workdir / "checkpoints").is_dir() else []
+    if steps and max(steps) >= step:
+      return max(steps)
+    time.sleep(0.2)
+  raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
+
+
+def _kill_and_check_the_survivor(workdir, procs, victim):
+  """SIGKILLs process `victim`; the other must exit within 2 minutes saying how to resume."""
+  from lima_jax import train  # pylint: disable=g-import-not-at-top
+  survivor = procs[1 - victim]
+  procs[victim].send_signal(signal.SIGKILL)
+  killed = time.time()
+  _, stderr = survivor.communicate(timeout=180)
+  assert time.time() - killed < 120, time.time() - killed
+  procs[victim].communicate()
+  assert survivor.returncode != 0, stderr[-3000:]
+  # Either the step's collective failed (gloo says so at once: a message of ours, status 3), or
+  # the distributed runtime aborted the survivor and the watcher explains it.
+  if survivor.returncode == train.EXIT_PEER_LOST:
+    assert f"process {1 - victim} of 2 lost a peer process" in stderr, stderr[-3000:]
+  else:
+    assert f"process {1 - victim} of 2 of this run ended abnormally" in stderr, stderr[-3000:]
+  assert f"rerun the same command on all 2 hosts with the same --workdir={workdir}" in stderr
+
+
+@pytest.mark.slow
+def test_a_killed_peer_ends_the_survivor_with_how_to_resume_and_sigterm_saves_on_all(tmp_path):
+  cache, workdir = tmp_path / "xla_cache", tmp_path / "wd"
+  procs = _start_pair(workdir, cache)
+  _wait_for_step(workdir, procs, 2)
+  _kill_and_check_the_survivor(workdir, procs, victim=1)
+  # Rerun both: they resume; now the coordinator (process 0) dies.
+  procs = _start_pair(workdir, cache)
+  resumed = _wait_for_step(workdir, procs, 2)
+  _wait_for_step(workdir, procs, resumed + 1)
+  _kill_and_check_the_survivor(workdir, procs, victim=0)
+
+  # Rerun both again: SIGTERM to every host then saves at one step agreed by all.
+  procs = _start_pair(workdir, cache)
+  resumed = _wait_for_step(workdir, procs, 2)
+  _wait_for_step(workdir, procs, resumed + 1)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=180) for p in procs]
+  for p, (_, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  assert "resumed from" in outputs[0][0] + outputs[0][1]
+  stopped = ckpt_lib.read_train_state(workdir)["step"]
+  assert stopped < FAULT_STEPS, "the run ended before SIGTERM arrived"
+  assert (ckpt_lib.resolve(workdir) / "opt_state").is_dir()
+
+  # And once more to the run's normal end, without the preemption service: the log says so.
+  outputs = [_finish(p) for p in _start_pair(workdir, cache, JAX_ENABLE_PREEMPTION_SERVICE="false")]
+  assert "preemption handling is OFF" in outputs[0]
+  assert ckpt_lib.read_train_state(workdir)["step"] == FAULT_STEPS

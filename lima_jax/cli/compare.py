@@ -22,7 +22,6 @@ invalid JSON) stops the run with its file and line and exit status 2.
 """
 
 import json
-import os
 import sys
 from typing import Sequence
 

@@ -37,7 +37,6 @@ Exit status: 0 done; 2 bad input (a message names the file, line or flag); 1 oth
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from typing import Any, Callable, Sequence
 
