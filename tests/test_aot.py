@@ -142,8 +142,10 @@ def test_does_not_fit_exits_2_with_reasons(tmp_path):
   assert any("more chips" in tip for tip in report["advice"])
 
 
-def test_splash_kernel_matches_xla_attention():
-  """Causal + packed segments + GQA + padding, forward and gradients (Pallas interpreter)."""
+@pytest.mark.parametrize("window", [0, 48])
+def test_splash_kernel_matches_xla_attention(window):
+  """Causal + packed segments + GQA + padding, and a sliding window, forward and gradients
+  (Pallas interpreter)."""
   from lima_jax import tpu_attention
   rng = np.random.default_rng(0)
   b, s, h, kv, d = 1, 256, 4, 2, 32
@@ -152,12 +154,16 @@ def test_splash_kernel_matches_xla_attention():
   positions = jnp.asarray([list(range(100)) + list(range(120)) + list(range(36))], jnp.int32)
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v, positions, positions, segments, segments) ** 2)
-  splash = lambda *a: tpu_attention.splash_attention(*a, interpret=True)
+  splash = lambda *a: tpu_attention.splash_attention(*a, window=window, interpret=True)
+  xla = lambda *a: model_lib.dot_product_attention(*a, window=window)
   out = splash(q, k, v, positions, positions, segments, segments)
-  ref = model_lib.dot_product_attention(q, k, v, positions, positions, segments, segments)
+  ref = xla(q, k, v, positions, positions, segments, segments)
   np.testing.assert_allclose(out, ref, atol=2e-5)
+  if window:  # The window changes the answer here.
+    full = model_lib.dot_product_attention(q, k, v, positions, positions, segments, segments)
+    assert float(jnp.abs(full - ref).max()) > 1e-2
   grads = jax.grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(lambda *a: loss(model_lib.dot_product_attention, *a), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(q, k, v)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-3, rtol=1e-4)
 
