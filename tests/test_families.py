@@ -223,3 +223,88 @@ def test_a_config_the_family_cannot_express_is_not_exported():
   with pytest.raises(convert.ConversionError, match="attention_bias"):
     convert.model_config_to_hf_config(config.replace(model_type="qwen2", sliding_window=0),
                                       dtype="float32")
+
+
+# -- Tokenizers: EOT, BOS, EOS and pad per family --------------------------------------------------
+
+# Each family's special tokens and tokenizer_config.json as their releases ship them (ids shrunk):
+# Llama-3 appends its specials after the BPE vocabulary and adds BOS in a post-processor; Qwen2.5
+# declares `bos_token: null` and has no BOS at all; Mistral v3 puts <unk>, <s>, </s> first.
+TOKENIZER_FAMILIES = {
+    "llama3": dict(first=[], last=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
+                                   "<|finetune_right_pad_id|>"], bos="<|begin_of_text|>",
+                   config={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+                   want=("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>")),
+    "qwen2.5": dict(first=[], last=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None,
+                    config={"bos_token": None, "eos_token": "<|im_end|>",
+                            "pad_token": "<|endoftext|>", "unk_token": None},
+                    want=(None, "<|im_end|>", "<|endoftext|>")),
+    "mistral-v3": dict(first=["<unk>", "<s>", "</s>"], last=["[INST]", "[/INST]"], bos="<s>",
+                       config={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+                       want=("<s>", "</s>", "</s>")),  # No pad token: pad falls back to EOS.
+}
+_CORPUS = ["hello world, the quick brown fox jumps over the lazy dog"] * 20
+
+
+def _family_tokenizer_dir(directory, family):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+  spec = TOKENIZER_FAMILIES[family]
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=spec["first"], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(_CORPUS, trainer)
+  tok.add_special_tokens(spec["last"])
+  if spec["bos"]:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{spec['bos']} $A", special_tokens=[(spec["bos"], tok.token_to_id(spec["bos"]))])
+  else:
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  directory.mkdir(parents=True)
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps(spec["config"]))
+  return directory
+
+
+@pytest.mark.parametrize("family", sorted(TOKENIZER_FAMILIES))
+def test_tokenizer_json_families_lay_out_conversations_as_lima(tmp_path, family):
+  from lima_jax import data  # pylint: disable=g-import-not-at-top
+  from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  directory = _family_tokenizer_dir(tmp_path / "tok", family)
+  tok = tokenizer_lib.load_tokenizer(directory)
+  raw = json.loads((directory / "tokenizer.json").read_text())
+  ids = {**raw["model"]["vocab"], **{t["content"]: t["id"] for t in raw["added_tokens"]}}
+  want_bos, want_eos, want_pad = (None if n is None else ids[n] for n in TOKENIZER_FAMILIES[family]["want"])
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (want_bos, want_eos, want_pad)
+  assert tok.eot_id == tok.base_vocab_size == max(ids.values()) + 1
+  # Text never yields a special id, whatever it spells.
+  specials = {i for i in (tok.bos_id, tok.eos_id, tok.pad_id, tok.eot_id) if i is not None}
+  specials |= {ids[n] for n in TOKENIZER_FAMILIES[family]["first"] + TOKENIZER_FAMILIES[family]["last"]}
+  text = " ".join(["<EOT>", *TOKENIZER_FAMILIES[family]["last"], *TOKENIZER_FAMILIES[family]["first"]])
+  assert not set(tok.encode(text)) & specials
+  assert tok.decode(tok.encode(text)) == text
+  # LIMA's layout: [BOS where the family has one] turn EOT turn EOT.
+  tokens, mask = data.tokenize_conversation(tok, ["hello world", "the lazy dog"])
+  lead = [] if want_bos is None else [want_bos]
+  want = lead + tok.encode("hello world") + [tok.eot_id] + tok.encode("the lazy dog") + [tok.eot_id]
+  assert tokens.tolist() == want
+  assert mask.tolist() == [False] * (len(lead) + len(tok.encode("hello world")) + 1) + [True] * (
+      len(tok.encode("the lazy dog")) + 1)
+  # The export keeps the ids (and Qwen's missing BOS), and transformers reads EOT as one token.
+  tok.save_files(tmp_path / "export")
+  again = tokenizer_lib.load_tokenizer(tmp_path / "export")
+  assert (again.bos_id, again.eos_id, again.pad_id, again.eot_id) == (
+      tok.bos_id, tok.eos_id, tok.pad_id, tok.eot_id)
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+  assert hf.convert_tokens_to_ids("<EOT>") == tok.eot_id
+  assert hf.bos_token_id == tok.bos_id
+
+
+def test_a_declared_special_token_missing_from_the_vocabulary_is_an_error(tmp_path):
+  from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  directory = _family_tokenizer_dir(tmp_path / "tok", "qwen2.5")
+  (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+  with pytest.raises(ValueError, match=r"tokenizer_config\.json.*eos_token"):
+    tokenizer_lib.load_tokenizer(directory)
