@@ -676,6 +676,24 @@ def add_eot_row(params: Mapping, model_config: ModelConfig,
   return out, config
 
 
+def set_eot_row(params: Mapping, eot_id: int, mean_rows: int) -> dict:
+  """Sets row `eot_id` of the embedding (and untied LM head) to the mean of rows [0, mean_rows).
+
+  EOT's start when the vocabulary already has a spare row for it (Qwen's embedding is larger
+  than its tokenizer), as `add_eot_row` starts a new row. Pure jnp, for use inside `jit`.
+  """
+  def reset(table, axis):
+    t = jnp.moveaxis(table, axis, 0)
+    mean = jnp.mean(t[:mean_rows].astype(jnp.float32), axis=0).astype(t.dtype)
+    return jnp.moveaxis(t.at[eot_id].set(mean), 0, axis)
+
+  out = dict(params)
+  out["embed"] = {**params["embed"], "embedding": reset(params["embed"]["embedding"], 0)}
+  if "lm_head" in params:
+    out["lm_head"] = reset(params["lm_head"], 1)
+  return out
+
+
 # -- Orbax writing one block at a time. ---------------------------------------------------------
 
 
@@ -905,6 +923,12 @@ def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype
     for path in out_maps:
       if out_maps[path].is_vocab:
         fills[path] = RowFill(config.vocab_size, new_vocab, hf.row_mean(path))
+  elif add_eot and blob:  # A spare row for EOT already (Qwen): it starts at the mean likewise.
+    tok = tokenizer_lib.load_tokenizer_from_blob(blob)
+    if not tok.eot_declared and tok.eot_id < config.vocab_size:
+      for path in out_maps:
+        if out_maps[path].is_vocab:
+          fills[path] = RowFill(tok.eot_id, tok.eot_id + 1, hf.row_mean(path))
   tree: dict = {}
   for path, m in out_maps.items():
     want = jnp.dtype(dtype) if dtype else hf.source_dtype(path)

@@ -61,7 +61,8 @@ class LoadedModel:
     """`sampling.generate` with this model's stop ids, pad, BOS and mesh."""
     return sampling.generate(self.model_config, self.params, prompts, sampling_config=sampling_config,
                              stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
-                             bos_id=self.tokenizer.bos_id, mesh=self.mesh, **kwargs)
+                             bos_id=self.tokenizer.bos_id, mesh=self.mesh,
+                             sample_vocab=self.tokenizer.vocab_size, **kwargs)
 
 
 def _is_hf_dir(path: pathlib.Path) -> bool:
@@ -136,13 +137,19 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
                          f"(tokenizer.model, tokenizer.json or their directory)")
       tok = tokenizer_lib.load_tokenizer_from_blob(blob)
   vocab = config.vocab_size
-  if vocab == tok.vocab_size:
+  # Qwen's embedding has spare rows beyond its tokenizer, so EOT has a row even in the base
+  # model: there the model was fine-tuned with EOT if it comes from a lima_jax checkpoint or an
+  # export (whose tokenizer declares EOT); a Hugging Face base model was not.
+  spare_rows = vocab > tok.vocab_size
+  if vocab == tok.vocab_size or (spare_rows and (source == "checkpoint" or tok.eot_declared)):
     has_eot = True
     stops = [tok.eot_id, tok.eos_id]
-  elif vocab == tok.base_vocab_size:
+  elif vocab == tok.base_vocab_size or spare_rows:
     has_eot = False
     stops = [tok.eos_id]
-    notes.append(f"the model's vocabulary ({vocab}) has no EOT row (a base model): prompts are the "
+    why = ("has no EOT row" if vocab == tok.base_vocab_size else
+           f"has a spare, untrained row for EOT (id {tok.eot_id})")
+    notes.append(f"the model's vocabulary ({vocab}) {why} (a base model): prompts are the "
                  f"turns joined by blank lines, and answers stop at EOS only (id {tok.eos_id})")
   else:
     raise ValueError(

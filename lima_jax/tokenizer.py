@@ -180,6 +180,8 @@ class Tokenizer:
       included); a pretrained embedding has this many rows.
     vocab_size: ids including EOT, the embedding size a fine-tuned model needs.
     eot_text: the EOT token's text (used only when exporting to Hugging Face).
+    eot_declared: whether the files themselves declare EOT (a lima_jax export), so that a model
+      with spare vocabulary rows (Qwen) is known to have been fine-tuned with it.
     kind: "sentencepiece" or "hf_json".
   """
 
@@ -198,6 +200,8 @@ class Tokenizer:
     self.eot_text = eot
     self.base_vocab_size = self._vocab.size
     self.eot_id = self.base_vocab_size if declared_eot is None else declared_eot
+    # True when the files already name EOT (an export of a fine-tuned model), not only lima_jax.
+    self.eot_declared = declared_eot is not None
     if self.eot_id < self.base_vocab_size:
       raise ValueError(f"{HF_FILE}: {eot!r} is declared with id {self.eot_id}, which another "
                        f"token already uses; remove it from added_tokens to get a fresh id")

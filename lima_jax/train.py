@@ -377,8 +377,12 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   return model_lib.ModelConfig.from_dict(fields)
 
 
-def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Mesh):
-  """Pretrained weights read straight into their shards, grown by the EOT row if needed."""
+def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Mesh, tokenizer=None):
+  """Pretrained weights read straight into their shards, grown by the EOT row if needed.
+
+  With the run's `tokenizer`, a Hugging Face model that already has a spare row for EOT (Qwen)
+  gets that row at the mean of the token rows, as a grown one would.
+  """
   from lima_jax import convert  # pylint: disable=g-import-not-at-top  # Only to start from weights.
   init_from = config.model.init_from
   if _is_hf_dir(init_from):
@@ -394,7 +398,11 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
                           model_lib.abstract_params(base), base_shards)
     params = ckpt_lib.restore_params(init_from, target)
   if base.vocab_size == model_config.vocab_size:
-    return params
+    if (tokenizer is None or not _is_hf_dir(init_from) or tokenizer.eot_declared
+        or tokenizer.eot_id >= base.vocab_size):
+      return params
+    reset = lambda p: convert.set_eot_row(p, tokenizer.eot_id, tokenizer.base_vocab_size)
+    return jax.jit(reset, out_shardings=base_shards, donate_argnums=0)(params)
   grow = lambda p: convert.add_eot_row(p, base, model_config.vocab_size)[0]
   return jax.jit(grow, out_shardings=param_shardings(model_config, mesh), donate_argnums=0)(params)
 
@@ -458,7 +466,8 @@ def generate_dev_responses(config, model_config, params, mesh, run_data: RunData
   tok = run_data.tokenizer
   stop_ids = sorted({tok.eot_id, tok.eos_id} - {None})
   results = sampling.generate(model_config, params, run_data.dev_prompt_ids, sampling_config=scfg,
-                              stop_ids=stop_ids, pad_id=tok.pad_id, bos_id=tok.bos_id, mesh=mesh)
+                              stop_ids=stop_ids, pad_id=tok.pad_id, bos_id=tok.bos_id, mesh=mesh,
+                              sample_vocab=tok.vocab_size)
   return [{"index": i, "conversation": list(turns), "response": tok.decode(r.tokens),
            "finish_reason": r.finish_reason, "response_tokens": r.response_tokens}
           for i, (turns, r) in enumerate(zip(run_data.dev_prompts, results))]
@@ -514,7 +523,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if differences:
       _log("the config differs from the checkpoint's: %s", "; ".join(differences))
   else:
-    params = load_pretrained_params(config, model_config, mesh) if config.model.init_from else None
+    params = (load_pretrained_params(config, model_config, mesh, run_data.tokenizer)
+              if config.model.init_from else None)
     state = init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
   start_step = int(jax.device_get(state.step))
 

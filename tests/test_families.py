@@ -7,6 +7,8 @@ biases and q/k norm scales, a window shorter than the test sequences).
 """
 
 import json
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -308,3 +310,123 @@ def test_a_declared_special_token_missing_from_the_vocabulary_is_an_error(tmp_pa
   (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
   with pytest.raises(ValueError, match=r"tokenizer_config\.json.*eos_token"):
     tokenizer_lib.load_tokenizer(directory)
+
+
+# -- Starting from, answering with and compiling a family checkpoint -------------------------------
+
+
+def _qwen2_base_dir(directory, tok_dir, **config_fields):
+  """A Qwen2.5-like base model: an embedding larger than its tokenizer (spare rows), biases,
+  tied embeddings, the tokenizer files beside it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load_tokenizer(tok_dir)
+  torch.manual_seed(0)
+  fields = dict(vocab_size=tok.base_vocab_size + 20, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, tie_word_embeddings=True, rope_theta=1e6,
+                eos_token_id=tok.eos_id, bos_token_id=None)
+  fields.update(config_fields)
+  model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**fields)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith(".bias"):
+        p.normal_(0.0, 0.1)
+      elif p.dim() > 1:
+        p.normal_(0.0, 0.3)
+  model.save_pretrained(directory, safe_serialization=True)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(tok_dir / name, directory / name)
+  return model, tok
+
+
+class _MaskFrom(transformers.LogitsProcessor):
+  def __init__(self, start):
+    self.start = start
+
+  def __call__(self, input_ids, scores):
+    scores[:, self.start:] = -float("inf")
+    return scores
+
+
+def test_evaluate_answers_with_a_qwen2_base_model_as_transformers_does(tmp_path):
+  """No BOS, a spare untrained EOT row: prompts are plain text, answers stop at EOS only."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools"))
+  import evaluate  # pylint: disable=g-import-not-at-top
+  tok_dir = _family_tokenizer_dir(tmp_path / "tok", "qwen2.5")
+  hf, tok = _qwen2_base_dir(tmp_path / "hf", tok_dir)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "the quick brown fox", "id": "p1"}) + "\n")
+  logs = []
+  scfg = sampling.SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=8, max_len=64,
+                                 batch_size=1)
+  records = evaluate.evaluate(str(tmp_path / "hf"), str(prompts), str(tmp_path / "out.jsonl"),
+                              sampling_config=scfg, log=logs.append)
+  assert any("spare, untrained row for EOT" in line for line in logs), logs
+  assert any(f"stop ids [{tok.eos_id}]" in line for line in logs), logs
+  ids = tok.encode("the quick brown fox")  # No BOS.
+  assert records[0]["prompt_tokens"] == len(ids)
+  # transformers' answer with the rows no token uses masked out, as lima_jax samples.
+  spare = transformers.LogitsProcessorList([_MaskFrom(tok.vocab_size)])
+  with torch.no_grad():
+    out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, pad_token_id=0,
+                      logits_processor=spare)
+  want = out[0, len(ids):].tolist()
+  if want and want[-1] == tok.eos_id:
+    want = want[:-1]
+  assert records[0]["response"] == tok.decode(want)
+
+
+def test_train_cli_fine_tunes_a_qwen2_checkpoint_with_a_window_and_exports_it(tmp_path):
+  """`python -m lima_jax.train --config.model.init_from=<Qwen2 dir>`: biases, tied embeddings, a
+  window on every layer, EOT at a spare row set to the mean of the token rows; then export."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from lima_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
+  from lima_jax import train  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parent.parent
+  tok_dir = _family_tokenizer_dir(tmp_path / "tok", "qwen2.5")
+  hf, tok = _qwen2_base_dir(tmp_path / "hf", tok_dir, use_sliding_window=True, sliding_window=16,
+                            max_window_layers=0)
+  # In process: the loaded weights, EOT's row at the mean.
+  from configs import lima  # pylint: disable=g-import-not-at-top
+  config = lima.get_config("tiny")
+  config.model.init_from = str(tmp_path / "hf")
+  config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
+  run_tok = train.load_run_tokenizer(config)
+  model_config = train.build_model_config(config, run_tok)
+  assert (model_config.model_type, model_config.sliding_window, model_config.vocab_size) == (
+      "qwen2", 16, tok.base_vocab_size + 20)
+  params = train.load_pretrained_params(config, model_config, sharding.make_mesh(
+      config.mesh, jax.devices()[:1]), run_tok)
+  embed = np.asarray(params["embed"]["embedding"])
+  hf_embed = hf.state_dict()["model.embed_tokens.weight"].numpy()
+  np.testing.assert_allclose(embed[tok.eot_id], hf_embed[:tok.base_vocab_size].mean(0), rtol=1e-5,
+                             atol=1e-7)
+  rows = np.arange(len(hf_embed)) != tok.eot_id
+  np.testing.assert_array_equal(embed[:len(hf_embed)][rows], hf_embed[rows])
+  np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["k_bias"])[1].reshape(-1),
+                                hf.state_dict()["model.layers.1.self_attn.k_proj.bias"].numpy())
+  # The CLI: two steps on the bundled sample, then export as Qwen2ForCausalLM.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+  proc = subprocess.run(
+      [sys.executable, "-m", "lima_jax.train", f"--workdir={tmp_path / 'wd'}",
+       "--config=configs/lima.py:tiny", f"--config.model.init_from={tmp_path / 'hf'}",
+       "--config.train.max_steps=2", "--config.train.batch_size=4", "--config.data.max_len=64",
+       "--config.train.dev_generations=0", "--config.train.peak_flops_per_device=1e11"],
+      env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  losses = [json.loads(line)["loss"] for line in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  saved = checkpoint.read_model_config(tmp_path / "wd")
+  assert (saved.model_type, saved.attention_bias, saved.sliding_window) == ("qwen2", True, 16)
+  convert.orbax_to_hf(tmp_path / "wd", tmp_path / "export")
+  exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+  assert type(exported) is transformers.Qwen2ForCausalLM
+  assert exported.config.sliding_window == 16 and set(exported.config.layer_types) == {"sliding_attention"}
+  tokens = ref.tokens(vocab=tok.base_vocab_size)
+  got = np.asarray(convert.load_pretrained(tmp_path / "wd")(jnp.asarray(tokens)))
+  assert ref.relative_error(got, ref.torch_logits(exported, tokens)) < 1e-5
