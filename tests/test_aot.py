@@ -113,6 +113,19 @@ def test_tiny_train_compiles_for_v5p8():
 
 
 @needs_libtpu
+def test_tiny_qwen2_with_a_sliding_window_compiles_for_v5p8():
+  """q/k/v biases split with the heads, and splash attention with the window as its LocalMask."""
+  config = small_tiny_config()
+  config.model.update(dict(model_type="qwen2", attention_bias=True, n_kv_heads=2, sliding_window=64))
+  report = aot.compile_program(config, hardware.parse_slice("v5p-8"), "train")
+  assert report["fits"] and report["attention"] == "splash"
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  biases = 3 * 4 * model_config.dim_per_head * config.model.n_layers + 0  # Not split over fsdp.
+  biases = model_config.n_layers * model_config.dim_per_head * (model_config.n_heads + 2 * 2) * 4
+  assert report["param_bytes_per_device"] == _expected_param_bytes(model_config, 4) + biases * 3 // 4
+
+
+@needs_libtpu
 def test_tiny_decode_compiles_for_v4_8():
   config = small_tiny_config()
   report = aot.compile_program(config, hardware.parse_slice("v4-8"), "decode")
