@@ -120,9 +120,11 @@ def test_tiny_qwen2_with_a_sliding_window_compiles_for_v5p8():
   report = aot.compile_program(config, hardware.parse_slice("v5p-8"), "train")
   assert report["fits"] and report["attention"] == "splash"
   model_config = model_lib.ModelConfig.from_dict(config.model)
-  biases = 3 * 4 * model_config.dim_per_head * config.model.n_layers + 0  # Not split over fsdp.
-  biases = model_config.n_layers * model_config.dim_per_head * (model_config.n_heads + 2 * 2) * 4
-  assert report["param_bytes_per_device"] == _expected_param_bytes(model_config, 4) + biases * 3 // 4
+  # The biases have no embed axis: split with the heads (over tensor, 1 here), not over fsdp.
+  attn = model_lib.abstract_params(model_config)["layers"]["attn"]
+  bias_bytes = [math.prod(attn[f"{n}_bias"].shape) * 4 for n in "qkv"]
+  assert report["param_bytes_per_device"] == (_expected_param_bytes(model_config, 4)
+                                              + sum(b - b // 4 for b in bias_bytes))
 
 
 @needs_libtpu
