@@ -893,7 +893,7 @@ def _chunk_shape(m: ParamMap, itemsize: int, block_bytes: int = 8 * 2**20) -> tu
 
 def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype: str | None = None,
                 eot: str | None = None, add_eot: bool = False) -> ModelConfig:
-  """Converts a Hugging Face LLaMA directory into a lima_jax checkpoint, one layer at a time.
+  """Converts a Hugging Face LLaMA, Mistral or Qwen directory into a lima_jax checkpoint, by layer.
 
   `dtype=None` keeps each tensor's dtype (bit-exact). The tokenizer, if the directory has one,
   is stored in the checkpoint with `eot` as its EOT text; `add_eot` also grows the embedding and
@@ -952,7 +952,7 @@ def _read_config_json(ckpt: epath.Path) -> dict:
 
 def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
                 max_shard_size: str | int = "5GB", dtype: str | None = None) -> list[str]:
-  """Exports a lima_jax checkpoint (or a workdir's newest) as a Hugging Face LLaMA directory.
+  """Exports a lima_jax checkpoint (or a workdir's newest) as a Hugging Face directory of its family.
 
   Writes safetensors shards of at most `max_shard_size` (with model.safetensors.index.json when
   there are several), config.json, generation_config.json (LIMA's sampling) and, when the
@@ -1056,7 +1056,8 @@ def generation_config(tokens: Mapping[str, Any], eot_id: int | None = None) -> d
 
 def describe(config: ModelConfig) -> str:
   """One line about a model, for the tools' output."""
-  return (f"{config.num_params() / 1e6:.1f}M params: {config.n_layers} layers, d_model "
+  return (f"{config.model_type}, {config.num_params() / 1e6:.1f}M params: {config.n_layers} layers, d_model "
           f"{config.d_model}, {config.n_heads} heads ({config.kv_heads} kv), mlp {config.mlp_dim}, "
-          f"vocab {config.vocab_size}, {config.param_dtype}")
+          f"vocab {config.vocab_size}, {config.param_dtype}"
+          + (f", window {config.sliding_window}" if config.sliding_window else ""))
 
