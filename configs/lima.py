@@ -1,4 +1,5 @@
-"""LIMA fine-tuning configs: `--config=configs/lima.py:PRESET` with PRESET in tiny, 7b, 13b, 33b, 65b.
+"""LIMA fine-tuning configs: `--config=configs/lima.py:PRESET` with PRESET in tiny, 7b, 13b, 33b,
+65b (LLaMA-1), llama3-8b, mistral-7b, qwen2.5-7b.
 
 Every default follows the LIMA paper (Zhou et al., 2023, section 3 and appendix): AdamW
 (0.9, 0.95), weight decay 0.1, lr 1e-5 -> 1e-6 linear with no warmup, 15 epochs, 32 conversations
@@ -18,6 +19,29 @@ _LLAMA_SHAPES = {
     "33b": dict(d_model=6656, n_layers=60, n_heads=52, mlp_dim=17920),
     "65b": dict(d_model=8192, n_layers=80, n_heads=64, mlp_dim=22016),
 }
+
+# The families people fine-tune today, with the shapes of their Hugging Face config.json. The
+# vocabulary is the tokenizer's plus EOT where the model has no spare row for it (Qwen2.5's
+# 152064 rows already exceed its 151665 tokens). `init_from` replaces all of these with the
+# checkpoint's own; the preset sizes random-init runs and the TPU table.
+_FAMILY_SHAPES = {
+    # Llama-3.1-8B: GQA 32/8, theta 500000 with the "llama3" scaling, untied, 128256 tokens.
+    "llama3-8b": dict(model_type="llama", vocab_size=128257, d_model=4096, n_layers=32, n_heads=32,
+                      n_kv_heads=8, mlp_dim=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=8192),
+                      max_seq_len=131072),
+    # Mistral-7B-v0.3: v0.1's shape with 32768 tokens, theta 1e6 and no sliding window (v0.1 had
+    # a 4096 window: its config.json sets sliding_window, which init_from reads).
+    "mistral-7b": dict(model_type="mistral", vocab_size=32769, d_model=4096, n_layers=32, n_heads=32,
+                       n_kv_heads=8, mlp_dim=14336, rms_norm_eps=1e-5, rope_theta=1e6,
+                       max_seq_len=32768),
+    # Qwen2.5-7B: q/k/v biases, GQA 28/4, theta 1e6, untied (the small sizes tie).
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
+                       n_kv_heads=4, mlp_dim=18944, rms_norm_eps=1e-6, rope_theta=1e6,
+                       attention_bias=True, max_seq_len=131072),
+}
+PRESETS = ("tiny", *_LLAMA_SHAPES, *_FAMILY_SHAPES)
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
@@ -42,9 +66,17 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   m.remat_policy = "full"  # none | full | save_dots | save_dots_no_batch | save_qkv_proj | save_out_proj
   m.residual_dropout = 0.2  # Rate of the top layer; layer i of L uses rate * i / (L - 1).
   m.attention = "auto"  # auto | xla | splash (the Pallas TPU kernel; auto picks it on TPU).
+  m.model_type = "llama"  # llama | mistral | qwen2 | qwen3: the Hugging Face class on export.
+  m.attention_bias = False  # q/k/v projection biases (Qwen2).
+  m.qk_norm = False  # RMSNorm of each head's q and k before rotary (Qwen3).
+  m.sliding_window = 0  # Keys fewer than this many positions back only (Mistral v0.1); 0 = none.
   m.init_from = ""  # A Hugging Face directory or a lima_jax Orbax checkpoint; "" = random init.
   if preset != "tiny":
-    m.update(_LLAMA_SHAPES[preset])
+    shape = dict({**_LLAMA_SHAPES, **_FAMILY_SHAPES}[preset])
+    scaling = shape.pop("rope_scaling", None)
+    m.update(shape)
+    if scaling:
+      m.rope_scaling = ml_collections.FrozenConfigDict(scaling)
     m.residual_dropout = 0.3 if preset == "65b" else 0.2
   else:
     m.dtype = "float32"
@@ -55,9 +87,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   preset = (preset or "tiny").strip().lower()  # `:7B` is `:7b`.
-  if preset not in ("tiny", *_LLAMA_SHAPES):
-    raise ValueError(f"configs/lima.py: unknown preset {preset!r}; expected one of tiny, "
-                     f"{', '.join(_LLAMA_SHAPES)} (e.g. --config=7b or --config=configs/lima.py:7b)")
+  if preset not in PRESETS:
+    raise ValueError(f"configs/lima.py: unknown preset {preset!r}; expected one of "
+                     f"{', '.join(PRESETS)} (e.g. --config=7b or --config=configs/lima.py:7b)")
   config = ml_collections.ConfigDict()
   config.preset = preset
   config.model = model_config(preset)

@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA checkpoints <-> lima_jax parameters, streamed; and `load_pretrained`.
+"""Hugging Face LLaMA, Mistral, Qwen2 and Qwen3 checkpoints <-> lima_jax parameters, streamed;
+and `load_pretrained`.
 
 The two layouts hold the same numbers in different shapes (see lima_jax.model for ours):
 
@@ -12,6 +13,9 @@ The two layouts hold the same numbers in different shapes (see lima_jax.model fo
   model.layers.{i}.mlp.down_proj.weight      [D, F]      layers/mlp/down_proj   [L, F, D]
   model.norm.weight                          [D]         final_norm/scale       [D]
   lm_head.weight                             [V, D]      lm_head                [D, Vpad]
+  model.layers.{i}.self_attn.q_proj.bias     [H*Dh]      layers/attn/q_bias     [L, H, Dh]  (Qwen2)
+  model.layers.{i}.self_attn.{k,v}_proj.bias [KV*Dh]     layers/attn/{k,v}_bias [L, KV, Dh]
+  model.layers.{i}.self_attn.{q,k}_norm.weight [Dh]      layers/attn/{q,k}_norm/scale [L, Dh] (Qwen3)
 
 Every map is a transpose and a reshape (PyTorch's Linear stores [out, in]); Hugging Face already
 keeps q/k in the half-split rotary layout the model uses, so no permutation is needed and the
@@ -56,6 +60,12 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 ARCHITECTURE = "LlamaForCausalLM"
+# model_type -> the transformers class its config.json names.
+ARCHITECTURES = {"llama": ARCHITECTURE, "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Config fields of mixture-of-experts variants; a dense converter must not drop the experts.
+_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+               "moe_intermediate_size")
 # Extra key of the model_config item: the source's special-token ids, for a later export.
 SPECIAL_TOKENS_KEY = "hf_special_tokens"
 # LIMA's decoding (Zhou et al., 2023, section 3): nucleus 0.9, temperature 0.7, penalty 1.2;
@@ -112,12 +122,50 @@ def _rope_config(cfg: Mapping[str, Any], source: str) -> tuple[float, dict]:
   return float(theta), {"rope_type": kind, **{k: scaling[k] for k in needed[kind]}}
 
 
+def _sliding_window(cfg: Mapping[str, Any], model_type: str, n_layers: int, source: str) -> int:
+  """The attention window every layer uses (0 = none), read as transformers reads each family.
+
+  Mistral: `sliding_window` (null = none; absent = transformers' default 4096). Qwen2/Qwen3: the
+  window applies only with `use_sliding_window`, and only to the `layer_types` entries that say
+  "sliding_attention" (default: layers >= `max_window_layers`). LLaMA has none.
+  """
+  if model_type == "llama":
+    return 0
+  if model_type == "mistral":
+    window = cfg.get("sliding_window", 4096)
+    return int(window or 0)
+  use = bool(cfg.get("use_sliding_window", False))
+  window = cfg.get("sliding_window", 4096) if use else None
+  layer_types = cfg.get("layer_types")
+  if layer_types is None:
+    first = int(cfg.get("max_window_layers", 28))
+    layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                   for i in range(n_layers)]
+  unknown = sorted({t for t in layer_types} - {"full_attention", "sliding_attention"})
+  if unknown:
+    raise ConversionError(f"{source}: layer_types has {unknown}; lima_jax implements "
+                          f"full_attention and sliding_attention")
+  if len(layer_types) != n_layers:
+    raise ConversionError(f"{source}: layer_types has {len(layer_types)} entries for "
+                          f"num_hidden_layers={n_layers}")
+  windows = {int(window) if t == "sliding_attention" and window else 0 for t in layer_types}
+  if len(windows) > 1:
+    raise ConversionError(
+        f"{source}: a sliding window on some layers only (use_sliding_window=true, "
+        f"sliding_window={window}, max_window_layers={cfg.get('max_window_layers')}, layer_types="
+        f"{layer_types}); lima_jax applies one window to every layer or none")
+  return windows.pop()
+
+
 def hf_config_to_model_config(config_json: Mapping[str, Any] | str | os.PathLike) -> ModelConfig:
-  """A ModelConfig from a Hugging Face LLaMA config (a dict, a config.json, or its directory).
+  """A ModelConfig from a Hugging Face LLaMA, Mistral, Qwen2 or Qwen3 config (a dict, a
+  config.json, or its directory).
 
   Reads what transformers 4.x writes (`rope_theta`, `rope_scaling`, `torch_dtype`; LLaMA-1 files
-  without `num_key_value_heads`) and what 5.x writes (`rope_parameters`, `dtype`). `param_dtype`
-  is the file's declared dtype; callers that know the stored tensors' dtype override it.
+  without `num_key_value_heads`) and what 5.x writes (`rope_parameters`, `dtype`, `layer_types`),
+  with each family's defaults for absent fields, as transformers' config classes have them.
+  Anything the model does not implement is refused, naming the field. `param_dtype` is the
+  file's declared dtype; callers that know the stored tensors' dtype override it.
   """
   if isinstance(config_json, Mapping):
     cfg, source = dict(config_json), CONFIG_FILE
@@ -126,24 +174,35 @@ def hf_config_to_model_config(config_json: Mapping[str, Any] | str | os.PathLike
     path = path / CONFIG_FILE if path.is_dir() else path
     cfg, source = _read_json(path), str(path)
   model_type = cfg.get("model_type")
-  if model_type != "llama":
-    raise ConversionError(f"{source}: model_type={model_type!r}; lima_jax converts LLaMA models "
-                          f"only (model_type 'llama', architectures [{ARCHITECTURE!r}])")
+  if model_type not in ARCHITECTURES:
+    raise ConversionError(f"{source}: model_type={model_type!r}; lima_jax converts "
+                          f"{', '.join(repr(t) for t in ARCHITECTURES)} models")
+  architecture = ARCHITECTURES[model_type]
   archs = cfg.get("architectures") or []
-  if archs and not any(a.lower() == ARCHITECTURE.lower() for a in archs):
-    raise ConversionError(f"{source}: architectures={archs}; expected [{ARCHITECTURE!r}]")
+  if archs and not any(a.lower() == architecture.lower() for a in archs):
+    raise ConversionError(f"{source}: architectures={archs}; expected [{architecture!r}] for "
+                          f"model_type={model_type!r}")
   required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size")
   missing = [k for k in required if cfg.get(k) is None]
   if missing:
     raise ConversionError(f"{source}: missing field(s) {missing}")
   if cfg.get("hidden_act", "silu") != "silu":
-    raise ConversionError(f"{source}: hidden_act={cfg['hidden_act']!r}; LLaMA uses 'silu'")
-  for flag in ("attention_bias", "mlp_bias"):
-    if cfg.get(flag):
-      raise ConversionError(f"{source}: {flag}=true; LLaMA layers have no biases")
+    raise ConversionError(f"{source}: hidden_act={cfg['hidden_act']!r}; lima_jax implements 'silu'")
+  moe = [k for k in _MOE_FIELDS if cfg.get(k)]
+  if moe:
+    raise ConversionError(f"{source}: {moe[0]}={cfg[moe[0]]!r}; lima_jax converts dense models, "
+                          f"not mixture-of-experts")
+  if cfg.get("mlp_bias"):
+    raise ConversionError(f"{source}: mlp_bias=true; lima_jax's MLP has no biases")
+  # Qwen2 always has q/k/v biases; LLaMA's and Qwen3's attention_bias would also bias o_proj,
+  # which lima_jax does not implement; MistralForCausalLM has no biases and ignores the field.
+  if model_type in ("llama", "qwen3") and cfg.get("attention_bias"):
+    raise ConversionError(f"{source}: attention_bias=true; lima_jax implements q/k/v biases as "
+                          f"Qwen2 has them, not the o_proj bias {architecture} adds with it")
   d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-  head_dim = int(cfg.get("head_dim") or 0)
+  n_layers = int(cfg["num_hidden_layers"])
+  head_dim = int(cfg.get("head_dim") or (128 if model_type == "qwen3" else 0))
   if not head_dim and d % heads:
     raise ConversionError(f"{source}: hidden_size={d} is not a multiple of "
                           f"num_attention_heads={heads} and head_dim is not given")
@@ -151,37 +210,61 @@ def hf_config_to_model_config(config_json: Mapping[str, Any] | str | os.PathLike
     head_dim = 0
   theta, scaling = _rope_config(cfg, source)
   declared = cfg.get("dtype") or cfg.get("torch_dtype")
+  max_len = {"llama": 2048, "mistral": 4096 * 32}.get(model_type, 32768)
   try:
     return ModelConfig(
-        vocab_size=int(cfg["vocab_size"]), d_model=d, n_layers=int(cfg["num_hidden_layers"]),
+        vocab_size=int(cfg["vocab_size"]), d_model=d, n_layers=n_layers,
         n_heads=heads, n_kv_heads=int(cfg.get("num_key_value_heads") or 0),
         head_dim=head_dim, mlp_dim=int(cfg["intermediate_size"]),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
         rope_scaling=scaling, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=int(cfg.get("max_position_embeddings") or 2048),
-        param_dtype=declared if declared in DTYPES else "float32")
+        max_seq_len=int(cfg.get("max_position_embeddings") or max_len),
+        param_dtype=declared if declared in DTYPES else "float32",
+        model_type=model_type, attention_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        sliding_window=_sliding_window(cfg, model_type, n_layers, source))
   except ValueError as e:
     raise ConversionError(f"{source}: {e}") from e
 
 
 def model_config_to_hf_config(config: ModelConfig, *, dtype: str,
                               special_tokens: Mapping[str, Any] | None = None) -> dict:
-  """config.json for `LlamaForCausalLM` with transformers-4.x keys (5.x reads them too).
+  """config.json for the config's transformers class (`LlamaForCausalLM`, `MistralForCausalLM`,
+  `Qwen2ForCausalLM`, `Qwen3ForCausalLM`), with transformers-4.x keys (5.x reads them too).
 
   `vocab_size` is the real vocabulary (EOT included), not the padded one.
   """
+  c, family = config, config.model_type
+  features = {"attention_bias": c.attention_bias, "qk_norm": c.qk_norm,
+              "sliding_window": bool(c.sliding_window)}
+  has = {"llama": (), "mistral": ("sliding_window",), "qwen2": ("attention_bias", "sliding_window"),
+         "qwen3": ("qk_norm", "sliding_window")}[family]
+  wrong = [k for k, on in features.items() if on != (k in has) and (on or k != "sliding_window")]
+  if wrong:
+    raise ConversionError(f"model_config: model_type={family!r} with {wrong[0]}="
+                          f"{getattr(c, wrong[0])!r}; {ARCHITECTURES[family]} cannot express it")
   hf = {
-      "architectures": [ARCHITECTURE], "model_type": "llama",
-      "vocab_size": config.vocab_size, "hidden_size": config.d_model,
-      "intermediate_size": config.mlp_dim, "num_hidden_layers": config.n_layers,
-      "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
-      "head_dim": config.dim_per_head, "hidden_act": "silu",
-      "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.rms_norm_eps,
-      "rope_theta": config.rope_theta, "rope_scaling": dict(config.rope_scaling) or None,
-      "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
-      "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+      "architectures": [ARCHITECTURES[family]], "model_type": family,
+      "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+      "intermediate_size": c.mlp_dim, "num_hidden_layers": c.n_layers,
+      "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads,
+      "head_dim": c.dim_per_head, "hidden_act": "silu",
+      "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.rms_norm_eps,
+      "rope_theta": c.rope_theta, "rope_scaling": dict(c.rope_scaling) or None,
+      "tie_word_embeddings": c.tie_embeddings, "attention_dropout": 0.0,
       "initializer_range": 0.02, "use_cache": True, "torch_dtype": dtype,
   }
+  if family == "llama":
+    hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  elif family == "mistral":
+    hf.update(sliding_window=c.sliding_window or None)
+  else:
+    kind = "sliding_attention" if c.sliding_window else "full_attention"
+    hf.update(use_sliding_window=bool(c.sliding_window), sliding_window=c.sliding_window or None,
+              max_window_layers=0 if c.sliding_window else c.n_layers,
+              layer_types=[kind] * c.n_layers)
+    if family == "qwen3":
+      hf.update(attention_bias=False)
   for key, value in (special_tokens or {}).items():
     if value is not None:
       hf[key] = value
@@ -330,6 +413,15 @@ def param_maps(config: ModelConfig) -> dict[tuple[str, ...], ParamMap]:
       ParamMap(("layers", "attn", "k_proj"), layer + "self_attn.k_proj.weight", l, (kv, dh), (d,), True, kv * dh),
       ParamMap(("layers", "attn", "v_proj"), layer + "self_attn.v_proj.weight", l, (kv, dh), (d,), True, kv * dh),
       ParamMap(("layers", "attn", "o_proj"), layer + "self_attn.o_proj.weight", l, (d,), (h, dh), True, d),
+  ]
+  if config.attention_bias:
+    maps += [ParamMap(("layers", "attn", f"{n}_bias"), layer + f"self_attn.{n}_proj.bias", l,
+                      (heads, dh), (), False, heads * dh)
+             for n, heads in (("q", h), ("k", kv), ("v", kv))]
+  if config.qk_norm:
+    maps += [ParamMap(("layers", "attn", f"{n}_norm", "scale"), layer + f"self_attn.{n}_norm.weight",
+                      l, (dh,), (), False, dh) for n in "qk"]
+  maps += [
       ParamMap(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", l, (f,), (d,), True, f),
       ParamMap(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", l, (f,), (d,), True, f),
       ParamMap(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", l, (d,), (f,), True, d),
@@ -467,8 +559,8 @@ class HFCheckpoint:
     tied_head = "lm_head.weight" if c.tie_embeddings else None
     for name in self._where:
       if name not in expected and name != tied_head and not name.endswith(_IGNORED_SUFFIXES):
-        raise ConversionError(f"{self._where[name].path}: unexpected tensor {name}; not a plain {ARCHITECTURE} "
-                              f"as {CONFIG_FILE} describes it")
+        raise ConversionError(f"{self._where[name].path}: unexpected tensor {name}; not a plain "
+                              f"{ARCHITECTURES[c.model_type]} as {CONFIG_FILE} describes it")
 
   def source_dtype(self, path: tuple[str, ...]) -> np.dtype:
     name = self.maps[path].hf_names()[0]
@@ -826,7 +918,7 @@ def _chunk_shape(m: ParamMap, itemsize: int, block_bytes: int = 8 * 2**20) -> tu
 
 def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype: str | None = None,
                 eot: str | None = None, add_eot: bool = False) -> ModelConfig:
-  """Converts a Hugging Face LLaMA directory into a lima_jax checkpoint, one layer at a time.
+  """Converts a Hugging Face LLaMA, Mistral or Qwen directory into a lima_jax checkpoint, by layer.
 
   `dtype=None` keeps each tensor's dtype (bit-exact). The tokenizer, if the directory has one,
   is stored in the checkpoint with `eot` as its EOT text; `add_eot` also grows the embedding and
@@ -856,6 +948,12 @@ def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype
     for path in out_maps:
       if out_maps[path].is_vocab:
         fills[path] = RowFill(config.vocab_size, new_vocab, hf.row_mean(path))
+  elif add_eot and blob:  # A spare row for EOT already (Qwen): it starts at the mean likewise.
+    tok = tokenizer_lib.load_tokenizer_from_blob(blob)
+    if not tok.eot_declared and tok.eot_id < config.vocab_size:
+      for path in out_maps:
+        if out_maps[path].is_vocab:
+          fills[path] = RowFill(tok.eot_id, tok.eot_id + 1, hf.row_mean(path))
   tree: dict = {}
   for path, m in out_maps.items():
     want = jnp.dtype(dtype) if dtype else hf.source_dtype(path)
@@ -879,7 +977,7 @@ def _read_config_json(ckpt: epath.Path) -> dict:
 
 def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
                 max_shard_size: str | int = "5GB", dtype: str | None = None) -> list[str]:
-  """Exports a lima_jax checkpoint (or a workdir's newest) as a Hugging Face LLaMA directory.
+  """Exports a lima_jax checkpoint (or a workdir's newest) as a Hugging Face directory of its family.
 
   Writes safetensors shards of at most `max_shard_size` (with model.safetensors.index.json when
   there are several), config.json, generation_config.json (LIMA's sampling) and, when the
@@ -992,7 +1090,8 @@ def generation_config(tokens: Mapping[str, Any], eot_id: int | None = None,
 
 def describe(config: ModelConfig) -> str:
   """One line about a model, for the tools' output."""
-  return (f"{config.num_params() / 1e6:.1f}M params: {config.n_layers} layers, d_model "
+  return (f"{config.model_type}, {config.num_params() / 1e6:.1f}M params: {config.n_layers} layers, d_model "
           f"{config.d_model}, {config.n_heads} heads ({config.kv_heads} kv), mlp {config.mlp_dim}, "
-          f"vocab {config.vocab_size}, {config.param_dtype}")
+          f"vocab {config.vocab_size}, {config.param_dtype}"
+          + (f", window {config.sliding_window}" if config.sliding_window else ""))
 

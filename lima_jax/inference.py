@@ -62,7 +62,8 @@ class LoadedModel:
     """`sampling.generate` with this model's stop ids, pad, BOS and mesh."""
     return sampling.generate(self.model_config, self.params, prompts, sampling_config=sampling_config,
                              stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
-                             bos_id=self.tokenizer.bos_id, mesh=self.mesh, **kwargs)
+                             bos_id=self.tokenizer.bos_id, mesh=self.mesh,
+                             sample_vocab=self.tokenizer.vocab_size, **kwargs)
 
 
 _is_hf_dir = checkpoint.is_hf_dir
@@ -152,7 +153,9 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
   else:
     has_eot = False
     stops = [tok.eos_id]
-    notes.append(f"the model's vocabulary ({vocab}) has no EOT row (a base model): prompts are the "
+    why = ("has no EOT row" if vocab == tok.base_vocab_size else
+           f"has a spare, untrained row for EOT (id {tok.eot_id})")
+    notes.append(f"the model's vocabulary ({vocab}) {why} (a base model): prompts are the "
                  f"turns joined by blank lines, and answers stop at EOS only (id {tok.eos_id})")
   if padded_rows:
     usable = tok.vocab_size if has_eot else tok.base_vocab_size

@@ -1,7 +1,10 @@
-"""The LLaMA decoder family (LLaMA-1, -2, -3 shapes) in Flax NNX, numerically matching Hugging Face.
+"""The LLaMA decoder family in Flax NNX, numerically matching Hugging Face.
 
-One config covers multi-head, grouped-query and multi-query attention, rotary embeddings with
-LLaMA-3 scaling, SwiGLU, tied or untied embeddings and a vocabulary padded for even sharding.
+One config covers LLaMA-1/2/3, Mistral, Qwen2/2.5 and Qwen3 (`model_type`): multi-head,
+grouped-query and multi-query attention, rotary embeddings with LLaMA-3 scaling, SwiGLU, tied or
+untied embeddings, a vocabulary padded for even sharding, and the families' differences: q/k/v
+biases (Qwen2), RMSNorm over each head's queries and keys before rotary (Qwen3) and a sliding
+attention window (Mistral v0.1).
 Decoder layers keep their parameters stacked on a leading `layers` axis, so the same checkpoint
 runs under `jax.lax.scan` (one compiled layer) or unrolled. LIMA's residual dropout rate grows
 linearly with depth and is passed to the scanned layer as data.
@@ -12,6 +15,8 @@ Parameters cross module boundaries as the plain nested dict of `nnx.to_pure_dict
   layers/attn_norm/scale [L, d_model]
   layers/attn/{q,k,v}_proj [L, d_model, heads|kv_heads, head_dim]
   layers/attn/o_proj     [L, heads, head_dim, d_model]
+  layers/attn/{q,k,v}_bias [L, heads|kv_heads, head_dim]   (only with attention_bias)
+  layers/attn/{q,k}_norm/scale [L, head_dim]             (only with qk_norm)
   layers/mlp_norm/scale  [L, d_model]
   layers/mlp/{gate,up}_proj [L, d_model, mlp_dim];  layers/mlp/down_proj [L, mlp_dim, d_model]
   final_norm/scale       [d_model]
@@ -56,6 +61,11 @@ class ModelConfig:
   remat_policy: str = "none"
   residual_dropout: float = 0.0
   attention: str = "auto"
+  # Which Hugging Face architecture this is; only export (config.json's class) depends on it.
+  model_type: str = "llama"
+  attention_bias: bool = False  # Biases on the q/k/v projections (Qwen2); o_proj has none.
+  qk_norm: bool = False  # RMSNorm over head_dim on each head's q and k, before rotary (Qwen3).
+  sliding_window: int = 0  # A key is visible only if q_pos - k_pos < window (Mistral); 0 = none.
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):
@@ -66,6 +76,10 @@ class ModelConfig:
       raise ValueError(f"model.remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
     if self.attention not in ("auto", "xla", "splash"):
       raise ValueError(f"model.attention={self.attention!r}; expected auto, xla or splash")
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f"model.model_type={self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+    if self.sliding_window < 0:
+      raise ValueError(f"model.sliding_window={self.sliding_window}; expected 0 (none) or a window size")
 
   @property
   def kv_heads(self) -> int:
@@ -101,12 +115,18 @@ class ModelConfig:
     """Parameter count with the real (unpadded) vocabulary."""
     d, f, l = self.d_model, self.mlp_dim, self.n_layers
     attn = d * self.dim_per_head * (2 * self.n_heads + 2 * self.kv_heads)
+    if self.attention_bias:
+      attn += self.dim_per_head * (self.n_heads + 2 * self.kv_heads)
+    if self.qk_norm:
+      attn += 2 * self.dim_per_head
     per_layer = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * self.vocab_size
     embed = d * self.vocab_size
     n = l * per_layer + d + head
     return n + embed if include_embedding or self.tie_embeddings else n
 
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 REMAT_POLICIES = {
     "none": None,
@@ -124,6 +144,11 @@ PARAM_LOGICAL_AXES = {
     ("layers", "attn", "k_proj"): ("layers", "embed", "kv_heads", "head_dim"),
     ("layers", "attn", "v_proj"): ("layers", "embed", "kv_heads", "head_dim"),
     ("layers", "attn", "o_proj"): ("layers", "heads", "head_dim", "embed"),
+    ("layers", "attn", "q_bias"): ("layers", "heads", "head_dim"),
+    ("layers", "attn", "k_bias"): ("layers", "kv_heads", "head_dim"),
+    ("layers", "attn", "v_bias"): ("layers", "kv_heads", "head_dim"),
+    ("layers", "attn", "q_norm", "scale"): ("layers", "norm"),
+    ("layers", "attn", "k_norm", "scale"): ("layers", "norm"),
     ("layers", "mlp_norm", "scale"): ("layers", "norm"),
     ("layers", "mlp", "gate_proj"): ("layers", "embed", "mlp"),
     ("layers", "mlp", "up_proj"): ("layers", "embed", "mlp"),
@@ -186,24 +211,32 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 CAUSAL_BLOCK = 128
 
 
-def dot_product_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None):
+def dot_product_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None,
+                          *, window: int = 0):
   """Attention over a KV cache or any keys; K/V heads are shared by query groups, not repeated.
 
   q: [B, S, H, D]; k, v: [B, T, KV, D]. A key is visible when its position is at most the
-  query's and (when segment ids are given) it belongs to the same packed conversation.
+  query's, (with a `window`) fewer than `window` positions before it, and (when segment ids are
+  given) it belongs to the same packed conversation.
   """
-  return _masked_attention(q, k, v, _visible(q_positions, k_positions, q_segments, k_segments), 1)
+  mask = _visible(q_positions, k_positions, q_segments, k_segments, window=window)
+  return _masked_attention(q, k, v, mask, 1)
 
 
-def _visible(q_positions, k_positions, q_segments=None, k_segments=None) -> jax.Array:
-  """[B, S, T]: key t is at or before query s in position, and in the same segment (if given)."""
+def _visible(q_positions, k_positions, q_segments=None, k_segments=None, *,
+             window: int = 0) -> jax.Array:
+  """[B, S, T]: key t is at or before query s in position, within `window` positions of it
+  (if > 0, as Hugging Face's sliding window: q_pos - k_pos < window), and in the same segment."""
   mask = k_positions[:, None, :] <= q_positions[:, :, None]
+  if window:
+    mask &= q_positions[:, :, None] - k_positions[:, None, :] < window
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
   return mask
 
 
-def causal_self_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None):
+def causal_self_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None,
+                          *, window: int = 0):
   """Self-attention of a training or scoring batch (q, k, v from the same S tokens).
 
   As `dot_product_attention`, and a key is also never after its query in the sequence, as in
@@ -211,8 +244,9 @@ def causal_self_attention(q, k, v, q_positions, k_positions, q_segments=None, k_
   """
   s = q.shape[1]
   if k.shape[1] != s:
-    return dot_product_attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
-  mask = _visible(q_positions, k_positions, q_segments, k_segments)
+    return dot_product_attention(q, k, v, q_positions, k_positions, q_segments, k_segments,
+                                 window=window)
+  mask = _visible(q_positions, k_positions, q_segments, k_segments, window=window)
   mask &= jnp.arange(s)[None, :] <= jnp.arange(s)[:, None]
   blocks = s // CAUSAL_BLOCK if s % CAUSAL_BLOCK == 0 else 1
   return _masked_attention(q, k, v, mask, max(blocks, 1))
@@ -318,6 +352,13 @@ class Attention(nnx.Module):
     self.k_proj = nnx.Param(_normal(rngs.params(), stack + (d, kv, hd), pdt))
     self.v_proj = nnx.Param(_normal(rngs.params(), stack + (d, kv, hd), pdt))
     self.o_proj = nnx.Param(_normal(rngs.params(), stack + (h, hd, d), pdt))
+    if c.attention_bias:
+      self.q_bias = nnx.Param(jnp.zeros(stack + (h, hd), pdt))
+      self.k_bias = nnx.Param(jnp.zeros(stack + (kv, hd), pdt))
+      self.v_bias = nnx.Param(jnp.zeros(stack + (kv, hd), pdt))
+    if c.qk_norm:
+      self.q_norm = RMSNorm(hd, c.rms_norm_eps, pdt, stack=stack)
+      self.k_norm = RMSNorm(hd, c.rms_norm_eps, pdt, stack=stack)
     self.config = config
 
   def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None, layer=None):
@@ -325,6 +366,12 @@ class Attention(nnx.Module):
     q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dt))
     v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(dt))
+    if self.config.attention_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if self.config.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = checkpoint_name(q, "query_proj")
     k = checkpoint_name(k, "key_proj")
     v = checkpoint_name(v, "value_proj")
@@ -332,20 +379,23 @@ class Attention(nnx.Module):
     inv_freq = rope_frequencies(self.config)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    window = self.config.sliding_window
     if cache is None:
-      out = _attention_kernel(self.config)(q, k, v, positions, positions, segment_ids, segment_ids)
+      out = _attention_kernel(self.config)(q, k, v, positions, positions, segment_ids, segment_ids,
+                                           window=window)
       new_cache = None
     elif layer is None:  # This layer's own cache (see unstack_cache).
       rows = jnp.arange(k.shape[0])[:, None]
       new_cache = {"k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
                    "v": cache["v"].at[rows, :, :, positions].set(v.astype(cache["v"].dtype))}
       out = _attention_over_layer_cache(q, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
-                                        _visible(positions, cache_positions))
+                                        _visible(positions, cache_positions, window=window))
     else:
       new_cache = {"k": _write_cache(cache["k"], k, positions, layer),
                    "v": _write_cache(cache["v"], v, positions, layer)}
       k_all, v_all = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False) for n in "kv")
-      out = dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), positions, cache_positions)
+      out = dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), positions, cache_positions,
+                                  window=window)
     out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
     out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
     return checkpoint_name(out, "out_proj"), new_cache
@@ -463,7 +513,7 @@ def residual_dropout_rates(config: ModelConfig) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-  """LlamaForCausalLM: token ids [B, S] -> float32 logits [B, S, vocab_size]."""
+  """LlamaForCausalLM (or its Mistral/Qwen kin): token ids [B, S] -> float32 logits [B, S, vocab_size]."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     c = config
@@ -643,5 +693,10 @@ def param_shardings(config: ModelConfig, mesh) -> dict:
 
 
 def is_norm_scale(path: tuple[str, ...]) -> bool:
-  """Norm scales are excluded from weight decay."""
+  """RMSNorm scales (the q/k norms' included)."""
   return path[-1] == "scale"
+
+
+def is_decay_exempt(path: tuple[str, ...]) -> bool:
+  """Norm scales and biases are excluded from weight decay."""
+  return is_norm_scale(path) or path[-1].endswith("_bias")

@@ -1,4 +1,4 @@
-"""LIMA's optimizer: AdamW (0.9, 0.95), weight decay 0.1 off the norm scales, linear lr decay.
+"""LIMA's optimizer: AdamW (0.9, 0.95), weight decay 0.1 off the norm scales and biases, linear lr decay.
 
 The paper (Zhou et al., 2023, section 3) fine-tunes with AdamW, beta1 0.9, beta2 0.95, weight
 decay 0.1, and a learning rate that falls linearly from 1e-5 to 1e-6 over the whole run with no
@@ -35,9 +35,10 @@ def learning_rate_schedule(opt_config: Mapping[str, Any], total_steps: int) -> o
 
 
 def weight_decay_mask(params) -> Any:
-  """True where weight decay applies: every parameter except the RMSNorm scales."""
+  """True where weight decay applies: every parameter except the RMSNorm scales and the q/k/v
+  biases (Qwen2), as the Hugging Face Trainer leaves them."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: not model_lib.is_norm_scale(tuple(k.key for k in path)), params)
+      lambda path, _: not model_lib.is_decay_exempt(tuple(k.key for k in path)), params)
 
 
 def make_optimizer(opt_config: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:

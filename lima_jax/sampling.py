@@ -274,8 +274,12 @@ def _per_layer_copies(params) -> bool:
 
 def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: SamplingConfig,
                     mesh: Mesh | None, batch_size: int, cache_len: int,
-                    stop_ids: Sequence[int] = (), pad_id: int = 0) -> DecodeFns:
+                    stop_ids: Sequence[int] = (), pad_id: int = 0,
+                    sample_vocab: int = 0) -> DecodeFns:
   """Builds the jitted prefill, decode step and generate loop for one batch size and cache length.
+
+  Only ids below `sample_vocab` (0 = the model's vocabulary) are ever chosen: a model whose
+  embedding has spare rows beyond its tokenizer (Qwen) must not answer with ids nothing decodes.
 
   Plain functions of the mesh (None = the default device, no sharding annotations): nothing here
   looks at the devices of the running host, so the same call serves AOT compilation for a TPU
@@ -283,7 +287,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
   """
   cfg, scfg = model_config, sampling_config
   stop_ids = tuple(int(s) for s in stop_ids)
-  vocab, vpad = cfg.vocab_size, cfg.padded_vocab_size
+  vocab, vpad = min(cfg.vocab_size, sample_vocab or cfg.vocab_size), cfg.padded_vocab_size
   num_new = min(scfg.max_new_tokens, cache_len)
 
   def context():
@@ -435,13 +439,15 @@ def place_params(params, model_config: model_lib.ModelConfig, mesh: Mesh | None)
 def generate(model_config: model_lib.ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              sampling_config: SamplingConfig, stop_ids: Sequence[int], pad_id: int | None = 0,
              bos_id: int | None = None, mesh: Mesh | None = None,
-             prompt_seeds: Sequence[int] | None = None, on_batch=None) -> list[GenerationResult]:
+             prompt_seeds: Sequence[int] | None = None, on_batch=None,
+             sample_vocab: int = 0) -> list[GenerationResult]:
   """Answers every prompt (token ids, BOS included) with the configured decoding.
 
   Prompts are grouped by length into batches of `sampling_config.batch_size`; each batch runs as
   one compiled program. `prompt_seeds[i]` (default i) picks prompt i's random stream, so giving
   each prompt a stable id (its line in a file) makes answers independent of batching and resumes.
   `on_batch(list of (index, result))` is called after each batch, e.g. to save progress.
+  `sample_vocab` (> 0) limits the answers to ids below it (see `make_decode_fns`).
   """
   scfg = sampling_config
   pad_id = 0 if pad_id is None else int(pad_id)  # Any id works: padding is never attended to.
@@ -470,7 +476,8 @@ def generate(model_config: model_lib.ModelConfig, params, prompts: Sequence[Sequ
     width = bucket(longest, scfg.max_len)
     cache_len = bucket(longest + scfg.max_new_tokens, scfg.max_len)
     program = scfg.replace(seed=0, batch_size=batch_size)  # Fields that do not change the program.
-    fns = _cached_decode_fns(model_config, program, mesh, batch_size, cache_len, tuple(stop_ids), pad_id)
+    fns = _cached_decode_fns(model_config, program, mesh, batch_size, cache_len, tuple(stop_ids), pad_id,
+                             sample_vocab)
     tokens = np.full((batch_size, width), pad_id, np.int32)
     lens = np.ones((batch_size,), np.int32)
     budgets = np.zeros((batch_size,), np.int32)

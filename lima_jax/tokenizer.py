@@ -7,7 +7,9 @@ pretrained checkpoint needs is one more embedding / LM-head row (see the model c
 Two vocabulary formats are supported behind one interface:
 
 * SentencePiece `tokenizer.model` (LLaMA-1/2 and the bundled sample), via `sentencepiece`;
-* Hugging Face `tokenizer.json` (byte-level BPE as LLaMA-3 ships), via `tokenizers`.
+* Hugging Face `tokenizer.json` (byte-level BPE as LLaMA-3, Qwen2/2.5/3 and Mistral v3 ship),
+  via `tokenizers`; `tokenizer_config.json` names BOS, EOS and pad (a `null` BOS, as Qwen's, means
+  the family has none).
 
 Text is always encoded as plain text: a user turn that happens to spell `<EOT>` (or, for
 `tokenizer.json`, `<|end_of_text|>`) becomes ordinary pieces, never a special id. Only the data
@@ -40,7 +42,8 @@ HF_SPECIAL_MAP_FILE = "special_tokens_map.json"
 DEFAULT_EOT = "<EOT>"
 
 # Names under which tokenizer.json files commonly ship BOS / EOS, most specific first; used only
-# when no tokenizer_config.json / special_tokens_map.json says so.
+# when no tokenizer_config.json / special_tokens_map.json has the key at all (a null value is an
+# answer: Qwen declares `bos_token: null`, and its vocabulary has no BOS).
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -114,12 +117,12 @@ class _HFJsonVocab:
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.size = max(vocab.values()) + 1 if vocab else 0
     config = self._special_token_config(files)
-    self.bos_id = self._find(config.get("bos_token"), _BOS_NAMES, vocab)
-    if self.bos_id is None:
+    self.bos_id = self._find(config, "bos_token", _BOS_NAMES, vocab)
+    if self.bos_id is None and "bos_token" not in config:
       self.bos_id = self._post_processor_bos(spec, vocab)
-    self.eos_id = self._find(config.get("eos_token"), _EOS_NAMES, vocab)
-    self.pad_id = self._find(config.get("pad_token"), _PAD_NAMES, vocab)
-    self.unk_id = self._find(config.get("unk_token"), (), vocab)
+    self.eos_id = self._find(config, "eos_token", _EOS_NAMES, vocab)
+    self.pad_id = self._find(config, "pad_token", _PAD_NAMES, vocab)
+    self.unk_id = self._find(config, "unk_token", (), vocab)
 
   @staticmethod
   def _special_token_config(files: Mapping[str, bytes]) -> dict[str, Any]:
@@ -134,13 +137,20 @@ class _HFJsonVocab:
     return merged
 
   @staticmethod
-  def _find(declared: Any, fallbacks: Sequence[str], vocab: Mapping[str, int]) -> int | None:
-    """The id of a declared special token (str or {"content": str}), else of a known name."""
+  def _find(config: Mapping[str, Any], key: str, fallbacks: Sequence[str],
+            vocab: Mapping[str, int]) -> int | None:
+    """The id of the special token `config[key]` names (str or {"content": str}; null = none),
+    else, when the key is absent, of a known name."""
+    if key not in config:
+      return next((vocab[name] for name in fallbacks if name in vocab), None)
+    declared = config[key]
     if isinstance(declared, dict):
       declared = declared.get("content")
     if isinstance(declared, str):
-      return vocab.get(declared)
-    return next((vocab[name] for name in fallbacks if name in vocab), None)
+      if declared not in vocab:
+        raise ValueError(f"{HF_CONFIG_FILE}: {key}={declared!r} is not a token of {HF_FILE}")
+      return vocab[declared]
+    return None
 
   @staticmethod
   def _post_processor_bos(spec: Mapping[str, Any], vocab: Mapping[str, int]) -> int | None:
@@ -272,6 +282,8 @@ class Tokenizer:
       included); a pretrained embedding has this many rows.
     vocab_size: ids including EOT, the embedding size a fine-tuned model needs.
     eot_text: the EOT token's text (used only when exporting to Hugging Face).
+    eot_declared: whether the files themselves declare EOT (a lima_jax export), so that a model
+      with spare vocabulary rows (Qwen) is known to have been fine-tuned with it.
     kind: "sentencepiece" or "hf_json".
   """
 
@@ -290,6 +302,8 @@ class Tokenizer:
     self.eot_text = eot
     self.base_vocab_size = self._vocab.size
     self.eot_id = self.base_vocab_size if declared_eot is None else declared_eot
+    # True when the files already name EOT (an export of a fine-tuned model), not only lima_jax.
+    self.eot_declared = declared_eot is not None
     if self.eot_id < self.base_vocab_size:
       raise ValueError(f"{HF_FILE}: {eot!r} is declared with id {self.eot_id}, which another "
                        f"token already uses; remove it from added_tokens to get a fresh id")

@@ -19,6 +19,8 @@ works around):
     call off TPU, use the XLA implementation.
   * Causality is by index, not by the `positions` argument: it equals the XLA path whenever
     positions count up by one within each segment, which is what the data pipeline produces.
+    A sliding window (Mistral) is the kernel's `LocalMask` with the window on the left side,
+    by index likewise, so its blocks wholly outside the window are skipped too.
   * The kernel does not scale the logits: q is multiplied by D^-0.5 first.
 """
 
@@ -64,13 +66,18 @@ def _specs(mesh, rules, b: int, s: int, h: int, kv: int):
   return batch, heads, length
 
 
-def _kernel(s: int, t: int, h: int, head_shards: int, q_seq_shards: int, interpret: bool = False):
+def _kernel(s: int, t: int, h: int, head_shards: int, q_seq_shards: int, interpret: bool = False,
+            window: int = 0):
   bq, bkv = _block(s // q_seq_shards), _block(t)
   sizes = splash.BlockSizes(
       block_q=bq, block_kv=bkv, block_kv_compute=bkv,
       block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
       block_q_dq=bq, block_kv_dq=bkv)
-  mask = masks.MultiHeadMask([masks.CausalMask((s, t)) for _ in range(h)])
+  if window:  # Visible iff 0 <= q - k < window, as model._visible.
+    head_mask = masks.LocalMask((s, t), window_size=(window - 1, 0), offset=0)
+  else:
+    head_mask = masks.CausalMask((s, t))
+  mask = masks.MultiHeadMask([head_mask for _ in range(h)])
   return splash.make_splash_mha(mask=mask, block_sizes=sizes, head_shards=head_shards,
                                 q_seq_shards=q_seq_shards, interpret=interpret)
 
@@ -84,7 +91,7 @@ def _run(kernel, q, k, v, q_segments, k_segments):
 
 
 def splash_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segments=None, *,
-                     interpret: bool = False):
+                     window: int = 0, interpret: bool = False):
   """Drop-in for `model.causal_self_attention` (see the module docstring for when it falls back).
 
   `interpret` runs the kernel in Pallas' interpreter, on any backend (for tests).
@@ -94,20 +101,21 @@ def splash_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segme
   t, kv = k.shape[1], k.shape[2]
   on_tpu = interpret or sharding.target_platform() == "tpu"
   if not on_tpu or s % LANES or s != t:
-    return model.causal_self_attention(q, k, v, q_positions, k_positions, q_segments, k_segments)
+    return model.causal_self_attention(q, k, v, q_positions, k_positions, q_segments, k_segments,
+                                       window=window)
   if q_segments is not None and k_segments is None:
     k_segments = q_segments
   q = q * np.asarray(d ** -0.5, q.dtype)
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, length, D]
   active = sharding.active_mesh()
   if active is None:
-    out = _run(_kernel(s, t, h, 1, 1, interpret), q, k, v, q_segments, k_segments)
+    out = _run(_kernel(s, t, h, 1, 1, interpret, window), q, k, v, q_segments, k_segments)
     return out.transpose(0, 2, 1, 3)
   mesh, rules = active
   batch, heads, length = _specs(mesh, rules, b, s, h, kv)
   head_shards = mesh.shape[heads] if heads else 1
   seq_shards = mesh.shape[length] if length else 1
-  kernel = _kernel(s, t, h, head_shards, seq_shards, interpret)
+  kernel = _kernel(s, t, h, head_shards, seq_shards, interpret, window)
   kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(heads, length)))
   q_spec = PartitionSpec(batch, heads, length, None)
   kv_spec = PartitionSpec(batch, heads, None, None)
@@ -125,5 +133,5 @@ def splash_attention(q, k, v, q_positions, k_positions, q_segments=None, k_segme
 
 def make_attention(config):
   """The attention function `model.py` uses when `config.attention` selects the TPU kernel."""
-  del config  # One kernel serves every shape; block sizes follow the call's lengths.
+  del config  # One kernel serves every shape and window; block sizes follow the call's lengths.
   return functools.partial(splash_attention)

@@ -114,6 +114,21 @@ def test_tiny_train_compiles_for_v5p8():
 
 @pytest.mark.slow
 @needs_libtpu
+def test_tiny_qwen2_with_a_sliding_window_compiles_for_v5p8():
+  """q/k/v biases split with the heads, and splash attention with the window as its LocalMask."""
+  config = small_tiny_config()
+  config.model.update(dict(model_type="qwen2", attention_bias=True, n_kv_heads=2, sliding_window=64))
+  report = aot.compile_program(config, hardware.parse_slice("v5p-8"), "train")
+  assert report["fits"] and report["attention"] == "splash"
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  # The biases have no embed axis: split with the heads (over tensor, 1 here), not over fsdp.
+  attn = model_lib.abstract_params(model_config)["layers"]["attn"]
+  bias_bytes = [math.prod(attn[f"{n}_bias"].shape) * 4 for n in "qkv"]
+  assert report["param_bytes_per_device"] == (_expected_param_bytes(model_config, 4)
+                                              + sum(b - b // 4 for b in bias_bytes))
+
+
+@needs_libtpu
 def test_tiny_decode_compiles_for_v4_8():
   config = small_tiny_config()
   report = aot.compile_program(config, hardware.parse_slice("v4-8"), "decode")
@@ -146,8 +161,10 @@ def test_does_not_fit_exits_2_with_reasons(tmp_path):
 
 
 @pytest.mark.slow
-def test_splash_kernel_matches_xla_attention():
-  """Causal + packed segments + GQA + padding, forward and gradients (Pallas interpreter)."""
+@pytest.mark.parametrize("window", [0, 48])
+def test_splash_kernel_matches_xla_attention(window):
+  """Causal + packed segments + GQA + padding, and a sliding window, forward and gradients
+  (Pallas interpreter)."""
   from lima_jax import tpu_attention
   rng = np.random.default_rng(0)
   b, s, h, kv, d = 1, 256, 4, 2, 32
@@ -156,12 +173,16 @@ def test_splash_kernel_matches_xla_attention():
   positions = jnp.asarray([list(range(100)) + list(range(120)) + list(range(36))], jnp.int32)
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v, positions, positions, segments, segments) ** 2)
-  splash = lambda *a: tpu_attention.splash_attention(*a, interpret=True)
+  splash = lambda *a: tpu_attention.splash_attention(*a, window=window, interpret=True)
+  xla = lambda *a: model_lib.dot_product_attention(*a, window=window)
   out = splash(q, k, v, positions, positions, segments, segments)
-  ref = model_lib.dot_product_attention(q, k, v, positions, positions, segments, segments)
+  ref = xla(q, k, v, positions, positions, segments, segments)
   np.testing.assert_allclose(out, ref, atol=2e-5)
+  if window:  # The window changes the answer here.
+    full = model_lib.dot_product_attention(q, k, v, positions, positions, segments, segments)
+    assert float(jnp.abs(full - ref).max()) > 1e-2
   grads = jax.grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(lambda *a: loss(model_lib.dot_product_attention, *a), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(q, k, v)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-3, rtol=1e-4)
 

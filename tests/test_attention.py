@@ -29,8 +29,9 @@ def _inputs(seq, heads=4, kv_heads=2, dim=8, keys=None):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("window", [0, 20])  # Full causal, and Mistral's sliding window.
 @pytest.mark.parametrize("seq", [2 * model_lib.CAUSAL_BLOCK, 48])  # Blocked, and one block.
-def test_causal_self_attention_matches_reference(seq):
+def test_causal_self_attention_matches_reference(seq, window):
   q, k, v, weights = _inputs(seq)
   # Row 0: two packed conversations; row 1: one conversation, then padding (segment 0).
   cut = seq // 3
@@ -39,11 +40,14 @@ def test_causal_self_attention_matches_reference(seq):
                          jnp.arange(seq)])
   index = jnp.arange(seq)
   mask = ((index[None, :] <= index[:, None])[None] & (segments[:, :, None] == segments[:, None, :]))
+  if window:
+    mask &= positions[:, :, None] - positions[:, None, :] < window
 
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v) * weights)
 
-  ours = lambda q, k, v: model_lib.causal_self_attention(q, k, v, positions, positions, segments, segments)
+  ours = lambda q, k, v: model_lib.causal_self_attention(q, k, v, positions, positions, segments,
+                                                         segments, window=window)
   ref = lambda q, k, v: reference_attention(q, k, v, mask)
   np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=2e-6, rtol=1e-5)
   got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)

@@ -64,7 +64,7 @@ def test_config_keys_of_transformers_4_and_5_read_alike():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"model_type": "mistral"}, "model_type"),
+    ({"model_type": "gemma"}, "model_type"),
     ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type"),
     ({"attention_bias": True}, "attention_bias"),

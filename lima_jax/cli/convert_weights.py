@@ -1,4 +1,4 @@
-"""Converts LLaMA weights between Hugging Face and lima_jax (Orbax) checkpoints, streaming.
+"""Converts LLaMA, Mistral and Qwen weights between Hugging Face and lima_jax (Orbax) checkpoints, streaming.
 
     python tools/convert_weights.py hf-to-orbax --hf_dir SRC --ckpt_dir DST \\
         [--dtype float32|bfloat16|float16] [--eot "<EOT>"] [--add_eot]
