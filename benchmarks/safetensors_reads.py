@@ -32,7 +32,6 @@ ROWS, COLS, BLOCK = 8192, 8192, 512
 
 
 def _write(path: pathlib.Path, n_tensors: int) -> None:
-  sys.path.insert(0, str(ROOT))
   from lima_jax import safetensors_io  # pylint: disable=g-import-not-at-top
   block = np.random.default_rng(0).standard_normal((1024, COLS)).astype(np.float16)
   sources = [safetensors_io.TensorSource(f"t{i}", np.float16, (ROWS, COLS),
@@ -45,7 +44,6 @@ def _measure(mode: str, path: str, n_tensors: int) -> None:
   """Runs in a child process: prints peak RSS growth in bytes."""
   import psutil  # pylint: disable=g-import-not-at-top
   import safetensors  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(ROOT))
   from lima_jax import safetensors_io  # pylint: disable=g-import-not-at-top
   proc = psutil.Process()
   base = peak = proc.memory_info().rss
@@ -86,7 +84,6 @@ def _measure(mode: str, path: str, n_tensors: int) -> None:
 
 def _bfloat16_through_numpy(directory: pathlib.Path) -> str:
   import safetensors  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(ROOT))
   from lima_jax import safetensors_io  # pylint: disable=g-import-not-at-top
   path = directory / "bf16.safetensors"
   dtype = safetensors_io.FLOAT_DTYPES["BF16"]

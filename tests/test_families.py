@@ -351,9 +351,7 @@ class _MaskFrom(transformers.LogitsProcessor):
 
 def test_evaluate_answers_with_a_qwen2_base_model_as_transformers_does(tmp_path):
   """No BOS, a spare untrained EOT row: prompts are plain text, answers stop at EOS only."""
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools"))
-  import evaluate  # pylint: disable=g-import-not-at-top
+  from lima_jax.cli import evaluate  # pylint: disable=g-import-not-at-top
   tok_dir = _family_tokenizer_dir(tmp_path / "tok", "qwen2.5")
   hf, tok = _qwen2_base_dir(tmp_path / "hf", tok_dir)
   prompts = tmp_path / "prompts.jsonl"
