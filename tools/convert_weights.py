@@ -4,6 +4,7 @@
         [--dtype float32|bfloat16|float16] [--eot "<EOT>"] [--add_eot]
     python tools/convert_weights.py orbax-to-hf --ckpt_dir SRC --hf_dir DST \\
         [--max_shard_size 5GB] [--dtype float32|bfloat16|float16]
+    python tools/convert_weights.py orbax-to-peft --ckpt_dir SRC --peft_dir DST
 
 hf-to-orbax reads config.json and the safetensors shards (model.safetensors.index.json or a
 single model.safetensors) one layer at a time, so peak memory stays a small fraction of the
@@ -13,7 +14,12 @@ checkpoint; --add_eot also grows the embedding and LM head by LIMA's EOT token.
 
 orbax-to-hf accepts a checkpoint directory or a training workdir (its newest step) and writes
 sharded safetensors + index, config.json, generation_config.json (LIMA's sampling) and the
-tokenizer files when the checkpoint carries a tokenizer.
+tokenizer files when the checkpoint carries a tokenizer. A LoRA checkpoint (`--config.lora.rank`)
+is merged into the base it names, one layer at a time: the output is a plain full model.
+
+orbax-to-peft writes a LoRA checkpoint as a Hugging Face PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors, the EOT rows as PEFT's trainable tokens) for
+`peft.PeftModel.from_pretrained(base, DST)`; docs/training.md says how to prepare the base.
 
 Either command writes into a temporary directory next to the destination and renames it at the
 end; on bad input it prints what is wrong (file, field, tensor) and exits with status 2,
@@ -67,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
   to_hf.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
   to_hf.add_argument("--dtype", choices=convert.DTYPES, default=None,
                      help="write tensors in this dtype (default: keep the checkpoint's)")
+  to_peft = commands.add_parser("orbax-to-peft", help="lima_jax LoRA checkpoint -> PEFT adapter directory")
+  to_peft.add_argument("--ckpt_dir", required=True, help="LoRA checkpoint directory or training workdir")
+  to_peft.add_argument("--peft_dir", required=True, help="new adapter directory (must not exist)")
   return parser
 
 
@@ -79,6 +88,10 @@ def main(argv=None) -> int:
                                    add_eot=args.add_eot)
       print(f"wrote {args.ckpt_dir}: {convert.describe(config)} "
             f"({time.perf_counter() - start:.1f} s)")
+    elif args.command == "orbax-to-peft":
+      from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
+      files = lora_io.save_peft(args.ckpt_dir, args.peft_dir)
+      print(f"wrote {args.peft_dir}: {', '.join(files)} ({time.perf_counter() - start:.1f} s)")
     else:
       files = convert.orbax_to_hf(args.ckpt_dir, args.hf_dir, max_shard_size=args.max_shard_size,
                                   dtype=args.dtype)
