@@ -18,7 +18,7 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("checkpoint", "convert", "data", "inference", "model", "sampling", "sharding",
+_SUBMODULES = ("checkpoint", "convert", "data", "inference", "lora", "model", "sampling", "sharding",
                "tokenizer", "train")
 
 
