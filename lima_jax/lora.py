@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -263,15 +264,23 @@ def join(model_config, frozen: Mapping, trainable: Mapping) -> dict:
   return out
 
 
+def num_input_dims(target: str) -> int:
+  """How many leading weight dimensions (after the layer stack) are the projection's input."""
+  return len(_IN_AXES[target])
+
+
 def merge_delta(model_config, target: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """scale * A @ B in the weight's layout ([..., in..., out...]); float32."""
+  """scale * A @ B in the weight's layout ([..., in..., out...]); float32. NumPy arrays are
+  merged on the host with NumPy, others with jnp (e.g. inside jit)."""
+  xp = np if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else jnp
   in_dims = len(_IN_AXES[target])
-  a = a.astype(jnp.float32)
-  b = b.astype(jnp.float32)
+  a = a.astype(xp.float32)
+  b = b.astype(xp.float32)
   batch = a.ndim - in_dims - 1  # The layer stack, if any.
   letters = "abcdefgh"
   lead, ins, outs = letters[:batch], "ijk"[:in_dims], "uvw"[:b.ndim - batch - 1]
-  return model_config.lora.scale * jnp.einsum(f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}", a, b)
+  delta = xp.einsum(f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}", a, b)
+  return xp.asarray(model_config.lora.scale, xp.float32) * delta
 
 
 def merge(model_config, params: Mapping) -> tuple[dict, Any]:

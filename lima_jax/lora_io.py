@@ -135,10 +135,12 @@ class _MergedReader(_Reader):
     ab = self._trainable.get("layers", {}).get(module, {}).get("lora", {}).get(target)
     if ab is None:
       return block
-    layers = index[0]
-    delta = np.asarray(lora_lib.merge_delta(self._lora_model, target, ab["a"][layers],
-                                            ab["b"][layers]))
-    return block + delta[(slice(None),) + tuple(index[1:])]
+    # Only the block's part of A (its input dimensions) and B (its output ones): a device's
+    # shard of a stacked weight costs that shard's memory, not the whole stack's.
+    n_in = lora_lib.num_input_dims(target)
+    a = ab["a"][(index[0],) + tuple(index[1:1 + n_in]) + (slice(None),)]
+    b = ab["b"][(index[0], slice(None)) + tuple(index[1 + n_in:])]
+    return block + np.asarray(lora_lib.merge_delta(self._lora_model, target, a, b))
 
 
 def open_base(lora_model_config: model_lib.ModelConfig) -> _Reader:

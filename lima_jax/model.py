@@ -16,6 +16,7 @@ Parameters cross module boundaries as the plain nested dict of `nnx.to_pure_dict
   layers/mlp/{gate,up}_proj [L, d_model, mlp_dim];  layers/mlp/down_proj [L, mlp_dim, d_model]
   final_norm/scale       [d_model]
   lm_head                [d_model, vocab_padded]   (absent when embeddings are tied)
+  layers/{attn,mlp}/lora/<projection>/{a,b}  LoRA adapters, only with `config.lora` (lima_jax.lora)
 """
 
 import dataclasses

@@ -104,7 +104,13 @@ def full_params(model_config: model_lib.ModelConfig, state: TrainState):
   (outside jit no base weight is copied), else `state.params`."""
   if state.frozen is None:
     return state.params
-  return lora_lib.join(model_config, state.frozen, state.params)
+  full = lora_lib.join(model_config, state.frozen, state.params)
+  # The tables with their rows written back keep the base's layout (what the eval step expects).
+  full["embed"] = {**full["embed"], "embedding": jax.device_put(
+      full["embed"]["embedding"], state.frozen["embed"]["embedding"].sharding)}
+  if "lm_head" in full:
+    full["lm_head"] = jax.device_put(full["lm_head"], state.frozen["lm_head"].sharding)
+  return full
 
 
 def abstract_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh,

@@ -28,6 +28,11 @@ LORA_ARGS = ["--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.bas
              "--config.train.dev_generations=1"]
 
 
+def logits_fn(model_config):
+  """Jitted logits of a parameter tree (eager would compile every op on its own)."""
+  return jax.jit(lambda params, tokens: model_lib.bind(model_config, params)(tokens))
+
+
 def lora_model(model_config, **kw):
   return model_config.replace(lora=lora_lib.LoraConfig(**{"rank": 4, "alpha": 8.0, **kw}))
 
@@ -40,15 +45,16 @@ def test_fresh_adapters_compute_the_base_and_merging_keeps_the_logits():
   a = np.asarray(trainable["layers"]["attn"]["lora"]["q_proj"]["a"])
   assert a.shape == (2, 32, 4) and 0 < np.abs(a).max() <= 1 / np.sqrt(32)  # PEFT's kaiming bound.
   tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 61
-  base_logits = model_lib.bind(base_config, base)(tokens)
-  fresh = model_lib.bind(config, lora_lib.join(config, base, trainable))(tokens)
+  base_logits = logits_fn(base_config)(base, tokens)
+  lora_logits_of = logits_fn(config)
+  fresh = lora_logits_of(lora_lib.join(config, base, trainable), tokens)
   np.testing.assert_array_equal(np.asarray(fresh), np.asarray(base_logits))
   moved = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), trainable)
   joined = lora_lib.join(config, base, moved)
-  lora_logits = model_lib.bind(config, joined)(tokens)
-  merged, merged_config = lora_lib.merge(config, joined)
+  lora_logits = lora_logits_of(joined, tokens)
+  merged, merged_config = jax.jit(lambda p: lora_lib.merge(config, p)[0])(joined), lora_lib.base_config(config)
   assert merged_config.lora is None and "lora" not in merged["layers"]["attn"]
-  np.testing.assert_allclose(np.asarray(model_lib.bind(merged_config, merged)(tokens)),
+  np.testing.assert_allclose(np.asarray(logits_fn(merged_config)(merged, tokens)),
                              np.asarray(lora_logits), atol=2e-5)
   assert np.abs(np.asarray(lora_logits) - np.asarray(base_logits)).max() > 1e-2
 
@@ -109,7 +115,7 @@ def test_a_lora_step_is_the_same_on_1_and_8_devices_with_adapters_sharded_like_t
     compile_cache):
   proc = run_python(["python", "-c", MESH_SCRIPT.format(tests=str(ROOT / "tests"))],
                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                               **compile_cache})
+                               **compile_cache}, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.split("RESULT ", 1)[1])
   ref, got = results["1 device"], results["data2 fsdp2 tensor2"]
@@ -141,7 +147,7 @@ def hf_base(tmp_path_factory):
 def run_lora(workdir, base, *extra, env=None):
   proc = run_python(["python", "-m", "lima_jax.train", f"--workdir={workdir}", *TINY_ARGS,
                      *LORA_ARGS, f"--config.model.init_from={base}", *extra],
-                    env_extra=env, timeout=600)
+                    env_extra=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -151,6 +157,11 @@ def lora_run(hf_base, tmp_path_factory, compile_cache):
   workdir = tmp_path_factory.mktemp("lora_run")
   proc = run_lora(workdir, hf_base, env=compile_cache)
   return workdir, proc
+
+
+def nnx_params(model) -> dict:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 def dir_bytes(path) -> int:
@@ -181,7 +192,7 @@ def lora_logits(workdir, tokens):
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   base = train.load_pretrained_params(config, model_config, mesh)
   full = lora_lib.join(model_config, base, ckpt_lib.restore_params(workdir))
-  return np.asarray(model_lib.bind(model_config.replace(dtype="float32"), full)(tokens))
+  return np.asarray(logits_fn(model_config.replace(dtype="float32"))(full, tokens))
 
 
 TOKENS = np.array([[1, 5, 9, 300, 1024, 77, 2, 1024], [1, 1000, 1023, 42, 8, 1024, 3, 4]], np.int32)
@@ -206,13 +217,13 @@ def test_merged_exports_and_load_pretrained_equal_the_lora_logits(lora_run, tmp_
   expected = lora_logits(workdir, TOKENS)
   loaded = lima_jax.load_pretrained(workdir)
   assert loaded.config.lora is None
-  np.testing.assert_allclose(np.asarray(loaded(jnp.asarray(TOKENS))), expected, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(logits_fn(loaded.config)(nnx_params(loaded), TOKENS)),
+                             expected, atol=2e-5)
   from lima_jax import inference  # pylint: disable=g-import-not-at-top  # evaluate.py and chat.py's loader.
   served = inference.load_model(workdir, dtype="float32")
   assert served.tokenizer.eot_id == 1024 and any("merged rank-4 LoRA" in n for n in served.notes)
   np.testing.assert_allclose(
-      np.asarray(model_lib.bind(served.model_config, served.params)(jnp.asarray(TOKENS))), expected,
-      atol=2e-5)
+      np.asarray(logits_fn(served.model_config)(served.params, TOKENS)), expected, atol=2e-5)
   proc = run_python(["python", "tools/convert_weights.py", "orbax-to-hf", f"--ckpt_dir={workdir}",
                      f"--hf_dir={tmp_path / 'hf'}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
