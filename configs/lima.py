@@ -141,6 +141,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.train.stop_at_step = 0  # Save and exit after this step; the lr schedule still spans the run.
   config.train.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set).
 
+  # LoRA (lima_jax/lora.py): rank 0 = full fine-tuning. Otherwise the base is frozen in
+  # base_dtype and only the adapters (float32) and the EOT rows train; scaling alpha / rank as
+  # PEFT's. LoRA usually wants a larger lr than LIMA's 1e-5 (torchtune's recipes use 3e-4).
+  config.lora = ml_collections.ConfigDict()
+  config.lora.rank = 0
+  config.lora.alpha = 16.0  # torchtune's choice for rank 8 (scale 2); PEFT's default is 8.
+  config.lora.dropout = 0.0  # On each adapter's input, as PEFT's lora_dropout.
+  config.lora.targets = "all"  # "all" or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+  config.lora.base_dtype = "bfloat16"  # The frozen base weights' dtype.
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = 1
   config.mesh.fsdp = -1  # -1 takes the devices the other axes leave.

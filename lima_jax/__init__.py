@@ -15,7 +15,7 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("checkpoint", "convert", "data", "errors", "inference", "model", "paths",
+_SUBMODULES = ("checkpoint", "convert", "data", "errors", "inference", "lora", "model", "paths",
                "sampling", "sharding", "tokenizer", "train")
 
 

@@ -106,7 +106,6 @@ def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
   tensor=1), micro-batching only when `train.micro_batches` is 1 and the estimate says the
   step does not fit; an explicit override always wins.
   """
-  from lima_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   flags = []
   batch, seq = int(config.train.batch_size), int(config.data.max_len)
   chosen = hardware.mesh_for(config.mesh, tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
@@ -116,7 +115,7 @@ def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
   if int(config.train.micro_batches) == 1:
     from lima_jax import sharding  # pylint: disable=g-import-not-at-top
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
-    model_config = model_lib.ModelConfig.from_dict(config.model)
+    model_config = _tpu_model_config(config)
     micro = hardware.default_micro_batches(model_config, sizes, batch, seq,
                                            tpu_slice.usable_hbm_bytes())
     config.train.micro_batches = micro
@@ -161,8 +160,14 @@ def train_flops(model_config, batch_size: int, seq_len: int, *, tokens: float | 
   padded_tokens, padded_attended = batch_size * seq_len, batch_size * seq_len ** 2
   tokens = padded_tokens if tokens is None else tokens
   attended = padded_attended if attended is None else attended
-  model = 6 * n * tokens + 3 * width * attended
-  padded = 6 * n * padded_tokens + 3 * width * padded_attended
+  weight_flops = 6 * n  # A token's matmuls: forward 2 N, backward 4 N.
+  if getattr(c, "lora", None) is not None:
+    # LoRA: the frozen weights get no weight gradient (forward 2 N + input gradients 2 N a
+    # token); the adapters train in full.
+    from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    weight_flops = 4 * n + 6 * lora_lib.num_trainable(c)
+  model = weight_flops * tokens + 3 * width * attended
+  padded = weight_flops * padded_tokens + 3 * width * padded_attended
   recompute = 2 * n * padded_tokens + width * padded_attended if c.remat_policy == "full" else 0
   return {"model": float(model), "hardware": float(padded + recompute),
           "matmul_params": float(n), "tokens": float(tokens)}
@@ -197,11 +202,19 @@ class DoesNotFit(Exception):
 
 
 def _tpu_model_config(config):
-  """ModelConfig as compiled for TPU: `attention=auto` means the splash kernel there."""
+  """ModelConfig as compiled for TPU: `attention=auto` means the splash kernel there. With
+  `config.lora.rank` > 0 the LoRA model, the preset's last token (EOT) being its trained row."""
+  from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from lima_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   model_config = model_lib.ModelConfig.from_dict(config.model)
   if model_config.attention == "auto":
     model_config = model_config.replace(attention="splash")
+  vocab = model_config.vocab_size
+  lora = lora_lib.from_run_config(config.get("lora"), base_vocab_size=vocab - 1, vocab_size=vocab,
+                                  eot_id=vocab - 1, base=config.model.init_from,
+                                  base_seed=int(config.train.seed))
+  if lora is not None:
+    model_config = model_config.replace(lora=lora, param_dtype=str(config.lora.base_dtype))
   return model_config
 
 
@@ -212,7 +225,8 @@ def lower_train(config, mesh):
   step_fn, _, _ = train.make_train_step(config, model_config, mesh)
   state = train.abstract_train_state(config, model_config, mesh)
   batch = train.abstract_batch(config, mesh)
-  return step_fn.lower(state, batch), state.params, model_config
+  params = state.params if state.frozen is None else (state.frozen, state.params)
+  return step_fn.lower(state, batch), params, model_config
 
 
 def lower_decode(config, mesh):
@@ -340,6 +354,11 @@ def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
                                 "token 2*N + 4*L*(H*Dh)*cache a row")
   else:
     raise ValueError(f"--program={program!r}: expected train or decode")
+  if model_config.lora is not None:
+    from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    report["lora"] = {"rank": model_config.lora.rank, "alpha": model_config.lora.alpha,
+                      "targets": list(model_config.lora.targets),
+                      "trainable_params": lora_lib.num_trainable(model_config)}
   report.update(
       attention=model_config.attention, param_dtype=model_config.param_dtype,
       compute_dtype=model_config.dtype, num_params=model_config.num_params(),

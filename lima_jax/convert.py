@@ -660,6 +660,9 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> model_li
     raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (no {CONFIG_FILE}) "
                             f"nor a lima_jax checkpoint ({e})") from e
   config = checkpoint.read_model_config(ckpt).replace(param_dtype=dtype, dtype=dtype)
+  if config.lora is not None:  # Adapters: merged into their base.
+    from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
+    return model_lib.bind(config.replace(lora=None), lora_io.load_merged_params(ckpt, dtype=dtype))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         model_lib.abstract_params(config))
@@ -998,7 +1001,11 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   config_json = _read_config_json(ckpt)
   config = ModelConfig.from_dict(config_json)
   blob = checkpoint.read_tokenizer_blob(ckpt)
-  stores = open_params(ckpt)
+  if config.lora is not None:  # Adapters: merged into their base, one layer at a time.
+    from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
+    stores, config = lora_io.merged_stores(ckpt)
+  else:
+    stores = open_params(ckpt)
   maps = param_maps(config)
   if set(stores) != set(maps):
     missing = sorted("/".join(p) for p in set(maps) - set(stores))

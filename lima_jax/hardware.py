@@ -342,6 +342,10 @@ def train_bytes_estimate(model_config, mesh: dict, batch_size: int, seq_len: int
   params = c.num_params() + (c.padded_vocab_size - c.vocab_size) * c.d_model * (
       1 if c.tie_embeddings else 2)
   state = params * (16 + (4 if micro_batches > 1 else 0)) / shards
+  if getattr(c, "lora", None) is not None:  # A frozen base, no moments; only adapters train.
+    from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    base = params * {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(c.param_dtype), 4)
+    state = (base + lora_lib.num_trainable(c) * (16 + (4 if micro_batches > 1 else 0))) / shards
   rows = max(1, batch_size // (mesh["data"] * mesh["fsdp"] * micro_batches))
   tokens = rows * seq_len / mesh.get("sequence", 1)
   act = 2  # bf16

@@ -125,9 +125,15 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
       notes.append(f"using checkpoint {ckpt}")
     path = ckpt
     config = _with_dtype(checkpoint.read_model_config(ckpt), dtype)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          model_lib.abstract_params(config), _shardings(config, mesh))
-    params = checkpoint.restore_params(ckpt, target)
+    if config.lora is not None:  # LoRA adapters: merged into the base they name.
+      from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
+      notes.append(f"merged rank-{config.lora.rank} LoRA adapters into {config.lora.base or 'their random base'}")
+      config = config.replace(lora=None)
+      params = lora_io.load_merged_params(ckpt, _shardings(config, mesh), dtype=config.param_dtype)
+    else:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            model_lib.abstract_params(config), _shardings(config, mesh))
+      params = checkpoint.restore_params(ckpt, target)
     if tokenizer_path:
       tok = tokenizer_lib.load_tokenizer(tokenizer_path, eot=eot)
     else:

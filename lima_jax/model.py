@@ -21,6 +21,7 @@ Parameters cross module boundaries as the plain nested dict of `nnx.to_pure_dict
   layers/mlp/{gate,up}_proj [L, d_model, mlp_dim];  layers/mlp/down_proj [L, mlp_dim, d_model]
   final_norm/scale       [d_model]
   lm_head                [d_model, vocab_padded]   (absent when embeddings are tied)
+  layers/{attn,mlp}/lora/<projection>/{a,b}  LoRA adapters, only with `config.lora` (lima_jax.lora)
 """
 
 import dataclasses
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lima_jax import lora as lora_lib
 from lima_jax import sharding
 
 # Large negative instead of -inf, so a fully masked row (padding) stays finite.
@@ -66,10 +68,13 @@ class ModelConfig:
   attention_bias: bool = False  # Biases on the q/k/v projections (Qwen2); o_proj has none.
   qk_norm: bool = False  # RMSNorm over head_dim on each head's q and k, before rotary (Qwen3).
   sliding_window: int = 0  # A key is visible only if q_pos - k_pos < window (Mistral); 0 = none.
+  lora: lora_lib.LoraConfig | None = None  # Low-rank adapters on a frozen base (lima_jax.lora).
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+    if isinstance(self.lora, Mapping):
+      object.__setattr__(self, "lora", lora_lib.LoraConfig.from_dict(self.lora))
     if self.n_heads % self.kv_heads:
       raise ValueError(f"model: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
     if self.remat_policy not in REMAT_POLICIES:
@@ -359,13 +364,18 @@ class Attention(nnx.Module):
     if c.qk_norm:
       self.q_norm = RMSNorm(hd, c.rms_norm_eps, pdt, stack=stack)
       self.k_norm = RMSNorm(hd, c.rms_norm_eps, pdt, stack=stack)
+    self.lora = lora_lib.make_adapters(config, "attn", stack)
     self.config = config
 
-  def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None, layer=None):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None, layer=None,
+               lora_key=None):
     dt = x.dtype
-    q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(dt))
+    q = _plus(jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt)),
+              lora_lib.delta(self.config, self.lora, "q_proj", x, lora_key))
+    k = _plus(jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dt)),
+              lora_lib.delta(self.config, self.lora, "k_proj", x, lora_key))
+    v = _plus(jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(dt)),
+              lora_lib.delta(self.config, self.lora, "v_proj", x, lora_key))
     if self.config.attention_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -397,8 +407,14 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), positions, cache_positions,
                                   window=window)
     out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
-    out = jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
+    out = _plus(jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt)),
+                lora_lib.delta(self.config, self.lora, "o_proj", out, lora_key))
     return checkpoint_name(out, "out_proj"), new_cache
+
+
+def _plus(x: jax.Array, lora_delta: jax.Array | None) -> jax.Array:
+  """A projection plus its LoRA adapter's output, where it has one."""
+  return x if lora_delta is None else x + lora_delta
 
 
 def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array, layer) -> jax.Array:
@@ -463,13 +479,18 @@ class MLP(nnx.Module):
     self.gate_proj = nnx.Param(_normal(rngs.params(), stack + (d, f), pdt))
     self.up_proj = nnx.Param(_normal(rngs.params(), stack + (d, f), pdt))
     self.down_proj = nnx.Param(_normal(rngs.params(), stack + (f, d), pdt))
+    self.lora = lora_lib.make_adapters(config, "mlp", stack)
+    self.config = config
 
-  def __call__(self, x):
+  def __call__(self, x, lora_key=None):
     dt = x.dtype
-    gate = dense(x, self.gate_proj[...].astype(dt))
-    up = dense(x, self.up_proj[...].astype(dt))
+    gate = _plus(dense(x, self.gate_proj[...].astype(dt)),
+                 lora_lib.delta(self.config, self.lora, "gate_proj", x, lora_key))
+    up = _plus(dense(x, self.up_proj[...].astype(dt)),
+               lora_lib.delta(self.config, self.lora, "up_proj", x, lora_key))
     hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    out = dense(hidden, self.down_proj[...].astype(dt))
+    out = _plus(dense(hidden, self.down_proj[...].astype(dt)),
+                lora_lib.delta(self.config, self.lora, "down_proj", hidden, lora_key))
     return checkpoint_name(out, "mlp_out")
 
 
@@ -490,14 +511,15 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, dropout_rate=None, dropout_key=None,
                cache=None, cache_positions=None, layer_index=None):
+    lora_key = lora_lib.dropout_key(self.attn.config, dropout_key)
     attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_positions,
-                                    layer_index)
+                                    layer_index, lora_key)
     mlp_key = None
-    if dropout_key is not None:
+    if dropout_key is not None and self.attn.config.residual_dropout > 0:
       attn_key, mlp_key = jax.random.split(dropout_key)
       attn_out = _dropout(attn_out, dropout_rate, attn_key)
     x = sharding.constrain(x + attn_out, ("batch", "length", "activation_embed"))
-    mlp_out = self.mlp(self.mlp_norm(x))
+    mlp_out = self.mlp(self.mlp_norm(x), lora_key)
     if mlp_key is not None:
       mlp_out = _dropout(mlp_out, dropout_rate, mlp_key)
     x = sharding.constrain(x + mlp_out, ("batch", "length", "activation_embed"))
@@ -681,6 +703,9 @@ def param_logical_axes(params: Mapping) -> dict:
   def axes(path, _):
     key = tuple(p.key for p in path)
     if key not in PARAM_LOGICAL_AXES:
+      adapter_axes = lora_lib.logical_axes(key)
+      if adapter_axes is not None:
+        return adapter_axes
       raise KeyError(f"no logical axes for parameter {'/'.join(key)}")
     return PARAM_LOGICAL_AXES[key]
   return jax.tree_util.tree_map_with_path(axes, params)

@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mlp", ("tensor",)),
     ("layers", ()),
     ("norm", ()),
+    ("lora_rank", ()),  # LoRA adapters: the small rank dimension is never split.
 )
 
 

@@ -36,6 +36,7 @@ from lima_jax import checkpoint as ckpt_lib
 from lima_jax import data as data_lib
 from lima_jax import errors
 from lima_jax import hardware
+from lima_jax import lora as lora_lib
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
 from lima_jax import optim
@@ -55,11 +56,15 @@ class TrainState:
   `rng` is the run's base key (raw uint32 key data, so it serialises plainly); each step's
   dropout key is derived from it and the step number, never carried forward, so a resumed run
   draws the same masks as an uninterrupted one.
+
+  With LoRA (`config.lora.rank` > 0) `params` are only the trainable adapters and rows (what the
+  optimizer and the checkpoints see) and `frozen` the base weights, which no step changes.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  frozen: Any = None
 
 
 def _key_data() -> jax.ShapeDtypeStruct:
@@ -83,21 +88,54 @@ def _optimizer(config, total_steps: int | None) -> optax.GradientTransformation:
 param_shardings = model_lib.param_shardings  # One definition, beside the parameters' logical axes.
 
 
+def abstract_trainable(model_config: model_lib.ModelConfig) -> dict:
+  """Shapes of a LoRA model's trainable tree (adapters + rows)."""
+  return jax.eval_shape(lambda p: lora_lib.trainable_of(model_config, p),
+                        model_lib.abstract_params(model_config))
+
+
+def trainable_shardings(model_config: model_lib.ModelConfig, mesh: Mesh):
+  abstract = abstract_trainable(model_config)
+  return sharding.tree_shardings(lora_lib.trainable_logical_axes(abstract), abstract, mesh)
+
+
+def full_params(model_config: model_lib.ModelConfig, state: TrainState):
+  """The model's parameter tree of a state: for LoRA the base joined with the adapters and rows
+  (outside jit no base weight is copied), else `state.params`."""
+  if state.frozen is None:
+    return state.params
+  full = lora_lib.join(model_config, state.frozen, state.params)
+  # The tables with their rows written back keep the base's layout (what the eval step expects).
+  full["embed"] = {**full["embed"], "embedding": jax.device_put(
+      full["embed"]["embedding"], state.frozen["embed"]["embedding"].sharding)}
+  if "lm_head" in full:
+    full["lm_head"] = jax.device_put(full["lm_head"], state.frozen["lm_head"].sharding)
+  return full
+
+
 def abstract_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh,
                          total_steps: int | None = None) -> TrainState:
   """The train state as jax.ShapeDtypeStruct leaves carrying their shardings; allocates nothing."""
   tx = _optimizer(config, total_steps)
-  params = model_lib.abstract_params(model_config)
-  p_shard = param_shardings(model_config, mesh)
+  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  frozen = None
+  if lora_lib.enabled(model_config):
+    params = abstract_trainable(model_config)
+    p_shard = trainable_shardings(model_config, mesh)
+    base = lora_lib.base_config(model_config)
+    frozen = jax.tree.map(with_sharding, model_lib.abstract_params(base), param_shardings(base, mesh))
+  else:
+    params = model_lib.abstract_params(model_config)
+    p_shard = param_shardings(model_config, mesh)
   opt_state = jax.eval_shape(tx.init, params)
   o_shard = optim.opt_state_shardings(opt_state, params, p_shard, mesh)
-  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   rep = _replicated(mesh)
   return TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
       params=jax.tree.map(with_sharding, params, p_shard),
       opt_state=jax.tree.map(with_sharding, opt_state, o_shard),
-      rng=jax.ShapeDtypeStruct(_key_data().shape, _key_data().dtype, sharding=rep))
+      rng=jax.ShapeDtypeStruct(_key_data().shape, _key_data().dtype, sharding=rep),
+      frozen=frozen)
 
 
 def state_shardings(abstract_state: TrainState):
@@ -125,17 +163,23 @@ def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, se
 
   With `params` (e.g. pretrained weights already restored into their shards) only the optimizer
   state is created; otherwise the parameters are initialised from `seed`. Each device computes
-  only its own slice (threefry is partitionable), so no host ever holds the full model.
+  only its own slice (threefry is partitionable), so no host ever holds the full model. With
+  LoRA, `params` is the base model (no adapters): it becomes `frozen`, and the adapters are
+  drawn from `seed`.
   """
   tx = _optimizer(config, total_steps)
   shards = state_shardings(abstract_train_state(config, model_config, mesh, total_steps))
 
   def init(params):
     init_key, base_key = jax.random.split(jax.random.key(seed))
-    if params is None:
+    frozen = None
+    if lora_lib.enabled(model_config):
+      frozen = params if params is not None else base_init(model_config, seed)
+      params = lora_lib.init_trainable(model_config, frozen, jax.random.fold_in(init_key, 1))
+    elif params is None:
       params = model_lib.init_params(model_config, init_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(base_key))
+                      rng=jax.random.key_data(base_key), frozen=frozen)
 
   if params is None:
     fn, args = jax.jit(lambda: init(None), out_shardings=shards), ()
@@ -146,6 +190,13 @@ def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, se
   cpu = mesh.devices.flat[0].platform == "cpu"
   options = {"xla_backend_optimization_level": 1} if cpu else None
   return fn.lower(*args).compile(compiler_options=options)(*args)
+
+
+def base_init(model_config: model_lib.ModelConfig, seed: int) -> dict:
+  """The random base of a LoRA model without a pretrained one: what full fine-tuning from
+  `seed` would start from (pure, so a resumed run and `lima_jax.lora_io` rebuild it exactly)."""
+  init_key, _ = jax.random.split(jax.random.key(seed))
+  return model_lib.init_params(lora_lib.base_config(model_config), init_key)
 
 
 def dropout_key(rng: jax.Array, step: jax.Array, micro_batch: int | jax.Array) -> jax.Array:
@@ -192,15 +243,18 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
                      f"train.micro_batches={micro} equal micro-batches")
   schedule = optim.learning_rate_schedule(config.optimizer, _schedule_steps(config, total_steps))
 
+  adapter_dropout = lora_lib.enabled(model_config) and model_config.lora.dropout > 0
+
   def dropout_key_or_none(state, index):
     # A zero rate would still draw a mask per residual; skip the work instead.
-    if model_config.residual_dropout <= 0:
+    if model_config.residual_dropout <= 0 and not adapter_dropout:
       return None
     return dropout_key(state.rng, state.step, index)
 
-  def micro_grads(params, batch, key, denom):
+  def micro_grads(params, frozen, batch, key, denom):
     def loss_fn(p):
-      losses = token_losses(model_config, p, batch, key)
+      full = p if frozen is None else lora_lib.join(model_config, frozen, p)
+      losses = token_losses(model_config, full, batch, key)
       return jnp.sum(losses * batch["loss_mask"]) / denom
     return jax.value_and_grad(loss_fn)(params)
 
@@ -208,7 +262,8 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
     with sharding.activation_sharding(mesh):
       denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
       if micro == 1:
-        loss, grads = micro_grads(state.params, batch, dropout_key_or_none(state, 0), denom)
+        loss, grads = micro_grads(state.params, state.frozen, batch,
+                                  dropout_key_or_none(state, 0), denom)
       else:
         # Row r of micro-batch m is global row r * micro + m: each device keeps its own rows.
         split = jax.tree.map(
@@ -219,7 +274,8 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
         def accumulate(carry, inputs):
           loss_sum, grad_sum = carry
           index, mb = inputs
-          loss, grads = micro_grads(state.params, mb, dropout_key_or_none(state, index), denom)
+          loss, grads = micro_grads(state.params, state.frozen, mb,
+                                    dropout_key_or_none(state, index), denom)
           grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
           grad_sum = jax.lax.with_sharding_constraint(grad_sum, shards.params)
           return (loss_sum + loss, grad_sum), None
@@ -473,19 +529,29 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   """`config.model` with the vocabulary of the run's tokenizer, or a pretrained model's shapes.
 
   Starting from pretrained weights, the architecture is the checkpoint's; `config.model` still
-  sets how it runs (dtypes, scan, remat, dropout, attention kernel).
+  sets how it runs (dtypes, scan, remat, dropout, attention kernel). With `config.lora.rank` > 0
+  the config also names the adapters, the rows that train (those the base lacks: EOT) and the
+  base they adapt, and the base weights are held in `lora.base_dtype`.
   """
   fields = dict(config.model)
   init_from = config.model.init_from
   if init_from:
     from lima_jax import convert  # pylint: disable=g-import-not-at-top  # Only to start from weights.
     base = (convert.hf_config_to_model_config(init_from) if _is_hf_dir(init_from)
-            else ckpt_lib.read_model_config(init_from))
+            else lora_lib.base_config(ckpt_lib.read_model_config(init_from)))
     runtime = ("param_dtype", "dtype", "scan_layers", "remat_policy", "residual_dropout", "attention")
     fields = {**base.to_dict(), **{k: fields[k] for k in runtime}}
     fields["vocab_size"] = max(base.vocab_size, tokenizer.vocab_size)
+    base_vocab = base.vocab_size
   else:
     fields["vocab_size"] = tokenizer.vocab_size
+    base_vocab = tokenizer.vocab_size
+  lora_section = config.get("lora")
+  fields["lora"] = lora_lib.from_run_config(
+      lora_section, base_vocab_size=base_vocab, vocab_size=fields["vocab_size"],
+      eot_id=tokenizer.eot_id, base=_absolute(init_from), base_seed=int(config.train.seed))
+  if fields["lora"] is not None:
+    fields["param_dtype"] = str(lora_section.get("base_dtype", "bfloat16"))
   max_len, max_seq_len = int(config.data.max_len), int(fields["max_seq_len"])
   if max_len > max_seq_len:
     if init_from:
@@ -498,6 +564,13 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
         f"past the positions the model is made for); set --config.data.max_len={max_seq_len} or "
         f"--config.model.max_seq_len={max_len}")
   return model_lib.ModelConfig.from_dict(fields)
+
+
+def _absolute(path: str) -> str:
+  """A local path made absolute (an adapter checkpoint names its base from anywhere); URLs as given."""
+  if not path or "://" in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
 
 
 def _declares_eot(init_from: str, tokenizer) -> bool:
@@ -542,10 +615,14 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
     base = convert.hf_config_to_model_config(init_from)
   else:
     base = ckpt_lib.read_model_config(init_from)
-  base = base.replace(param_dtype=model_config.param_dtype)
+  saved_lora = base.lora
+  base = lora_lib.base_config(base).replace(param_dtype=model_config.param_dtype)
   base_shards = param_shardings(base, mesh)
   if _is_hf_dir(init_from):
     params, _ = convert.load_hf_params(init_from, base_shards, dtype=model_config.param_dtype)
+  elif saved_lora is not None:  # An adapter checkpoint: its base with the adapters merged in.
+    from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
+    params = lora_io.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
   else:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           model_lib.abstract_params(base), base_shards)
@@ -557,9 +634,23 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
          "mean of the first %d, over the padding row there", base.vocab_size, tokenizer.vocab_size,
          tokenizer.eot_id, tokenizer.base_vocab_size)
     fresh = lambda p: convert.set_rows_to_mean(p, (tokenizer.eot_id,), tokenizer.base_vocab_size)
-    return jax.jit(fresh, out_shardings=param_shardings(model_config, mesh), donate_argnums=0)(params)
+    return jax.jit(fresh, out_shardings=param_shardings(lora_lib.base_config(model_config), mesh),
+                   donate_argnums=0)(params)
   grow = lambda p: convert.add_eot_row(p, base, model_config.vocab_size)[0]
-  return jax.jit(grow, out_shardings=param_shardings(model_config, mesh), donate_argnums=0)(params)
+  out_shards = param_shardings(lora_lib.base_config(model_config), mesh)
+  return jax.jit(grow, out_shardings=out_shards, donate_argnums=0)(params)
+
+
+def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh):
+  """A LoRA run's frozen base, re-read on resume (the checkpoints hold only the adapters); None
+  for full fine-tuning."""
+  if not lora_lib.enabled(model_config):
+    return None
+  if config.model.init_from:
+    return load_pretrained_params(config, model_config, mesh)
+  base = lora_lib.base_config(model_config)
+  return jax.jit(lambda: base_init(model_config, model_config.lora.base_seed),
+                 out_shardings=param_shardings(base, mesh))()
 
 
 def _host_array(value, sharding_: NamedSharding) -> jax.Array:
@@ -725,14 +816,16 @@ def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
   if opt_state is None:
     _warn("no checkpoint in %s keeps its optimizer state (opt_state/); continuing from step %d's "
           "parameters with fresh AdamW moments: NOT an exact resume", manager.directory, step)
-    fresh = init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
-    params, opt_state = fresh.params, _with_step_counts(fresh.opt_state, int(meta["step"]))  # Donated.
+    fresh = jax.jit(_optimizer(config, total_steps).init,
+                    out_shardings=state_shardings(abstract).opt_state)(params)
+    opt_state = _with_step_counts(fresh, int(meta["step"]))
   elif step != finished[-1]:
     _warn("steps %s keep no optimizer state; resuming exactly from step %d, the newest that does, "
           "and training the later steps again", [s for s in finished if s > step], step)
   rng = np.asarray(meta["rng"], _key_data().dtype)
   state = TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
-                     opt_state=opt_state, rng=_host_array(rng, rep))
+                     opt_state=opt_state, rng=_host_array(rng, rep),
+                     frozen=_lora_base(config, model_config, mesh))
   run_data.train.set_state(meta["data"])
   differences = _config_differences(meta.get("config", {}), _json_config(config))
   _log("resumed from %s at step %d", manager.directory / str(step), meta["step"])
@@ -780,9 +873,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model_config = build_model_config(config, run_data.tokenizer)
   _log("mesh %s over %d devices (%d processes); model %.1fM parameters",
        dict(mesh.shape), mesh.size, jax.process_count(), model_config.num_params() / 1e6)
+  if lora_lib.enabled(model_config):
+    _log("LoRA rank %d on %s: %.2fM trainable parameters, base frozen in %s (%s)",
+         model_config.lora.rank, ",".join(model_config.lora.targets),
+         lora_lib.num_trainable(model_config) / 1e6, model_config.param_dtype,
+         model_config.lora.base or f"random init, seed {model_config.lora.base_seed}")
   step_fn, shards, b_shards = make_train_step(config, model_config, mesh, total_steps)
   batch_spec = next(iter(b_shards.values())).spec
-  eval_step = make_eval_step(model_config, mesh, shards.params, b_shards)
+  eval_step = make_eval_step(model_config, mesh, param_shardings(model_config, mesh), b_shards)
 
   manager = ckpt_lib.checkpoint_manager(workdir, keep=int(config.train.keep_checkpoints))
   state = resume_state(config, model_config, mesh, manager, run_data, total_steps)
@@ -881,12 +979,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         epoch_tokens = [0.0, 0.0]
       if epoch_end and not preempted:  # A preempted host has seconds left: only the save counts.
         done = step // steps_per_epoch
-        dev = evaluate_dev(eval_step, state.params, run_data, mesh, batch_spec)
+        dev = evaluate_dev(eval_step, full_params(model_config, state), run_data, mesh, batch_spec)
         if dev:
           writer.write(step, dev, flush=True)
           _log("epoch %d: dev loss %.4f, perplexity %.2f", done, dev["dev_loss"], dev["dev_perplexity"])
         summary.update(dev)
-        generations = generate_dev_responses(config, model_config, state.params, mesh, run_data)
+        generations = generate_dev_responses(config, model_config, full_params(model_config, state),
+                                             mesh, run_data)
         if generations and jax.process_index() == 0:
           records = [{"epoch": done, "step": step, **g} for g in generations]
           (workdir / "dev_generations").mkdir(parents=True, exist_ok=True)

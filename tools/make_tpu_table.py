@@ -14,6 +14,8 @@ CPU minutes.
 Besides the table it finds, for each preset and TPU generation, the smallest slice that fits:
 slices whose optimizer state alone (16 bytes a parameter over all chips) exceeds the chip's HBM
 are ruled out without compiling; the rest are compiled from the smallest up until one fits.
+The same search runs for LoRA (`--lora_rank`, default 16: `--config.lora.rank=16`, whose floor
+is the bf16 base, 2 bytes a parameter); those entries are keyed "PRESET+loraR@SLICE".
 """
 
 import argparse
@@ -55,21 +57,37 @@ def versions() -> str:
   return f"jax {version('jax')}, libtpu {version('libtpu')}"
 
 
+def lora_name(preset: str, rank: int) -> str:
+  """The table's name of a preset trained with LoRA of `rank`."""
+  return f"{preset}+lora{rank}"
+
+
+def split_name(name: str) -> tuple[str, int]:
+  """(preset, LoRA rank or 0) of a table name."""
+  preset, _, lora = name.partition("+lora")
+  return preset, int(lora or 0)
+
+
 def state_floor_bytes(preset: str, tpu_slice: hardware.Slice) -> float:
-  """fp32 weights + 2 fp32 AdamW moments + fp32 gradients, split over every chip."""
+  """fp32 weights + 2 fp32 AdamW moments + fp32 gradients, split over every chip; with LoRA
+  the bf16 base alone."""
   from configs import lima  # pylint: disable=g-import-not-at-top
   from lima_jax import model  # pylint: disable=g-import-not-at-top
+  preset, rank = split_name(preset)
   config = model.ModelConfig.from_dict(lima.get_config(preset).model)
-  return 16 * config.num_params() / tpu_slice.num_devices
+  return (2 if rank else 16) * config.num_params() / tpu_slice.num_devices
 
 
 def compile_one(preset: str, topology: str, mfu: float, timeout: int) -> dict:
   """One `tools/aot_compile.py` run in its own process; its JSON report (fits or not)."""
+  preset, rank = split_name(preset)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "report.json")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "aot_compile.py"),
            f"--config={os.path.join(ROOT, 'configs', 'lima.py')}:{preset}",
            f"--topology={topology}", f"--mfu={mfu}", f"--output={out}"]
+    if rank:
+      cmd.append(f"--config.lora.rank={rank}")
     env = dict(os.environ, LIMA_AOT_LOG_DIR=os.path.join(tmp, "tpu_logs"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if proc.returncode not in (0, 2) or not os.path.exists(out):
@@ -182,9 +200,51 @@ def _fit_table(results: Results, presets, slices) -> list[str]:
   return lines
 
 
-def render(results: Results, presets, slices, generations, more_tables=()) -> str:
+def _smallest_rows(results: Results, presets, generations) -> list[str]:
+  """The smallest-slice table of docs/tpu_table.md: the slice, and why smaller ones do not fit."""
+  lines = ["| preset | " + " | ".join(generations) + " |", "|---|" + "---|" * len(generations)]
+  for preset in presets:
+    cells = []
+    for generation in generations:
+      name, entry, notes = smallest(results, preset, generation)
+      incomplete = _search_incomplete(notes)
+      text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
+              if entry else "search incomplete" if incomplete
+              else "none up to " + SEARCH[generation][-1])
+      if notes:
+        text += "<br>" + "<br>".join(notes)
+      cells.append(text)
+    lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _readme_smallest_rows(results: Results, presets, generations) -> list[str]:
+  lines = ["| preset | " + " | ".join(f"smallest {g} slice" for g in generations) + " |",
+           "|---|" + "---|" * len(generations)]
+  for preset in presets:
+    cells = []
+    for generation in generations:
+      name, entry, notes = smallest(results, preset, generation)
+      if entry:
+        cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip, {entry['step_seconds']:.1f} s a step "
+                     f"at {results.mfu:.0%} MFU)")
+      elif _search_incomplete(notes):
+        cells.append("search incomplete: " + notes[-1])
+      else:
+        cells.append("none up to " + SEARCH[generation][-1])
+    lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+  return lines
+
+
+LORA_NOTE = ("LoRA (`--config.lora.rank=R`, all seven projections): the base frozen in bf16 with "
+             "no optimizer state, adapters and EOT rows in fp32; the step computes no weight "
+             "gradients of the base (model FLOPs 4·N·tokens + 6·N_lora·tokens + attention).")
+
+
+def render(results: Results, presets, slices, generations, more_tables=(), lora_presets=(),
+           lora_generations=()) -> str:
   """docs/tpu_table.md: a fit and a mesh table for `presets` x `slices` and each (presets,
-  slices) of `more_tables`, then the smallest slice of every preset."""
+  slices) of `more_tables`, then the smallest slice of every preset (and with LoRA)."""
   mfu = results.mfu
   lines = [
       "# lima_jax on Cloud TPU: does LIMA's batch fit? (generated)",
@@ -220,20 +280,12 @@ def render(results: Results, presets, slices, generations, more_tables=()) -> st
   if generations:
     lines += ["", "## Smallest slice that trains each preset at the paper's batch size", "",
               "Per generation, compiled from the smallest slice up; smaller slices are listed "
-              "with why they do not fit.", "",
-              "| preset | " + " | ".join(generations) + " |", "|---|" + "---|" * len(generations)]
-    for preset in presets:
-      cells = []
-      for generation in generations:
-        name, entry, notes = smallest(results, preset, generation)
-        incomplete = _search_incomplete(notes)
-        text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
-                if entry else "search incomplete" if incomplete
-                else "none up to " + SEARCH[generation][-1])
-        if notes:
-          text += "<br>" + "<br>".join(notes)
-        cells.append(text)
-      lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+              "with why they do not fit.", ""]
+    lines += _smallest_rows(results, presets, generations)
+  if lora_presets and lora_generations:
+    lines += ["", "## Smallest slice that trains each preset with LoRA at the paper's batch size",
+              "", LORA_NOTE, ""]
+    lines += _smallest_rows(results, lora_presets, lora_generations)
   lines.append("")
   return "\n".join(lines)
 
@@ -242,9 +294,10 @@ README_BEGIN = "<!-- tpu-tables: generated by tools/make_tpu_table.py, do not ed
 README_END = "<!-- /tpu-tables -->"
 
 
-def readme_block(results: Results, presets, slices, generations, more_tables=()) -> str:
+def readme_block(results: Results, presets, slices, generations, more_tables=(), lora_presets=(),
+                 lora_generations=()) -> str:
   """The README's tables: preset x slice fit (and each of `more_tables`), and the smallest slice
-  of each generation for every preset."""
+  of each generation for every preset (and with LoRA)."""
   lines = [README_BEGIN,
            f"Per-chip peak / usable HBM, fits, and the step time and tokens/s implied at "
            f"{results.mfu:.0%} MFU ([docs/tpu_table.md](docs/tpu_table.md) has the meshes):", ""]
@@ -252,21 +305,12 @@ def readme_block(results: Results, presets, slices, generations, more_tables=())
   for table_presets, table_slices in more_tables:
     lines += [""] + _fit_table(results, table_presets, table_slices)
   presets = [*presets, *(p for table_presets, _ in more_tables for p in table_presets)]
-  lines += ["", "Smallest slice that trains each preset at LIMA's batch:", "",
-            "| preset | " + " | ".join(f"smallest {g} slice" for g in generations) + " |",
-            "|---|" + "---|" * len(generations)]
-  for preset in presets:
-    cells = []
-    for generation in generations:
-      name, entry, notes = smallest(results, preset, generation)
-      if entry:
-        cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip, {entry['step_seconds']:.1f} s a step "
-                     f"at {results.mfu:.0%} MFU)")
-      elif _search_incomplete(notes):
-        cells.append("search incomplete: " + notes[-1])
-      else:
-        cells.append("none up to " + SEARCH[generation][-1])
-    lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+  lines += ["", "Smallest slice that trains each preset at LIMA's batch:", ""]
+  lines += _readme_smallest_rows(results, presets, generations)
+  if lora_presets and lora_generations:
+    lines += ["", "With LoRA (base frozen in bf16; " + ", ".join(
+        f"`{p}` = `--config.lora.rank={split_name(p)[1]}`" for p in lora_presets[:1]) + "):", ""]
+    lines += _readme_smallest_rows(results, lora_presets, lora_generations)
   lines.append(README_END)
   return "\n".join(lines)
 
@@ -299,6 +343,11 @@ def main(argv=None) -> int:
                       help="skip the smallest-slice search")
   parser.add_argument("--search_generations", default="v5p,v4",
                       help=f"generations searched for the smallest slice (of {','.join(SEARCH)})")
+  parser.add_argument("--lora_presets", default=",".join(PRESETS),
+                      help="presets whose smallest slice with LoRA is searched ('' = none)")
+  parser.add_argument("--lora_rank", type=int, default=16)
+  parser.add_argument("--lora_search_generations", default="v5p,v4",
+                      help="generations searched for the smallest LoRA slice")
   parser.add_argument("--cached-only", dest="cached_only", action="store_true",
                       help="compile nothing; render what docs/tpu_table.json holds")
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
@@ -313,6 +362,13 @@ def main(argv=None) -> int:
   unknown = set(generations) - set(SEARCH)
   if unknown:
     parser.error(f"--search_generations: unknown {sorted(unknown)}; known {list(SEARCH)}")
+  lora_presets = [lora_name(p, args.lora_rank) for p in args.lora_presets.split(",") if p]
+  lora_generations = [g for g in args.lora_search_generations.split(",") if g]
+  unknown = set(lora_generations) - set(SEARCH)
+  if unknown:
+    parser.error(f"--lora_search_generations: unknown {sorted(unknown)}; known {list(SEARCH)}")
+  if not args.search:
+    lora_generations = []
   results = Results(args.results, args.force, args.mfu, args.timeout, args.cached_only)
   # The largest preset first: it is the one whose fit is in question.
   order = sorted(presets, key=lambda p: PRESETS.index(p) if p in PRESETS else -1, reverse=True)
@@ -324,13 +380,18 @@ def main(argv=None) -> int:
     if args.search:
       list(pool.map(lambda pg: smallest(results, *pg),
                     [(p, g) for p in order + family for g in generations]))
+      lora_order = sorted(lora_presets, key=lambda p: PRESETS.index(split_name(p)[0]), reverse=True)
+      list(pool.map(lambda pg: smallest(results, *pg),
+                    [(p, g) for g in lora_generations for p in lora_order]))
   presets = [p for p in presets if p not in FAMILY_PRESETS]
   more = [([p for p in FAMILY_PRESETS if p in family], family_slices)] if family else []
-  text = render(results, presets, slices, generations if args.search else [], more)
+  text = render(results, presets, slices, generations if args.search else [], more, lora_presets,
+                lora_generations)
   paths.write_text_atomic(args.output, text)
   print(f"wrote {args.output}")
   if args.search and args.readme:
-    if splice_readme(args.readme, readme_block(results, presets, slices, generations, more)):
+    if splice_readme(args.readme, readme_block(results, presets, slices, generations, more,
+                                               lora_presets, lora_generations)):
       print(f"updated the TPU tables in {args.readme}")
     else:
       print(f"note: {args.readme} has no {README_BEGIN} ... {README_END} block; left as it is")

@@ -4,6 +4,7 @@
         [--dtype float32|bfloat16|float16] [--eot "<EOT>"] [--add_eot]
     python tools/convert_weights.py orbax-to-hf --ckpt_dir SRC --hf_dir DST \\
         [--max_shard_size 5GB] [--dtype float32|bfloat16|float16]
+    python tools/convert_weights.py orbax-to-peft --ckpt_dir SRC --peft_dir DST
 
 hf-to-orbax reads config.json and the safetensors shards (model.safetensors.index.json or a
 single model.safetensors) one layer at a time, so peak memory stays a small fraction of the
@@ -13,7 +14,12 @@ checkpoint; --add_eot also grows the embedding and LM head by LIMA's EOT token.
 
 orbax-to-hf accepts a checkpoint directory or a training workdir (its newest step) and writes
 sharded safetensors + index, config.json, generation_config.json (LIMA's sampling) and the
-tokenizer files when the checkpoint carries a tokenizer.
+tokenizer files when the checkpoint carries a tokenizer. A LoRA checkpoint (`--config.lora.rank`)
+is merged into the base it names, one layer at a time: the output is a plain full model.
+
+orbax-to-peft writes a LoRA checkpoint as a Hugging Face PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors, the EOT rows as PEFT's trainable tokens) for
+`peft.PeftModel.from_pretrained(base, DST)`; docs/training.md says how to prepare the base.
 
 Either side may be a gs:// URI. Locally, either command writes into a temporary directory next to
 the destination and renames it at the end; on gs://, which cannot rename, it writes in place and
@@ -30,8 +36,10 @@ from lima_jax import errors
 from lima_jax.cli import common
 
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
-COMMANDS = ("hf-to-orbax", "orbax-to-hf")
-_ONLY = {"eot": "hf-to-orbax", "add_eot": "hf-to-orbax", "max_shard_size": "orbax-to-hf"}
+COMMANDS = ("hf-to-orbax", "orbax-to-hf", "orbax-to-peft")
+_ONLY = {"eot": "hf-to-orbax", "add_eot": "hf-to-orbax", "max_shard_size": "orbax-to-hf",
+         "peft_dir": "orbax-to-peft", "hf_dir": ("hf-to-orbax", "orbax-to-hf"),
+         "dtype": ("hf-to-orbax", "orbax-to-hf")}
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
@@ -62,7 +70,9 @@ def define_flags(values) -> None:
                     "vocabulary incl. EOT", flag_values=values)
   flags.DEFINE_string("max_shard_size", "5GB", "orbax-to-hf: largest safetensors shard",
                       flag_values=values)
-  flags.mark_flags_as_required(["hf_dir", "ckpt_dir"], flag_values=values)
+  flags.DEFINE_string("peft_dir", None, "orbax-to-peft: new PEFT adapter directory (must not exist)",
+                      flag_values=values)
+  flags.mark_flags_as_required(["ckpt_dir"], flag_values=values)
 
 
 def main(argv=None) -> int:
@@ -72,9 +82,13 @@ def main(argv=None) -> int:
   args, (command,) = common.parse_own_flags(argv, define_flags, __doc__, positional=("COMMAND",))
   if command not in COMMANDS:
     common.fail(f"COMMAND {command!r}: expected {' or '.join(COMMANDS)}")
-  for name, owner in _ONLY.items():
-    if args[name].present and owner != command:
-      common.fail(f"--{name} is a flag of {owner}, not of {command}")
+  for name, owners in _ONLY.items():
+    owners = (owners,) if isinstance(owners, str) else owners
+    if args[name].present and command not in owners:
+      common.fail(f"--{name} is a flag of {' and '.join(owners)}, not of {command}")
+  needed = "peft_dir" if command == "orbax-to-peft" else "hf_dir"
+  if not args[needed].present:
+    common.fail(f"{command} needs --{needed}")
   start = time.perf_counter()
   try:
     if command == "hf-to-orbax":
@@ -82,6 +96,10 @@ def main(argv=None) -> int:
                                    add_eot=args.add_eot)
       print(f"wrote {args.ckpt_dir}: {convert.describe(config)} "
             f"({time.perf_counter() - start:.1f} s)")
+    elif command == "orbax-to-peft":
+      from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
+      files = lora_io.save_peft(args.ckpt_dir, args.peft_dir)
+      print(f"wrote {args.peft_dir}: {', '.join(files)} ({time.perf_counter() - start:.1f} s)")
     else:
       files = convert.orbax_to_hf(args.ckpt_dir, args.hf_dir, max_shard_size=args.max_shard_size,
                                   dtype=args.dtype)
