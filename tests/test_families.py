@@ -376,6 +376,7 @@ def test_evaluate_answers_with_a_qwen2_base_model_as_transformers_does(tmp_path)
   assert records[0]["response"] == tok.decode(want)
 
 
+@pytest.mark.slow
 def test_train_cli_fine_tunes_a_qwen2_checkpoint_with_a_window_and_exports_it(tmp_path):
   """`python -m lima_jax.train --config.model.init_from=<Qwen2 dir>`: biases, tied embeddings, a
   window on every layer, EOT at a spare row set to the mean of the token rows; then export."""
@@ -392,6 +393,7 @@ def test_train_cli_fine_tunes_a_qwen2_checkpoint_with_a_window_and_exports_it(tm
   from configs import lima  # pylint: disable=g-import-not-at-top
   config = lima.get_config("tiny")
   config.model.init_from = str(tmp_path / "hf")
+  config.data.max_len = 64  # Within the model's 256 positions (RoPE is not extrapolated).
   config.mesh.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
   run_tok = train.load_run_tokenizer(config)
   model_config = train.build_model_config(config, run_tok)
