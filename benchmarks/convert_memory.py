@@ -32,6 +32,7 @@ import numpy as np
 import psutil
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+from lima_jax import paths
 from lima_jax import safetensors_io
 
 TOOL = ROOT / "tools" / "convert_weights.py"
@@ -186,9 +187,7 @@ def main():
       "forward": forward_throughput(),
   }
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  tmp_path = RESULTS.with_suffix(".json.tmp")
-  tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-  os.replace(tmp_path, RESULTS)
+  paths.write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 
 

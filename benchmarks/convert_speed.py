@@ -56,7 +56,9 @@ _load("convert_weights", ROOT / "tools" / "convert_weights.py")
 convert_memory = _load("convert_memory", ROOT / "benchmarks" / "convert_memory.py")
 
 from lima_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lima_jax import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lima_jax import safetensors_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 MODEL = dict(d_model=2048, n_layers=8, mlp_dim=5632, vocab=32000, heads=16, kv_heads=0)
 
@@ -194,9 +196,7 @@ def main():
         "peak_rss_over_model_bytes": round(peak / model_bytes, 3),
     }
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  tmp_path = RESULTS.with_suffix(".json.tmp")
-  tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-  os.replace(tmp_path, RESULTS)
+  paths.write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 
 

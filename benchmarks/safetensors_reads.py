@@ -17,7 +17,6 @@ lima_jax imports) has registered it. Writes benchmarks/results/safetensors_reads
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from lima_jax import paths
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "safetensors_reads.json"
@@ -119,9 +120,7 @@ def main():
       result["seconds"][mode] = round(float(seconds), 3)
     result["library_numpy_bfloat16"] = _bfloat16_through_numpy(pathlib.Path(tmp))
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  tmp_path = RESULTS.with_suffix(".json.tmp")
-  tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-  os.replace(tmp_path, RESULTS)
+  paths.write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 
 
