@@ -51,8 +51,10 @@ def _load(name: str, path: pathlib.Path):
   return module
 
 
-# The converter CLI caps malloc arenas at import, before any thread starts; so must we.
-_load("convert_weights", ROOT / "tools" / "convert_weights.py")
+# The converter CLI caps malloc arenas before any thread starts; so must we.
+from lima_jax.cli import convert_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+convert_weights.limit_malloc_arenas()
 convert_memory = _load("convert_memory", ROOT / "benchmarks" / "convert_memory.py")
 
 from lima_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -42,7 +42,7 @@ _ONLY = {"eot": "hf-to-orbax", "add_eot": "hf-to-orbax", "max_shard_size": "orba
          "dtype": ("hf-to-orbax", "orbax-to-hf")}
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
+def limit_malloc_arenas(arenas: int = 2) -> None:
   """Caps glibc's per-thread heap arenas before any thread starts.
 
   TensorStore and XLA run many threads; each gets its own arena, and the freed buffers of
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
 
 def run() -> None:
-  _limit_malloc_arenas()  # Before convert's imports start TensorStore's and XLA's threads.
+  limit_malloc_arenas()  # Before convert's imports start TensorStore's and XLA's threads.
   sys.exit(main())
 
 
