@@ -17,9 +17,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lima_jax import hardware  # pylint: disable=wrong-import-position
+from lima_jax import hardware
 
 hardware.default_to_cpu_without_tpu()
 hardware.restart_with_cpu_allocator()

@@ -13,8 +13,6 @@ here reads the base block by block, so a merged model is produced one layer at a
 """
 
 import json
-import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -24,6 +22,7 @@ import numpy as np
 from lima_jax import checkpoint
 from lima_jax import lora as lora_lib
 from lima_jax import model as model_lib
+from lima_jax import paths
 from lima_jax import safetensors_io
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -153,7 +152,7 @@ def open_base(lora_model_config: model_lib.ModelConfig) -> _Reader:
 
 def open_model(path: str) -> _Reader:
   """A reader of any model lima_jax loads: a Hugging Face directory, a checkpoint, a LoRA one."""
-  if (pathlib.Path(os.fspath(path)) / "config.json").is_file():
+  if checkpoint.is_hf_dir(path):
     return _HFReader(path)
   ckpt = checkpoint.resolve(path)
   config = checkpoint.read_model_config(ckpt)
@@ -163,7 +162,7 @@ def open_model(path: str) -> _Reader:
 
 
 def is_lora_checkpoint(path) -> bool:
-  if (pathlib.Path(os.fspath(path)) / "config.json").is_file():
+  if checkpoint.is_hf_dir(path):
     return False
   return checkpoint.read_model_config(path).lora is not None
 
@@ -308,20 +307,21 @@ def save_peft(ckpt_dir, peft_dir) -> list[str]:
         f"model with orbax-to-hf instead")
   tensors = peft_tensors(config, checkpoint.restore_params(ckpt))
   base = config.lora.base
-  base_name = base if base and (pathlib.Path(base) / "config.json").is_file() else None
+  base_name = base if base and checkpoint.is_hf_dir(base) else None
   blob = checkpoint.read_tokenizer_blob(ckpt)
   written = []
-  with convert.staged_directory(peft_dir) as tmp:
+  # adapter_config.json goes last: on GCS (no rename) it is what marks the directory complete.
+  with paths.staged_directory(peft_dir, complete_when=ADAPTER_CONFIG) as tmp:
     sources = [safetensors_io.TensorSource(name, np.dtype(np.float32), tuple(x.shape),
                                            lambda x=x: [x])
                for name, x in sorted(tensors.items())]
     safetensors_io.write_file(tmp / ADAPTER_WEIGHTS, sources)
     written.append(ADAPTER_WEIGHTS)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(config, base_name), indent=2) + "\n")
-    written.append(ADAPTER_CONFIG)
     if blob is not None:
       from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
       written += [p.name for p in tokenizer_lib.load_tokenizer_from_blob(blob).save_files(tmp)]
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(config, base_name), indent=2) + "\n")
+    written.append(ADAPTER_CONFIG)
   return written
 
 
