@@ -1,6 +1,6 @@
 """LoRA's training step beside full fine-tuning, on benchmark_train.py's 58M CPU config.
 
-Both steps are `lima_jax.train.make_train_step` on the same synthetic batch (d_model 512, 8
+Both steps are `lima_jax.train_step.make_train_step` on the same synthetic batch (d_model 512, 8
 layers, vocab 32000, sequence 512, batch 4, float32 compute, one CPU device), timed alternately
 so that a shared CPU's drift hits both alike. Memory is the compiled step's own account
 (`memory_analysis()`: arguments = the train state, temporaries = activations and gradients) and
@@ -25,11 +25,11 @@ hardware.restart_with_cpu_allocator()
 import jax  # pylint: disable=wrong-import-position
 
 from benchmarks import benchmark_train  # pylint: disable=wrong-import-position
-from lima_jax import aot  # pylint: disable=wrong-import-position
+from lima_jax import flops  # pylint: disable=wrong-import-position
 from lima_jax import lora as lora_lib  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import sharding  # pylint: disable=wrong-import-position
-from lima_jax import train  # pylint: disable=wrong-import-position
+from lima_jax import train_step  # pylint: disable=wrong-import-position
 
 
 def tree_bytes(tree) -> int:
@@ -37,8 +37,8 @@ def tree_bytes(tree) -> int:
 
 
 def build(config, model_config, mesh, batch_host):
-  step_fn, _, batch_shardings = train.make_train_step(config, model_config, mesh, total_steps=1000)
-  state = train.init_train_state(config, model_config, mesh, seed=0, total_steps=1000)
+  step_fn, _, batch_shardings = train_step.make_train_step(config, model_config, mesh, total_steps=1000)
+  state = train_step.init_train_state(config, model_config, mesh, seed=0, total_steps=1000)
   batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch_host.items()}
   compiled = step_fn.lower(state, batch).compile()
   mem = compiled.memory_analysis()
@@ -100,7 +100,7 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   for name, run in runs.items():
     median = statistics.median(run["times"])
-    flops = aot.train_flops(run["model_config"], config.train.batch_size, config.data.max_len)
+    flops = flops.train_flops(run["model_config"], config.train.batch_size, config.data.max_len)
     result[name] = {"step_time_s": {"median": median, "all": run["times"]},
                     "tokens_per_s": tokens / median, "model_flops_per_step": flops["model"],
                     "memory": run["memory"], "losses": run["losses"],

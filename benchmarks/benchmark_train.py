@@ -3,8 +3,8 @@
 The config is the one MaxText was measured with: d_model 512, 8 layers, 8 heads of 64 (MHA), MLP
 1408, vocab 32000, sequence 512, batch 4, float32, one CPU device, synthetic tokens, the LIMA AdamW
 update. The
-step is the one `python -m lima_jax.train` runs (`lima_jax.train.make_train_step`). Achieved
-FLOP/s use the analytic count of `lima_jax.aot.train_flops` (as the training log's MFU) and are
+step is the one `python -m lima_jax.train` runs (`lima_jax.train_step.make_train_step`). Achieved
+FLOP/s use the analytic count of `lima_jax.flops.train_flops` (as the training log's MFU) and are
 set beside a jitted float32 2048^3 matmul timed in the same process, since a shared CPU's speed
 drifts.
 
@@ -29,10 +29,10 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from lima_jax import aot  # pylint: disable=wrong-import-position
+from lima_jax import flops  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import sharding  # pylint: disable=wrong-import-position
-from lima_jax import train  # pylint: disable=wrong-import-position
+from lima_jax import train_step  # pylint: disable=wrong-import-position
 from lima_jax.cli import common  # pylint: disable=wrong-import-position
 
 # MaxText 0.2.5's train step on this config on the project's 2-core machine (2026-11-25, its logged
@@ -100,8 +100,8 @@ def main():
   peak_before, per_cpu_before = matmul_flops()
 
   start = time.perf_counter()
-  step_fn, _, batch_shardings = train.make_train_step(config, model_config, mesh, total_steps=1000)
-  state = train.init_train_state(config, model_config, mesh, seed=0, total_steps=1000)
+  step_fn, _, batch_shardings = train_step.make_train_step(config, model_config, mesh, total_steps=1000)
+  state = train_step.init_train_state(config, model_config, mesh, seed=0, total_steps=1000)
   batch = {k: jax.device_put(v, batch_shardings[k])
            for k, v in synthetic_batch(config, model_config.vocab_size).items()}
   state, m = step_fn(state, batch)
@@ -127,7 +127,7 @@ def main():
 
   step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.max_len
-  flops = aot.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
+  flops = flops.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
   matmul = max(peak_before, peak_after)
   result = {
       "config": {"d_model": 512, "n_layers": 8, "n_heads": 8, "head_dim": 64, "mlp_dim": 1408,

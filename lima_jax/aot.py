@@ -6,11 +6,11 @@ compiler on this (CPU) host: partitioning, fusion, rematerialisation, memory ass
 `memory_analysis()` is therefore the memory the program needs on each chip, before anyone pays
 for a slice. `tools/aot_compile.py` is the command line; `tools/make_tpu_table.py` the README table.
 
-The programs compiled are the real ones: `lima_jax.train.make_train_step` (the jitted step
+The programs compiled are the real ones: `lima_jax.train_step.make_train_step` (the jitted step
 that training runs, with the preset's mesh, remat policy and micro-batching) and
 `lima_jax.sampling.make_decode_fns(...).generate` (prefill + KV-cache sampling loop).
 
-Model FLOPs come from an analytic count (`train_flops`), not `cost_analysis()`: the compiler
+Model FLOPs come from an analytic count (`lima_jax.flops`), not `cost_analysis()`: the compiler
 counts a while-loop body once, so a step scanned over 80 layers reports about 1% of its work.
 """
 
@@ -19,48 +19,31 @@ import glob
 import math
 import os
 import re
-import tempfile
 import time
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.experimental import topologies
+from jax.sharding import Mesh
+
+from lima_jax import flops as flops_lib
 from lima_jax import hardware
+from lima_jax import lora as lora_lib
+from lima_jax import model as model_lib
 from lima_jax import paths
+from lima_jax import sampling
+from lima_jax import sharding
+from lima_jax import train_step
 
 GiB = hardware.GiB
-DEFAULT_MFU = 0.4
-
-
-def prepare_environment(log_dir: str | None = None) -> str:
-  """Environment libtpu reads when it loads; call before the first topology is built.
-
-  No metadata server is queried (no network), the lock another libtpu process holds on this
-  host is shared instead of fatal, and the compiler's INFO log (the only place with its full
-  buffer report) goes to `log_dir`. Returns that directory.
-  """
-  log_dir = log_dir or os.environ.get("TPU_LOG_DIR") or tempfile.mkdtemp(prefix="lima_aot_")
-  os.makedirs(log_dir, exist_ok=True)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Run nothing on a TPU; only compile for one.
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # Only to start the runtime quietly.
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_WORKER_ID", "0")
-  os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
-  os.environ.setdefault("TPU_LOG_DIR", log_dir)
-  os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
-  os.environ.setdefault("TPU_MIN_LOG_LEVEL", "0")
-  return os.environ["TPU_LOG_DIR"]
-
-
-def libtpu_available() -> bool:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  return importlib.util.find_spec("libtpu") is not None
 
 
 @functools.lru_cache(maxsize=None)
 def _topology_devices(topology_name: str, chip_config_name: str, bounds: tuple, num_slices: int,
                       wrap: tuple) -> tuple:
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  prepare_environment()
+  hardware.prepare_libtpu_environment()
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=topology_name, chip_config_name=chip_config_name,
       chips_per_host_bounds=bounds, num_slices=num_slices, wrap=wrap)
@@ -69,7 +52,7 @@ def _topology_devices(topology_name: str, chip_config_name: str, bounds: tuple, 
 
 def slice_devices(tpu_slice: hardware.Slice) -> list:
   """Compile-only TPU devices of the slice(s): one per chip."""
-  if not libtpu_available():
+  if not hardware.libtpu_available():
     raise RuntimeError("libtpu is not installed: pip install -r requirements-tpu.txt")
   return list(_topology_devices(tpu_slice.topology_name, tpu_slice.chip.chip_config_name,
                                 tpu_slice.chips_per_host_bounds, tpu_slice.num_slices,
@@ -78,10 +61,6 @@ def slice_devices(tpu_slice: hardware.Slice) -> list:
 
 def make_mesh(mesh_config, tpu_slice: hardware.Slice, devices):
   """The training mesh over compile-only devices; the data axis spans slices over DCN."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
-  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
   if tpu_slice.num_slices == 1:
     return sharding.make_mesh(mesh_config, devices)
   shape = sharding.mesh_shape(mesh_config, len(devices))
@@ -113,80 +92,14 @@ def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
     config.mesh[axis] = size
   flags += [f"--config.mesh.{axis}={int(config.mesh[axis])}" for axis in hardware.DEFAULT_MESH]
   if int(config.train.micro_batches) == 1:
-    from lima_jax import sharding  # pylint: disable=g-import-not-at-top
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
     model_config = _tpu_model_config(config)
-    micro = hardware.default_micro_batches(model_config, sizes, batch, seq,
+    micro = flops_lib.default_micro_batches(model_config, sizes, batch, seq,
                                            tpu_slice.usable_hbm_bytes())
     config.train.micro_batches = micro
   flags.append(f"--config.train.micro_batches={int(config.train.micro_batches)}")
   flags.append(f"--config.model.remat_policy={config.model.remat_policy}")
   return flags
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOPs.
-
-
-def matmul_params(model_config) -> int:
-  """Parameters that take part in matmuls: all but the input embedding and the norm scales.
-
-  The output projection counts at its padded width, as it is computed (tied or not).
-  """
-  c = model_config
-  attn = c.d_model * c.dim_per_head * (2 * c.n_heads + 2 * c.kv_heads)
-  return c.n_layers * (attn + 3 * c.d_model * c.mlp_dim) + c.d_model * c.padded_vocab_size
-
-
-def train_flops(model_config, batch_size: int, seq_len: int, *, tokens: float | None = None,
-                attended: float | None = None) -> dict[str, float]:
-  """Analytic FLOPs of one optimizer step over batch_size x seq_len tokens.
-
-  model    = 6 * N * tokens + 12 * L * (H * Dh) * attended
-             (N = matmul parameters, `matmul_params`; forward 2 N per token, backward 4 N; the
-             attention scores and weighted values are 4 * (H * Dh) per query-key pair a layer
-             forward, twice that backward; the causal mask is not exploited)
-  hardware = the padded program (tokens = batch * seq, attended = batch * seq^2) + one more
-             forward with full remat, which recomputes each layer in the backward pass.
-
-  `tokens` (non-pad tokens) and `attended` (the sum over the batch's sequences of their length
-  squared: each attends only within itself) make `model` count the real work, so MFU and
-  tokens/s never credit padding; left out, both are the padded values. `hardware` is always
-  what the chips execute.
-  """
-  c = model_config
-  n = matmul_params(c)
-  width = 4 * c.n_layers * c.n_heads * c.dim_per_head
-  padded_tokens, padded_attended = batch_size * seq_len, batch_size * seq_len ** 2
-  tokens = padded_tokens if tokens is None else tokens
-  attended = padded_attended if attended is None else attended
-  weight_flops = 6 * n  # A token's matmuls: forward 2 N, backward 4 N.
-  if getattr(c, "lora", None) is not None:
-    # LoRA: the frozen weights get no weight gradient (forward 2 N + input gradients 2 N a
-    # token); the adapters train in full.
-    from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-    weight_flops = 4 * n + 6 * lora_lib.num_trainable(c)
-  model = weight_flops * tokens + 3 * width * attended
-  padded = weight_flops * padded_tokens + 3 * width * padded_attended
-  recompute = 2 * n * padded_tokens + width * padded_attended if c.remat_policy == "full" else 0
-  return {"model": float(model), "hardware": float(padded + recompute),
-          "matmul_params": float(n), "tokens": float(tokens)}
-
-
-def decode_flops(model_config, batch_size: int, prompt_len: int, new_tokens: int,
-                 cache_len: int) -> dict[str, float]:
-  """Analytic FLOPs of prefill (prompt_len tokens a row) plus `new_tokens` single-token steps.
-
-  2 * N a token for the matmuls; attention reads the whole cache each step (the program
-  attends over all cache_len slots and masks), 4 * (H * Dh) * cache_len a token a layer.
-  """
-  c = model_config
-  n = matmul_params(c)
-  width = c.n_layers * c.n_heads * c.dim_per_head
-  prefill = batch_size * (2 * n * prompt_len + 4 * width * prompt_len * cache_len)
-  step = batch_size * (2 * n + 4 * width * cache_len)
-  return {"prefill": float(prefill), "per_token_step": float(step),
-          "total": float(prefill + new_tokens * step)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +117,6 @@ class DoesNotFit(Exception):
 def _tpu_model_config(config):
   """ModelConfig as compiled for TPU: `attention=auto` means the splash kernel there. With
   `config.lora.rank` > 0 the LoRA model, the preset's last token (EOT) being its trained row."""
-  from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  from lima_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   model_config = model_lib.ModelConfig.from_dict(config.model)
   if model_config.attention == "auto":
     model_config = model_config.replace(attention="splash")
@@ -219,19 +130,17 @@ def _tpu_model_config(config):
 
 
 def lower_train(config, mesh):
-  """Lowers `train.make_train_step` for the mesh; returns (lowered, abstract state)."""
-  from lima_jax import train  # pylint: disable=g-import-not-at-top
+  """Lowers `train_step.make_train_step` for the mesh; returns (lowered, abstract state)."""
   model_config = _tpu_model_config(config)
-  step_fn, _, _ = train.make_train_step(config, model_config, mesh)
-  state = train.abstract_train_state(config, model_config, mesh)
-  batch = train.abstract_batch(config, mesh)
+  step_fn, _, _ = train_step.make_train_step(config, model_config, mesh)
+  state = train_step.abstract_train_state(config, model_config, mesh)
+  batch = train_step.abstract_batch(config, mesh)
   params = state.params if state.frozen is None else (state.frozen, state.params)
   return step_fn.lower(state, batch), params, model_config
 
 
 def lower_decode(config, mesh):
   """Lowers the evaluation's `generate` (prefill + KV-cache sampling loop) for the mesh."""
-  from lima_jax import sampling  # pylint: disable=g-import-not-at-top
   model_config = _tpu_model_config(config)
   scfg = sampling.SamplingConfig.from_dict(config.sampling)
   fns = sampling.make_decode_fns(model_config, scfg, mesh, int(scfg.batch_size), int(scfg.max_len))
@@ -241,7 +150,6 @@ def lower_decode(config, mesh):
 
 def bytes_per_device(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-  import jax  # pylint: disable=g-import-not-at-top
   total = 0
   for leaf in jax.tree.leaves(tree):
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -292,7 +200,6 @@ def _advice(config, program: str, needed: int, hbm: int, tpu_slice) -> list[str]
     return ["a larger slice (the weights and KV cache are split over more chips)",
             "a smaller --config.sampling.batch_size or --config.sampling.max_len (the KV cache)",
             "--config.model.param_dtype=bfloat16 for evaluation (halves the weights)"]
-  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
   tips = []
   if sizes["data"] > tpu_slice.num_slices:
@@ -314,15 +221,14 @@ def _advice(config, program: str, needed: int, hbm: int, tpu_slice) -> list[str]
 
 
 def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
-                    mfu: float = DEFAULT_MFU, log_dir: str | None = None,
+                    mfu: float = hardware.DEFAULT_MFU, log_dir: str | None = None,
                     hlo_path: str | None = None) -> dict:
   """Compiles `program` ("train" or "decode") for the slice; returns the report dict.
 
   Raises DoesNotFit (its `.report` filled in) when the compiler or the memory analysis says
   the program needs more than the chip's usable HBM. `hlo_path` saves the optimised HLO.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  log_dir = prepare_environment(log_dir)
+  log_dir = hardware.prepare_libtpu_environment(log_dir)
   devices = slice_devices(tpu_slice)
   flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
   mesh = make_mesh(config.mesh, tpu_slice, devices)
@@ -338,7 +244,7 @@ def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
   if program == "train":
     lowered, params, model_config = lower_train(config, mesh)
     batch, seq = int(config.train.batch_size), int(config.data.max_len)
-    flops = train_flops(model_config, batch, seq)
+    flops = flops_lib.train_flops(model_config, batch, seq)
     report.update(
         remat_policy=model_config.remat_policy, micro_batches=int(config.train.micro_batches),
         batch_size=batch, seq_len=seq, train_flags=flags, flops=flops,
@@ -347,7 +253,7 @@ def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
   elif program == "decode":
     lowered, params, model_config, scfg = lower_decode(config, mesh)
     new = min(scfg.max_new_tokens, scfg.max_len)
-    flops = decode_flops(model_config, scfg.batch_size, scfg.prompt_budget, new, scfg.max_len)
+    flops = flops_lib.decode_flops(model_config, scfg.batch_size, scfg.prompt_budget, new, scfg.max_len)
     report.update(batch_size=scfg.batch_size, prompt_len=scfg.prompt_budget, cache_len=scfg.max_len,
                   max_new_tokens=new, flops=flops,
                   flops_formula="prefill 2*N*prompt + 4*L*(H*Dh)*prompt*cache a row; each new "
@@ -355,7 +261,6 @@ def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
   else:
     raise ValueError(f"--program={program!r}: expected train or decode")
   if model_config.lora is not None:
-    from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
     report["lora"] = {"rank": model_config.lora.rank, "alpha": model_config.lora.alpha,
                       "targets": list(model_config.lora.targets),
                       "trainable_params": lora_lib.num_trainable(model_config)}

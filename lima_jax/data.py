@@ -2,10 +2,9 @@
 
 The pipeline, one small function per step:
 
-1. `read_jsonl` / `load_conversations` parse LIMA's published format, one conversation a line,
-   `{"conversations": [user, assistant, user, ...], "source": ...}`, and validate every line.
-   A bad line raises `DataError` naming file, line and field; with `skip_bad_lines` it is skipped
-   and recorded in `DataStats` instead, so nothing disappears unreported.
+1. `load_conversations` reads a split (JSONL files or TFDS) in LIMA's published format, one
+   conversation a line, validated line by line (`lima_jax.records`: a bad line names its file,
+   line and field, or is skipped and counted with `skip_bad_lines`).
 2. `tokenize_conversation` lays a conversation out exactly as LIMA does,
    `[BOS] + sp(turn_1) + [EOT] + sp(turn_2) + [EOT] + ...`, with the loss on assistant turns and
    their EOT, and truncates to `max_len`.
@@ -35,35 +34,22 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import os
 import pathlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from lima_jax import errors
-from lima_jax import paths as paths_lib
+from lima_jax import lima_tfds
+from lima_jax import records
 from lima_jax import tokenizer as tokenizer_lib
 
 _log = logging.getLogger(__name__)
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 
-# Kinds of file, which decide what a valid line is.
-TRAIN = "train"  # Conversations with replies to learn from: [user, assistant, ...], even length.
-PROMPTS = "prompts"  # Generation inputs: one or more turns ending on a user turn.
-SPLIT_KINDS = {"train": TRAIN, "dev": TRAIN, "test": PROMPTS}
-
-USER, ASSISTANT = "user", "assistant"
-# Role names accepted in {"role": ..., "content": ...} / {"from": ..., "value": ...} turns.
-_ROLES = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT,
-          "model": ASSISTANT, "bot": ASSISTANT}
-_LIMA_LINE = '{"conversations": [user, assistant, ...], "source": "..."}'
-_MAX_LISTED = 20  # Bad lines / skipped conversations named one by one in a summary.
 # A batch is a few numpy copies of tokens already in memory, so a couple of batches read ahead on
 # one thread keep up with any accelerator step; Grain's default (500 elements on 16 threads)
 # would hold hundreds of [rows, max_len] batches and keep the host's cores busy.
@@ -82,236 +68,25 @@ def bundled_paths() -> dict[str, str]:
           "tokenizer": str(ASSETS_DIR / "tokenizer" / "tokenizer.model")}
 
 
-# -- Records and their validation ------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversation:
-  """One validated line: turns alternate user, assistant, user, ... (user first)."""
-
-  turns: tuple[str, ...]
-  source: str = ""
-  path: str = ""
-  line: int = 0
-  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
-
-  @property
-  def where(self) -> str:
-    return f"{self.path}:{self.line}"
-
-  @property
-  def prompt_turns(self) -> tuple[str, ...]:
-    """The turns up to the last user turn: what a model is asked to continue."""
-    return self.turns[:-1] if len(self.turns) % 2 == 0 else self.turns
-
-
-class DataError(errors.InputError):
-  """Bad input data; the message starts with `path:line:` (or `path:` for whole-file problems)."""
-
-  def __init__(self, path: str, line: int, message: str):
-    self.path, self.line, self.reason = path, line, message
-    super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
-
-
-@dataclasses.dataclass(frozen=True)
-class BadLine:
-  path: str
-  line: int
-  reason: str
-
-  def __str__(self) -> str:
-    return f"{self.path}:{self.line}: {self.reason}"
-
-
-@dataclasses.dataclass
-class DataStats:
-  """What reading and tokenizing did, so that no conversation is dropped without a count.
-
-  Attributes:
-    conversations: valid conversations read.
-    bad_lines: lines skipped under `skip_bad_lines` (empty otherwise: a bad line raises).
-    truncated: conversations longer than `max_len`, cut to it.
-    skipped: "path:line" of conversations left with nothing to learn after truncation.
-    examples: conversations kept for training / evaluation.
-    tokens: tokens of the kept conversations, after truncation.
-    loss_tokens: of which the loss is taken on.
-  """
-
-  conversations: int = 0
-  bad_lines: list[BadLine] = dataclasses.field(default_factory=list)
-  truncated: int = 0
-  skipped: list[str] = dataclasses.field(default_factory=list)
-  examples: int = 0
-  tokens: int = 0
-  loss_tokens: int = 0
-
-  def to_dict(self) -> dict[str, Any]:
-    return {"conversations": self.conversations, "bad_lines": len(self.bad_lines),
-            "bad_line_locations": [f"{b.path}:{b.line}" for b in self.bad_lines],
-            "truncated": self.truncated, "skipped": len(self.skipped),
-            "skipped_locations": list(self.skipped), "examples": self.examples,
-            "tokens": self.tokens, "loss_tokens": self.loss_tokens}
-
-  def summary(self) -> str:
-    text = (f"{self.conversations} conversations read, {len(self.bad_lines)} bad lines skipped, "
-            f"{self.truncated} truncated, {len(self.skipped)} skipped with nothing to learn "
-            f"after truncation; {self.examples} kept: {self.tokens} tokens, "
-            f"{self.loss_tokens} in the loss")
-    for title, items in (("bad lines", [str(b) for b in self.bad_lines]),
-                         ("skipped", self.skipped)):
-      if items:
-        more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-        text += f"\n  {title}: " + "; ".join(items[:_MAX_LISTED]) + more
-    return text
-
-
-def _parse_turn(turn: Any, i: int) -> str:
-  """A turn's text; role-tagged turns must sit where their role belongs (user at even i)."""
-  field = f"conversations[{i}]"
-  if isinstance(turn, dict):
-    role = turn.get("role", turn.get("from"))
-    text = turn.get("content", turn.get("value"))
-    if role not in _ROLES:
-      raise ValueError(f"{field}: role {role!r} is not one of {sorted(_ROLES)} (LIMA "
-                       f"conversations are user and assistant turns only)")
-    expected = USER if i % 2 == 0 else ASSISTANT
-    if _ROLES[role] != expected:
-      start = "does not start with a user turn" if i == 0 else "does not alternate"
-      raise ValueError(f"{field}: role {role!r} where a {expected} turn belongs; the conversation "
-                       f"{start} (turns go user, assistant, user, ...)")
-    turn = text
-  if not isinstance(turn, str):
-    raise ValueError(f"{field}: a turn must be a string (or a {{\"role\", \"content\"}} object), "
-                     f"got {type(turn).__name__}")
-  if not turn.strip():
-    raise ValueError(f"{field}: the turn is empty")
-  return turn
-
-
-def parse_record(record: Any, kind: str = TRAIN) -> tuple[tuple[str, ...], str, dict[str, Any]]:
-  """Validates one decoded line; returns (turns, source, extra fields).
-
-  Raises ValueError whose message names the offending field; readers prefix `path:line`.
-  Unknown fields are returned in `extra` and otherwise ignored; `source` is optional.
-  """
-  if kind not in (TRAIN, PROMPTS):
-    raise ValueError(f"unknown kind {kind!r}; expected {TRAIN!r} or {PROMPTS!r}")
-  if not isinstance(record, dict):
-    raise ValueError(f"a line must be a JSON object like {_LIMA_LINE}, got "
-                     f"{type(record).__name__}")
-  extra = dict(record)
-  if "conversations" in extra:
-    raw = extra.pop("conversations")
-    if not isinstance(raw, list):
-      raise ValueError(f"conversations: must be a list of turns, got {type(raw).__name__}")
-    if not raw:
-      raise ValueError("conversations: the list is empty")
-  elif kind == PROMPTS and "prompt" in extra:
-    raw = [extra.pop("prompt")]
-  else:
-    also = ' (or {"prompt": "..."})' if kind == PROMPTS else ""
-    raise ValueError(f"conversations: missing; expected {_LIMA_LINE}{also}")
-  turns = tuple(_parse_turn(turn, i) for i, turn in enumerate(raw))
-  source = extra.pop("source", None)
-  if source is not None and not isinstance(source, str):
-    raise ValueError(f"source: must be a string, got {type(source).__name__}")
-  if kind == TRAIN:
-    if len(turns) < 2:
-      raise ValueError("conversations: no assistant turn; a training conversation is "
-                       "[user, assistant, ...] (prompt-only files belong in data.test_path)")
-    if len(turns) % 2:
-      raise ValueError(f"conversations: ends on a user turn (conversations[{len(turns) - 1}]); "
-                       f"a training conversation must end with an assistant reply")
-  elif len(turns) % 2 == 0:
-    raise ValueError(f"conversations: ends on an assistant turn (conversations[{len(turns) - 1}])"
-                     f"; a prompt must end on a user turn")
-  return turns, source or "", extra
-
-
-def read_jsonl(path: str | os.PathLike[str], *, kind: str = TRAIN, skip_bad_lines: bool = False,
-               stats: DataStats | None = None) -> list[Conversation]:
-  """Reads and validates one JSONL file (local or gs://); blank lines are allowed and ignored.
-
-  Raises:
-    FileNotFoundError: no such file.
-    DataError: the first bad line (unless `skip_bad_lines`), or a file without any record.
-  """
-  file = paths_lib.path(path)
-  path = os.fspath(file)
-  if not file.is_file():
-    raise FileNotFoundError(f"{path}: data file not found")
-  stats = stats if stats is not None else DataStats()
-  conversations, bad = [], []
-  # One read, then lines: a gs:// object is fetched whole rather than line by line.
-  for line_number, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
-    if not raw.strip():
-      continue
-    try:
-      try:
-        record = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-      except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-      turns, source, extra = parse_record(record, kind)
-    except ValueError as e:
-      if not skip_bad_lines:
-        raise DataError(path, line_number, str(e)) from None
-      bad.append(BadLine(path, line_number, str(e)))
-      _log.warning("skipping bad line %s", bad[-1])
-      continue
-    conversations.append(Conversation(turns, source, path, line_number, extra))
-  if not conversations:
-    reason = (f"every line is bad ({len(bad)} skipped)" if bad
-              else "the file has no records (it is empty or holds only blank lines)")
-    raise DataError(path, 0, reason)
-  stats.conversations += len(conversations)
-  stats.bad_lines.extend(bad)
-  return conversations
-
-
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
-  """Comma-separated files or glob patterns (or a list of them; local or gs://) -> files, globs
-  sorted."""
-  patterns = paths.split(",") if isinstance(paths, str) else list(paths)
-  patterns = [p.strip() for p in patterns if p.strip()]
-  if not patterns:
-    raise ValueError("no data path given")
-  files = []
-  for pattern in patterns:
-    matches = paths_lib.expand_globs(pattern)
-    if not matches:
-      raise FileNotFoundError(f"{pattern}: the pattern matches no file")
-    files.extend(os.fspath(m) for m in matches)
-  return files
-
-
-def read_conversations(paths: str | Sequence[str], *, kind: str = TRAIN,
-                       skip_bad_lines: bool = False,
-                       stats: DataStats | None = None) -> list[Conversation]:
-  """`read_jsonl` over every file of `expand_paths(paths)`, in order."""
-  stats = stats if stats is not None else DataStats()
-  return [c for path in expand_paths(paths)
-          for c in read_jsonl(path, kind=kind, skip_bad_lines=skip_bad_lines, stats=stats)]
+# -- Which files a run reads ----------------------------------------------------------------------
 
 
 def load_conversations(data_config, split: str,
-                       stats: DataStats | None = None) -> list[Conversation]:
+                       stats: records.DataStats | None = None) -> list[records.Conversation]:
   """The train, dev or test split named by a `config.data` section.
 
   `data.tfds_name` (when set) reads the split from TFDS; otherwise `data.<split>_path`, and an
   empty path means the bundled sample. The test split holds prompts (ending on a user turn).
   """
-  if split not in SPLIT_KINDS:
-    raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_KINDS)}")
-  kind = SPLIT_KINDS[split]
+  if split not in records.SPLIT_KINDS:
+    raise ValueError(f"unknown split {split!r}; expected one of {sorted(records.SPLIT_KINDS)}")
+  kind = records.SPLIT_KINDS[split]
   if data_config.tfds_name:
-    from lima_jax import lima_tfds  # pylint: disable=g-import-not-at-top  # TFDS is optional.
     return lima_tfds.read_conversations(
         data_config.tfds_name, split, data_dir=data_config.tfds_data_dir or None,
         manual_dir=data_config.get("tfds_manual_dir") or None, kind=kind,
         skip_bad_lines=data_config.skip_bad_lines, stats=stats)
-  return read_conversations(split_location(data_config, split), kind=kind,
+  return records.read_conversations(split_location(data_config, split), kind=kind,
                             skip_bad_lines=data_config.skip_bad_lines, stats=stats)
 
 
@@ -380,13 +155,13 @@ class Example:
     return len(self.tokens) - 1
 
 
-def tokenize_conversations(conversations: Sequence[Conversation], tokenizer, *, max_len: int,
+def tokenize_conversations(conversations: Sequence[records.Conversation], tokenizer, *, max_len: int,
                            train_on_prompt: bool = False,
-                           stats: DataStats | None = None) -> list[Example]:
+                           stats: records.DataStats | None = None) -> list[Example]:
   """Tokenizes, truncates and counts; drops (and records) conversations with nothing to learn."""
   if max_len < 2:
     raise ValueError(f"data.max_len must be at least 2 (BOS and one target), got {max_len}")
-  stats = stats if stats is not None else DataStats()
+  stats = stats if stats is not None else records.DataStats()
   examples = []
   for conversation in conversations:
     tokens, mask = _layout(tokenizer, conversation.turns, train_on_prompt)
@@ -403,20 +178,20 @@ def tokenize_conversations(conversations: Sequence[Conversation], tokenizer, *, 
   if stats.skipped:
     _log.warning("%d conversations have nothing to learn from after truncation to %d tokens "
                  "and are skipped: %s", len(stats.skipped), max_len,
-                 ", ".join(stats.skipped[:_MAX_LISTED]))
+                 ", ".join(stats.skipped[:records.MAX_LISTED]))
   return examples
 
 
-def load_examples(data_config, tokenizer, split: str) -> tuple[list[Example], DataStats]:
+def load_examples(data_config, tokenizer, split: str) -> tuple[list[Example], records.DataStats]:
   """Reads, validates and tokenizes one split of a `config.data` section."""
-  stats = DataStats()
+  stats = records.DataStats()
   conversations = load_conversations(data_config, split, stats)
   examples = tokenize_conversations(conversations, tokenizer, max_len=data_config.max_len,
                                     train_on_prompt=data_config.train_on_prompt, stats=stats)
   if not examples:
-    raise DataError(split_location(data_config, split), 0,
-                    f"no conversation is left to learn from after truncation to "
-                    f"data.max_len={data_config.max_len}: {stats.summary()}")
+    raise records.DataError(split_location(data_config, split), 0,
+                            f"no conversation is left to learn from after truncation to "
+                            f"data.max_len={data_config.max_len}: {stats.summary()}")
   return examples, stats
 
 
@@ -567,12 +342,12 @@ class TrainData:
     steps_per_epoch: optimizer steps per epoch (identical on every process).
     num_epochs: epochs to iterate, or None for no end.
     local_rows, global_rows: rows per batch on this process / over all processes.
-    stats: DataStats of reading and tokenizing (global: every process reads everything).
+    stats: records.DataStats of reading and tokenizing (global: every process reads everything).
     rows: number of rows over all processes (conversations, or packed rows).
   """
 
   def __init__(self, dataset: grain.MapDataset, *, steps_per_epoch: int, num_epochs: int | None,
-               local_rows: int, global_rows: int, rows: int, stats: DataStats,
+               local_rows: int, global_rows: int, rows: int, stats: records.DataStats,
                fingerprint: dict[str, Any], worker_count: int = 0):
     self.steps_per_epoch = steps_per_epoch
     self.num_epochs = num_epochs
@@ -659,7 +434,7 @@ def make_train_loader(data_config, tokenizer, *, global_batch_size: int, seed: i
     num_epochs: epochs to iterate; None never stops.
 
   Raises:
-    DataError / FileNotFoundError: bad or missing data, before any batch is made.
+    records.DataError / FileNotFoundError: bad or missing data, before any batch is made.
   """
   examples, stats = load_examples(data_config, tokenizer, "train")
   shard = resolve_shard(process_index, process_count)
@@ -689,7 +464,7 @@ class EvalData:
   """
 
   batches: list[dict[str, np.ndarray]]
-  stats: DataStats
+  stats: records.DataStats
   num_examples: int
 
 

@@ -22,9 +22,12 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 
 GiB = 1024 ** 3
+# Model FLOPs utilisation assumed for the step time a compile report implies.
+DEFAULT_MFU = 0.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +235,7 @@ def default_to_cpu_without_tpu(log: bool = False) -> bool:
     return False
   if os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_FORCE_TPU_INIT"):
     return False
-  if importlib.util.find_spec("libtpu") is None:
+  if not libtpu_available():
     return False
   if _accelerator_attached():
     return False
@@ -246,6 +249,32 @@ def default_to_cpu_without_tpu(log: bool = False) -> bool:
     _say("libtpu is installed but no TPU is attached: running on the CPU (JAX_PLATFORMS=cpu; "
          "LIMA_JAX_AUTO_CPU=0 turns this off)")
   return True
+
+
+def prepare_libtpu_environment(log_dir: str | None = None) -> str:
+  """Environment libtpu reads when it loads; call before the first topology is built.
+
+  No metadata server is queried (no network), the lock another libtpu process holds on this
+  host is shared instead of fatal, and the compiler's INFO log (the only place with its full
+  buffer report) goes to `log_dir`. Returns that directory.
+  """
+  log_dir = log_dir or os.environ.get("TPU_LOG_DIR") or tempfile.mkdtemp(prefix="lima_aot_")
+  os.makedirs(log_dir, exist_ok=True)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Run nothing on a TPU; only compile for one.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # Only to start the runtime quietly.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_WORKER_ID", "0")
+  os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+  os.environ.setdefault("TPU_LOG_DIR", log_dir)
+  os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+  os.environ.setdefault("TPU_MIN_LOG_LEVEL", "0")
+  return os.environ["TPU_LOG_DIR"]
+
+
+def libtpu_available() -> bool:
+  """Whether libtpu (the TPU runtime and compiler) is installed; it may be, on a host with no TPU."""
+  return importlib.util.find_spec("libtpu") is not None
 
 
 # glibc malloc settings for CPU runs: see `restart_with_cpu_allocator`.
@@ -326,49 +355,3 @@ def mesh_for(mesh_config, num_devices: int, batch_size: int, seq_len: int,
   if given != DEFAULT_MESH:
     return given
   return default_mesh(num_devices, batch_size, seq_len, num_slices)
-
-
-def train_bytes_estimate(model_config, mesh: dict, batch_size: int, seq_len: int,
-                         micro_batches: int = 1) -> int:
-  """A rough per-device HBM estimate of one training step, only to choose defaults.
-
-  fp32 parameters + two fp32 AdamW moments + fp32 gradients (+ an fp32 accumulator when
-  micro-batching), all split over fsdp x tensor; with full remat the bf16 layer inputs of every
-  layer, plus one layer's working set and the float32 logits. The compiler's figure
-  (tools/aot_compile.py) is the one to trust.
-  """
-  c = model_config
-  shards = mesh["fsdp"] * mesh.get("tensor", 1) * mesh.get("sequence", 1)
-  params = c.num_params() + (c.padded_vocab_size - c.vocab_size) * c.d_model * (
-      1 if c.tie_embeddings else 2)
-  state = params * (16 + (4 if micro_batches > 1 else 0)) / shards
-  if getattr(c, "lora", None) is not None:  # A frozen base, no moments; only adapters train.
-    from lima_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
-    base = params * {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(c.param_dtype), 4)
-    state = (base + lora_lib.num_trainable(c) * (16 + (4 if micro_batches > 1 else 0))) / shards
-  rows = max(1, batch_size // (mesh["data"] * mesh["fsdp"] * micro_batches))
-  tokens = rows * seq_len / mesh.get("sequence", 1)
-  act = 2  # bf16
-  layer_inputs = c.n_layers * tokens * c.d_model * act
-  if c.remat_policy == "none":
-    layer_inputs *= 6 + 3 * c.mlp_dim / c.d_model
-  working = tokens * (8 * c.d_model + 4 * c.mlp_dim / mesh.get("tensor", 1)) * act
-  logits = 3 * tokens * c.padded_vocab_size * 4 / mesh.get("tensor", 1)
-  return int(state + layer_inputs + working + logits)
-
-
-def default_micro_batches(model_config, mesh: dict, batch_size: int, seq_len: int,
-                          hbm_bytes: int) -> int:
-  """1 when the step fits; else the fewest halvings of each device's rows that make it fit.
-
-  Micro-batching trades activation memory for an fp32 gradient accumulator, which at 65B costs
-  more than it saves (measured: 78.8 -> 89.3 GiB on v5p-32), so it is only chosen when the
-  estimate says one batch does not fit and the split one does.
-  """
-  rows = batch_size // (mesh["data"] * mesh["fsdp"])
-  micro = 1
-  while train_bytes_estimate(model_config, mesh, batch_size, seq_len, micro) > 0.9 * hbm_bytes:
-    if rows % (micro * 2) or batch_size % (micro * 2):
-      return 1
-    micro *= 2
-  return micro

@@ -24,6 +24,7 @@ from lima_jax import lora as lora_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import safetensors_io
+from lima_jax import train_step
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -78,9 +79,8 @@ class _RandomReader(_Reader):
   """The random base of a LoRA run that started from no weights (rebuilt from its seed)."""
 
   def __init__(self, config: model_lib.ModelConfig, seed: int):
-    from lima_jax import train  # pylint: disable=g-import-not-at-top
     self.config = config
-    params = train.base_init(config, seed)
+    params = train_step.base_init(config, seed)
     self._params = {tuple(k.key for k in p): np.asarray(x, np.float32)
                     for p, x in jax.tree_util.tree_leaves_with_path(params)}
 

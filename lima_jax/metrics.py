@@ -1,4 +1,4 @@
-"""What a user watches during training: `metrics.jsonl`, TensorBoard events, a progress bar.
+"""What a user watches during training: `metrics.jsonl`, TensorBoard, a progress bar, log lines.
 
 Only process 0 writes (every writer here is a no-op elsewhere), so a pod slice produces one
 log. `metrics.jsonl` is rewritten whole and atomically (`paths.write_text_atomic`: temporary
@@ -13,8 +13,10 @@ import time
 from typing import Any, Mapping
 
 import jax
+import tqdm
 from absl import logging
 
+from lima_jax import hardware
 from lima_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
@@ -25,7 +27,6 @@ def peak_flops(config_peak: float) -> tuple[float, str]:
   """(peak FLOP/s per device, where it came from): the config, the chip table, or a measurement."""
   if config_peak and config_peak > 0:
     return float(config_peak), "config.train.peak_flops_per_device"
-  from lima_jax import hardware  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   peak = hardware.peak_flops_per_device(device)
   if device.platform == "tpu":
@@ -33,6 +34,20 @@ def peak_flops(config_peak: float) -> tuple[float, str]:
   if device.platform == "cpu":
     return peak, "measured: jitted float32 2048^3 matmul on this CPU"
   return peak, "unknown (set config.train.peak_flops_per_device)"
+
+
+def log(message: str, *args) -> None:
+  """A line for the user on process 0 (above the progress bar), also in the absl log."""
+  logging.info(message, *args)
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} {message % args if args else message}")
+
+
+def warn(message: str, *args) -> None:
+  """A warning every process logs, and process 0 also prints."""
+  logging.warning(message, *args)
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} warning: {message % args if args else message}")
 
 
 class MetricWriter:
@@ -102,7 +117,6 @@ class ProgressBar:
   def __init__(self, total_steps: int, initial_step: int):
     self._bar = None
     if jax.process_index() == 0:
-      import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
                             dynamic_ncols=True, smoothing=0.1)
 

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from etils import epath
 
+from lima_jax import checkpoint
 from lima_jax import paths
 
 SENTENCEPIECE = "sentencepiece"
@@ -444,7 +445,6 @@ def _read_tokenizer_files(path: epath.Path) -> tuple[str, dict[str, bytes]]:
 
 def _checkpoint_blob(path: epath.Path) -> dict | None:
   """The tokenizer a lima_jax checkpoint (or a workdir's newest one) carries, else None."""
-  from lima_jax import checkpoint  # pylint: disable=g-import-not-at-top  # Orbax: only when needed.
   try:
     return checkpoint.read_tokenizer_blob(path)
   except FileNotFoundError:

@@ -1,471 +1,40 @@
 """LIMA fine-tuning: `python -m lima_jax.train --config=configs/lima.py:PRESET --workdir=DIR`.
 
-The step is one `jax.jit` with explicit shardings (the design's "pjit"): the parameters and
-AdamW moments are split over the mesh by the logical-axis rules of `lima_jax.sharding`, the
-batch over its data axes, and the same code runs on one CPU, on simulated devices and on a TPU
-slice with only `config.mesh` changed. The state is created (or restored) directly into its
-shards and never gathered on one host.
-
-Public pieces for other tools (e.g. ahead-of-time compilation for a TPU topology):
-`make_train_step`, `abstract_train_state`, `abstract_batch`, `init_train_state`,
-`make_eval_step`, `TrainState`.
+The run's set-up (tokenizer and data first, so bad input stops it before any compile; the mesh;
+the model config; pretrained weights; the resume point; which checkpoints to keep) and its loop
+(steps, metrics, saves, dev evaluation). The step itself is `lima_jax.train_step`; what differs
+on several hosts, `lima_jax.distributed`.
 """
 
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-import tqdm
+from absl import flags
 from absl import logging
 from jax.experimental import mesh_utils
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from lima_jax import aot
 from lima_jax import checkpoint as ckpt_lib
+from lima_jax import convert
 from lima_jax import data as data_lib
+from lima_jax import distributed
 from lima_jax import errors
+from lima_jax import flops as flops_lib
 from lima_jax import hardware
 from lima_jax import lora as lora_lib
+from lima_jax import lora_io
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
-from lima_jax import optim
 from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import tokenizer as tokenizer_lib
-
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
-BATCH_LOGICAL_AXES = ("batch", "length")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes; a pytree, so it crosses `jit` and Orbax as is.
-
-  `rng` is the run's base key (raw uint32 key data, so it serialises plainly); each step's
-  dropout key is derived from it and the step number, never carried forward, so a resumed run
-  draws the same masks as an uninterrupted one.
-
-  With LoRA (`config.lora.rank` > 0) `params` are only the trainable adapters and rows (what the
-  optimizer and the checkpoints see) and `frozen` the base weights, which no step changes.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
-  frozen: Any = None
-
-
-def _key_data() -> jax.ShapeDtypeStruct:
-  """Shape and dtype of a raw key under the configured PRNG implementation (threefry: uint32[2])."""
-  return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-
-
-def _replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
-
-
-def _schedule_steps(config, total_steps: int | None) -> int:
-  """The lr schedule's length: the run's, or a stand-in where only the program's shape matters."""
-  return int(total_steps or config.train.max_steps or 1000)
-
-
-def _optimizer(config, total_steps: int | None) -> optax.GradientTransformation:
-  return optim.make_optimizer(config.optimizer, _schedule_steps(config, total_steps))
-
-
-param_shardings = model_lib.param_shardings  # One definition, beside the parameters' logical axes.
-
-
-def abstract_trainable(model_config: model_lib.ModelConfig) -> dict:
-  """Shapes of a LoRA model's trainable tree (adapters + rows)."""
-  return jax.eval_shape(lambda p: lora_lib.trainable_of(model_config, p),
-                        model_lib.abstract_params(model_config))
-
-
-def trainable_shardings(model_config: model_lib.ModelConfig, mesh: Mesh):
-  abstract = abstract_trainable(model_config)
-  return sharding.tree_shardings(lora_lib.trainable_logical_axes(abstract), abstract, mesh)
-
-
-def full_params(model_config: model_lib.ModelConfig, state: TrainState):
-  """The model's parameter tree of a state: for LoRA the base joined with the adapters and rows
-  (outside jit no base weight is copied), else `state.params`."""
-  if state.frozen is None:
-    return state.params
-  full = lora_lib.join(model_config, state.frozen, state.params)
-  # The tables with their rows written back keep the base's layout (what the eval step expects).
-  full["embed"] = {**full["embed"], "embedding": jax.device_put(
-      full["embed"]["embedding"], state.frozen["embed"]["embedding"].sharding)}
-  if "lm_head" in full:
-    full["lm_head"] = jax.device_put(full["lm_head"], state.frozen["lm_head"].sharding)
-  return full
-
-
-def abstract_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh,
-                         total_steps: int | None = None) -> TrainState:
-  """The train state as jax.ShapeDtypeStruct leaves carrying their shardings; allocates nothing."""
-  tx = _optimizer(config, total_steps)
-  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  frozen = None
-  if lora_lib.enabled(model_config):
-    params = abstract_trainable(model_config)
-    p_shard = trainable_shardings(model_config, mesh)
-    base = lora_lib.base_config(model_config)
-    frozen = jax.tree.map(with_sharding, model_lib.abstract_params(base), param_shardings(base, mesh))
-  else:
-    params = model_lib.abstract_params(model_config)
-    p_shard = param_shardings(model_config, mesh)
-  opt_state = jax.eval_shape(tx.init, params)
-  o_shard = optim.opt_state_shardings(opt_state, params, p_shard, mesh)
-  rep = _replicated(mesh)
-  return TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-      params=jax.tree.map(with_sharding, params, p_shard),
-      opt_state=jax.tree.map(with_sharding, opt_state, o_shard),
-      rng=jax.ShapeDtypeStruct(_key_data().shape, _key_data().dtype, sharding=rep),
-      frozen=frozen)
-
-
-def state_shardings(abstract_state: TrainState):
-  return jax.tree.map(lambda x: x.sharding, abstract_state)
-
-
-def batch_sharding(mesh: Mesh, batch_size: int, max_len: int) -> NamedSharding:
-  """Rows over the data axes ("batch" -> data, fsdp), positions over "sequence"."""
-  spec = sharding.logical_to_spec(BATCH_LOGICAL_AXES, mesh=mesh, shape=(batch_size, max_len))
-  return NamedSharding(mesh, spec)
-
-
-def abstract_batch(config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch a step takes: [train.batch_size, data.max_len] per key, sharded."""
-  b, s = int(config.train.batch_size), int(config.data.max_len)
-  shard = batch_sharding(mesh, b, s)
-  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-            "positions": jnp.int32, "segment_ids": jnp.int32}
-  return {k: jax.ShapeDtypeStruct((b, s), dtypes[k], sharding=shard) for k in BATCH_KEYS}
-
-
-def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, seed: int,
-                     params=None, total_steps: int | None = None) -> TrainState:
-  """A fresh state, created inside `jit` straight into its shards.
-
-  With `params` (e.g. pretrained weights already restored into their shards) only the optimizer
-  state is created; otherwise the parameters are initialised from `seed`. Each device computes
-  only its own slice (threefry is partitionable), so no host ever holds the full model. With
-  LoRA, `params` is the base model (no adapters): it becomes `frozen`, and the adapters are
-  drawn from `seed`.
-  """
-  tx = _optimizer(config, total_steps)
-  shards = state_shardings(abstract_train_state(config, model_config, mesh, total_steps))
-
-  def init(params):
-    init_key, base_key = jax.random.split(jax.random.key(seed))
-    frozen = None
-    if lora_lib.enabled(model_config):
-      frozen = params if params is not None else base_init(model_config, seed)
-      params = lora_lib.init_trainable(model_config, frozen, jax.random.fold_in(init_key, 1))
-    elif params is None:
-      params = model_lib.init_params(model_config, init_key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(base_key), frozen=frozen)
-
-  if params is None:
-    fn, args = jax.jit(lambda: init(None), out_shardings=shards), ()
-  else:
-    fn, args = jax.jit(init, out_shardings=shards, donate_argnums=0), (params,)
-  # XLA:CPU spends seconds optimising each threefry kernel at its default level 2; level 1
-  # compiles them ~8x faster and runs them as fast. The init runs once, so this is pure gain.
-  cpu = mesh.devices.flat[0].platform == "cpu"
-  options = {"xla_backend_optimization_level": 1} if cpu else None
-  return fn.lower(*args).compile(compiler_options=options)(*args)
-
-
-def base_init(model_config: model_lib.ModelConfig, seed: int) -> dict:
-  """The random base of a LoRA model without a pretrained one: what full fine-tuning from
-  `seed` would start from (pure, so a resumed run and `lima_jax.lora_io` rebuild it exactly)."""
-  init_key, _ = jax.random.split(jax.random.key(seed))
-  return model_lib.init_params(lora_lib.base_config(model_config), init_key)
-
-
-def dropout_key(rng: jax.Array, step: jax.Array, micro_batch: int | jax.Array) -> jax.Array:
-  """The dropout key of one micro-batch of one step: a pure function of (run key, step, index)."""
-  key = jax.random.wrap_key_data(rng)
-  return jax.random.fold_in(jax.random.fold_in(key, step), micro_batch)
-
-
-def token_losses(model_config: model_lib.ModelConfig, params, batch: Mapping[str, jax.Array],
-                 key: jax.Array | None) -> jax.Array:
-  """Per-token cross entropy [B, S] (float32), computed on the padded-vocabulary logits.
-
-  The padded logits sit at a large negative value, so they add nothing to the softmax while the
-  vocabulary dimension keeps a size that splits evenly over the tensor axis.
-  """
-  model = model_lib.bind(model_config, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                 dropout_key=key, padded_vocab=True)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-
-
-def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
-                    total_steps: int | None = None) -> tuple[Callable, TrainState, dict]:
-  """The jitted optimizer step and the shardings it expects.
-
-  Returns `(step_fn, state_shardings, batch_shardings)`; `step_fn(state, batch) -> (state,
-  metrics)` donates the old state. `batch` is a dict of global arrays [train.batch_size,
-  data.max_len] with keys `BATCH_KEYS`. The loss is the mean cross entropy over the loss-mask
-  tokens of the whole global batch (so every trained token weighs the same, whatever the
-  length of its conversation), and gradient accumulation over `train.micro_batches` divides by
-  that same global count, making it equal to one big batch up to float summation order.
-  `total_steps` sets the lr schedule's length; it does not change the compiled program's shape,
-  so ahead-of-time compilation may leave it out. The mesh is an argument and nothing here looks
-  at the devices, so the step lowers for any topology.
-  """
-  tx = _optimizer(config, total_steps)
-  abstract = abstract_train_state(config, model_config, mesh, total_steps)
-  shards = state_shardings(abstract)
-  b_shards = {k: x.sharding for k, x in abstract_batch(config, mesh).items()}
-  micro = int(config.train.micro_batches)
-  batch_size = int(config.train.batch_size)
-  if micro < 1 or batch_size % micro:
-    raise ValueError(f"config.train.batch_size={batch_size} does not split into "
-                     f"train.micro_batches={micro} equal micro-batches")
-  schedule = optim.learning_rate_schedule(config.optimizer, _schedule_steps(config, total_steps))
-
-  adapter_dropout = lora_lib.enabled(model_config) and model_config.lora.dropout > 0
-
-  def dropout_key_or_none(state, index):
-    # A zero rate would still draw a mask per residual; skip the work instead.
-    if model_config.residual_dropout <= 0 and not adapter_dropout:
-      return None
-    return dropout_key(state.rng, state.step, index)
-
-  def micro_grads(params, frozen, batch, key, denom):
-    def loss_fn(p):
-      full = p if frozen is None else lora_lib.join(model_config, frozen, p)
-      losses = token_losses(model_config, full, batch, key)
-      return jnp.sum(losses * batch["loss_mask"]) / denom
-    return jax.value_and_grad(loss_fn)(params)
-
-  def step_fn(state: TrainState, batch):
-    with sharding.activation_sharding(mesh):
-      denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-      if micro == 1:
-        loss, grads = micro_grads(state.params, state.frozen, batch,
-                                  dropout_key_or_none(state, 0), denom)
-      else:
-        # Row r of micro-batch m is global row r * micro + m: each device keeps its own rows.
-        split = jax.tree.map(
-            lambda x: sharding.constrain(
-                x.reshape(batch_size // micro, micro, *x.shape[1:]).swapaxes(0, 1),
-                (None, *BATCH_LOGICAL_AXES)), batch)
-
-        def accumulate(carry, inputs):
-          loss_sum, grad_sum = carry
-          index, mb = inputs
-          loss, grads = micro_grads(state.params, state.frozen, mb,
-                                    dropout_key_or_none(state, index), denom)
-          grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-          grad_sum = jax.lax.with_sharding_constraint(grad_sum, shards.params)
-          return (loss_sum + loss, grad_sum), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, shards.params)
-        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                        (jnp.arange(micro), split))
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      metrics = {
-          "loss": loss,
-          "grad_norm": optax.tree.norm(grads),
-          "lr": schedule(state.step),
-          "loss_tokens": jnp.sum(batch["loss_mask"]),
-          "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
-          # Sum of squared sequence lengths: a sequence of length n has positions 0..n-1 and
-          # sum(2p + 1) = n^2, the query-key pairs its (segment-local) attention computes.
-          "attended": jnp.sum(jnp.where(batch["segment_ids"] > 0,
-                                        2 * batch["positions"].astype(jnp.float32) + 1, 0.0)),
-      }
-      new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-      return new_state, metrics
-
-  rep = _replicated(mesh)
-  metric_shards = {k: rep for k in ("loss", "grad_norm", "lr", "loss_tokens", "tokens", "attended")}
-  jitted = jax.jit(step_fn, in_shardings=(shards, b_shards), out_shardings=(shards, metric_shards),
-                   donate_argnums=0)
-  return jitted, shards, b_shards
-
-
-def make_eval_step(model_config: model_lib.ModelConfig, mesh: Mesh, params_shardings,
-                   batch_shardings) -> Callable:
-  """Jitted (params, batch) -> (summed loss over loss-mask tokens, their count); no dropout."""
-  def eval_fn(params, batch):
-    with sharding.activation_sharding(mesh):
-      losses = token_losses(model_config, params, batch, None)
-      return jnp.sum(losses * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
-  rep = _replicated(mesh)
-  return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings), out_shardings=(rep, rep))
-
-
-# -- The training job ----------------------------------------------------------------------------
-
-
-class BadDataError(errors.InputError):
-  """Input data (or the tokenizer) that cannot be trained on; the command exits with status 2."""
-
-
-class ConfigError(errors.InputError):
-  """Config fields that contradict each other or the checkpoint; found before any compile, exit 2."""
-
-
-# Exit status of a process whose peer was lost (killed, preempted, crashed): rerun all hosts.
-EXIT_PEER_LOST = 3
-_peer_loss_hint = {"workdir": None, "saved_step": None}
-
-
-def peer_lost(reason: str) -> None:
-  """Says that a peer process is gone and how to resume, then ends this process at once.
-
-  Called from the training loop when a collective fails because its peer is gone (CPU's gloo
-  says so at once). It exits without cleanup: waiting for saves or barriers that need the dead
-  peer would hang, and every checkpoint on disk is either committed or never counted.
-  """
-  n, i = jax.process_count(), jax.process_index()
-  workdir = _peer_loss_hint["workdir"] or "the same directory"
-  saved = _peer_loss_hint["saved_step"]
-  first_line = reason.strip().splitlines()[0][:400] if reason.strip() else "no detail"
-  since = f" (the last save started was step {saved})" if saved is not None else ""
-  sys.stdout.flush()
-  sys.stderr.write(
-      f"\nerror: process {i} of {n} lost a peer process: another host of this run was killed, "
-      f"preempted or crashed ({first_line}).\n"
-      f"To resume, rerun the same command on all {n} hosts with the same --workdir={workdir}: "
-      f"the run continues from the newest finished checkpoint there{since}.\n")
-  sys.stderr.flush()
-  if _reporter is not None:
-    _reporter.orderly_exit()
-  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
-
-
-def _looks_like_lost_peer(error: Exception) -> bool:
-  """True for the runtime errors a dead peer causes in a cross-process collective or RPC (not
-  for timeouts: a slow peer is not a lost one)."""
-  text = str(error).lower()
-  return any(marker in text for marker in (
-      "connection closed", "connection reset", "connection refused", "socket closed",
-      "heartbeat", "unavailable:"))
-
-
-def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
-  """A barrier of the coordination service (no device collective) across the job's processes.
-
-  Processes finish compiling at different times (one hits the compilation cache, another not),
-  and the first cross-process collective gives up early: CPU's gloo sets up its context then,
-  and waits 30 s for the peers.
-  """
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  client = distributed.global_state.client
-  if jax.process_count() > 1 and client is not None:
-    client.wait_at_barrier(f"lima_jax:{name}", timeout_in_ms=timeout_s * 1000)
-
-
-# Run beside each process of a multi-process job: it reads its stdin until the training process
-# ends, however it ends, and speaks where that process could not (an abort from C++).
-_WATCHER = """
-import os, sys
-if b"ok" not in sys.stdin.buffer.read():
-  os.write(2, sys.argv[1].encode())
-"""
-
-
-class _AbnormalEndReporter:
-  """Says how to resume when this process of a multi-process job dies without a word.
-
-  When a peer host is lost, JAX's distributed runtime ends the survivors from C++ (a missed
-  heartbeat, 100 s by default, or the coordinator's socket closing; "Terminating process because
-  the JAX distributed service detected fatal errors"), before any Python handler can run: its
-  error callback cannot be given a Python function (jaxlib 0.10.2 fails to convert the status
-  it passes). So a small watcher process holds a pipe from this one; if the pipe closes without
-  the "ok" that every orderly exit sends, the watcher prints the guidance on the same stderr.
-  """
-
-  def __init__(self, workdir: str):
-    n, i = jax.process_count(), jax.process_index()
-    message = (
-        f"\nerror: process {i} of {n} of this run ended abnormally. If a peer host was lost "
-        f"(killed, preempted or crashed), JAX's distributed runtime ends the survivors this way "
-        f"(see 'Terminating process because the JAX distributed service detected fatal errors' "
-        f"above).\nTo resume, rerun the same command on all {n} hosts with the same "
-        f"--workdir={workdir}: the run continues from the newest finished checkpoint there.\n")
-    self._proc = subprocess.Popen([sys.executable, "-c", _WATCHER, message], stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, start_new_session=True)
-
-  def orderly_exit(self) -> None:
-    """Tells the watcher that this exit is explained (a normal end, or a message printed)."""
-    try:
-      self._proc.stdin.write(b"ok")
-      self._proc.stdin.close()
-    except (OSError, ValueError):
-      pass
-
-
-_reporter: _AbnormalEndReporter | None = None
-_report_abnormal_end = False  # The command line (`main`) asks for the watcher; library use does not.
-
-
-def maybe_initialize_distributed(config) -> None:
-  """Joins the multi-host job when asked (`train.distributed`) or when the environment says so.
-
-  On Cloud TPU (and SLURM, Open MPI), `jax.distributed.initialize()` finds the coordinator
-  itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID. CPU processes (tests, a cluster of CPU hosts) exchange collectives via gloo.
-  """
-  env = os.environ
-  if not (config.train.get("distributed", False) or env.get("JAX_COORDINATOR_ADDRESS")):
-    return
-  if jax.distributed.is_initialized():
-    return
-  # Only CPU arrays use this (TPU collectives go over ICI/DCN); without it CPU processes
-  # cannot run cross-process collectives at all.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
-  if env.get("JAX_NUM_PROCESSES"):
-    kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-  if env.get("JAX_PROCESS_ID"):
-    kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-  jax.distributed.initialize(**kwargs)
-  global _reporter
-  if _report_abnormal_end and jax.process_count() > 1 and _reporter is None:
-    _reporter = _AbnormalEndReporter(_peer_loss_hint["workdir"] or "the same directory")
-
-
-def _log(message: str, *args) -> None:
-  """A line for the user on process 0 (above the progress bar), also in the absl log."""
-  logging.info(message, *args)
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} {message % args if args else message}")
-
-
-def _warn(message: str, *args) -> None:
-  """A warning every process logs, and process 0 also prints."""
-  logging.warning(message, *args)
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} warning: {message % args if args else message}")
-
-
-_is_hf_dir = ckpt_lib.is_hf_dir
+from lima_jax import train_step
 
 
 def load_run_tokenizer(config):
@@ -473,7 +42,7 @@ def load_run_tokenizer(config):
   init_from = config.model.init_from
   if config.data.tokenizer_path or not init_from:
     return data_lib.tokenizer_from_config(config.data)
-  if _is_hf_dir(init_from):
+  if ckpt_lib.is_hf_dir(init_from):
     return tokenizer_lib.load_tokenizer(init_from, eot=config.data.eot_token)
   blob = ckpt_lib.read_tokenizer_blob(init_from)
   if blob is None:
@@ -500,8 +69,8 @@ class RunData:
         self.dev_prompts = [c.prompt_turns for c in conversations[:int(config.train.dev_generations)]]
         self.dev_prompt_ids = [data_lib.tokenize_prompt(self.tokenizer, turns).tolist()
                                for turns in self.dev_prompts]
-    except (data_lib.DataError, FileNotFoundError, ValueError) as e:
-      raise BadDataError(str(e)) from e
+    except (FileNotFoundError, ValueError) as e:  # records.DataError is a ValueError.
+      raise errors.InputError(str(e)) from e
 
 
 def run_mesh(config, devices=None) -> Mesh:
@@ -536,8 +105,7 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   fields = dict(config.model)
   init_from = config.model.init_from
   if init_from:
-    from lima_jax import convert  # pylint: disable=g-import-not-at-top  # Only to start from weights.
-    base = (convert.hf_config_to_model_config(init_from) if _is_hf_dir(init_from)
+    base = (convert.hf_config_to_model_config(init_from) if ckpt_lib.is_hf_dir(init_from)
             else lora_lib.base_config(ckpt_lib.read_model_config(init_from)))
     runtime = ("param_dtype", "dtype", "scan_layers", "remat_policy", "residual_dropout", "attention")
     fields = {**base.to_dict(), **{k: fields[k] for k in runtime}}
@@ -555,11 +123,11 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   max_len, max_seq_len = int(config.data.max_len), int(fields["max_seq_len"])
   if max_len > max_seq_len:
     if init_from:
-      raise ConfigError(
+      raise errors.InputError(
           f"data.max_len={max_len} is longer than the pretrained model's context: model.init_from="
           f"{init_from} has max_position_embeddings={max_seq_len}, and lima_jax does not "
           f"extrapolate RoPE; set --config.data.max_len={max_seq_len} (or less)")
-    raise ConfigError(
+    raise errors.InputError(
         f"data.max_len={max_len} is longer than model.max_seq_len={max_seq_len} (RoPE would run "
         f"past the positions the model is made for); set --config.data.max_len={max_seq_len} or "
         f"--config.model.max_seq_len={max_len}")
@@ -597,7 +165,7 @@ def needs_fresh_eot_row(init_from: str, base_vocab_size: int, tokenizer) -> bool
   eot = tokenizer.eot_id
   if base_vocab_size <= eot or base_vocab_size == tokenizer.vocab_size:
     return False
-  if _is_hf_dir(init_from):
+  if ckpt_lib.is_hf_dir(init_from):
     return not _declares_eot(init_from, tokenizer)
   return not (ckpt_lib.resolve(init_from) / ckpt_lib.TRAIN_STATE).is_dir()
 
@@ -609,19 +177,17 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
   embedding is padded past the tokenizer (`needs_fresh_eot_row`; needs `tokenizer`), the
   padding row at its id overwritten with the mean of the tokenizer's rows.
   """
-  from lima_jax import convert  # pylint: disable=g-import-not-at-top  # Only to start from weights.
   init_from = config.model.init_from
-  if _is_hf_dir(init_from):
+  if ckpt_lib.is_hf_dir(init_from):
     base = convert.hf_config_to_model_config(init_from)
   else:
     base = ckpt_lib.read_model_config(init_from)
   saved_lora = base.lora
   base = lora_lib.base_config(base).replace(param_dtype=model_config.param_dtype)
-  base_shards = param_shardings(base, mesh)
-  if _is_hf_dir(init_from):
+  base_shards = model_lib.param_shardings(base, mesh)
+  if ckpt_lib.is_hf_dir(init_from):
     params, _ = convert.load_hf_params(init_from, base_shards, dtype=model_config.param_dtype)
   elif saved_lora is not None:  # An adapter checkpoint: its base with the adapters merged in.
-    from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
     params = lora_io.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
   else:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -630,14 +196,14 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
   if base.vocab_size == model_config.vocab_size:
     if tokenizer is None or not needs_fresh_eot_row(init_from, base.vocab_size, tokenizer):
       return params
-    _log("model.init_from has %d rows for %d tokenizer ids: EOT (id %d) gets a fresh row at the "
+    metrics_lib.log("model.init_from has %d rows for %d tokenizer ids: EOT (id %d) gets a fresh row at the "
          "mean of the first %d, over the padding row there", base.vocab_size, tokenizer.vocab_size,
          tokenizer.eot_id, tokenizer.base_vocab_size)
     fresh = lambda p: convert.set_rows_to_mean(p, (tokenizer.eot_id,), tokenizer.base_vocab_size)
-    return jax.jit(fresh, out_shardings=param_shardings(lora_lib.base_config(model_config), mesh),
+    return jax.jit(fresh, out_shardings=model_lib.param_shardings(lora_lib.base_config(model_config), mesh),
                    donate_argnums=0)(params)
   grow = lambda p: convert.add_eot_row(p, base, model_config.vocab_size)[0]
-  out_shards = param_shardings(lora_lib.base_config(model_config), mesh)
+  out_shards = model_lib.param_shardings(lora_lib.base_config(model_config), mesh)
   return jax.jit(grow, out_shardings=out_shards, donate_argnums=0)(params)
 
 
@@ -649,8 +215,8 @@ def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh):
   if config.model.init_from:
     return load_pretrained_params(config, model_config, mesh)
   base = lora_lib.base_config(model_config)
-  return jax.jit(lambda: base_init(model_config, model_config.lora.base_seed),
-                 out_shardings=param_shardings(base, mesh))()
+  return jax.jit(lambda: train_step.base_init(model_config, model_config.lora.base_seed),
+                 out_shardings=model_lib.param_shardings(base, mesh))()
 
 
 def _host_array(value, sharding_: NamedSharding) -> jax.Array:
@@ -672,55 +238,6 @@ def _config_differences(saved: Mapping, current: Mapping, prefix: str = "") -> l
     elif a != b:
       out.append(f"{prefix}{key}: {a!r} -> {b!r}")
   return out
-
-
-class StopSignal:
-  """SIGTERM (TPU preemption) -> save at the next step boundary and exit cleanly.
-
-  One process catches the signal itself. Several processes must agree on the step, so there
-  JAX's preemption sync point (which also listens for SIGTERM) decides; where it is not set up
-  (`jax_enable_preemption_service` off, or the job joined without `jax.distributed`), the log
-  says so at start-up rather than handling preemption silently not at all.
-  """
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-    self.enabled = True
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    elif not self.multihost_sync_available():
-      self._disable("JAX's preemption sync manager is not set up (is jax_enable_preemption_service "
-                    "off, or was jax.distributed initialised without it?)")
-
-  @staticmethod
-  def multihost_sync_available() -> bool:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    state = distributed.global_state
-    return state.client is not None and state.preemption_sync_manager is not None
-
-  def _disable(self, why: str) -> None:
-    self.enabled = False
-    _warn("preemption handling is OFF: %s. A SIGTERM now ends the hosts without a final save; "
-          "a rerun resumes from the newest finished checkpoint", why)
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.received = True
-
-  def should_stop(self, step: int) -> bool:
-    if not self.enabled:
-      return False
-    if jax.process_count() > 1:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError as e:
-        self._disable(f"reached_preemption_sync_point failed: {e}")
-        return False
-    return self.received
-
-  def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def generate_dev_responses(config, model_config, params, mesh, run_data: RunData) -> list[dict]:
@@ -778,7 +295,7 @@ def parse_epochs(spec: str, field: str = "train.keep_epochs") -> frozenset[int] 
         raise ValueError(part)
       epochs.update(range(first, last + 1))
   except ValueError:
-    raise ConfigError(f"{field}={spec!r}: expected epoch numbers from 1 as ranges and lists, e.g. "
+    raise errors.InputError(f"{field}={spec!r}: expected epoch numbers from 1 as ranges and lists, e.g. "
                       f"\"5-10\" or \"5,8,10\" (\"\" keeps every epoch)") from None
   return frozenset(epochs)
 
@@ -794,7 +311,7 @@ def superseded_steps(finished: list[int], keep_epochs: frozenset[int] | None,
 
 
 def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
-                 total_steps: int) -> TrainState | None:
+                 total_steps: int) -> train_step.TrainState | None:
   """The state of the newest step in the workdir that an exact resume can start from, or None.
 
   A step resumes exactly only with its `opt_state/`; with `train.keep_optimizer_state=latest`
@@ -807,30 +324,30 @@ def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
   if not finished:
     return None
   resumable = ckpt_lib.resumable_steps(manager)
-  rep = _replicated(mesh)
-  abstract = abstract_train_state(config, model_config, mesh, total_steps)
+  rep = train_step.replicated(mesh)
+  abstract = train_step.abstract_train_state(config, model_config, mesh, total_steps)
   step = resumable[-1] if resumable else finished[-1]
   params, opt_state, meta = ckpt_lib.restore_training(
       manager, step, params_target=abstract.params,
       opt_state_target=abstract.opt_state if resumable else None)
   if opt_state is None:
-    _warn("no checkpoint in %s keeps its optimizer state (opt_state/); continuing from step %d's "
+    metrics_lib.warn("no checkpoint in %s keeps its optimizer state (opt_state/); continuing from step %d's "
           "parameters with fresh AdamW moments: NOT an exact resume", manager.directory, step)
-    fresh = jax.jit(_optimizer(config, total_steps).init,
-                    out_shardings=state_shardings(abstract).opt_state)(params)
+    fresh = jax.jit(train_step.optimizer(config, total_steps).init,
+                    out_shardings=train_step.state_shardings(abstract).opt_state)(params)
     opt_state = _with_step_counts(fresh, int(meta["step"]))
   elif step != finished[-1]:
-    _warn("steps %s keep no optimizer state; resuming exactly from step %d, the newest that does, "
+    metrics_lib.warn("steps %s keep no optimizer state; resuming exactly from step %d, the newest that does, "
           "and training the later steps again", [s for s in finished if s > step], step)
-  rng = np.asarray(meta["rng"], _key_data().dtype)
-  state = TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
+  rng = np.asarray(meta["rng"], train_step.key_data_struct().dtype)
+  state = train_step.TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
                      opt_state=opt_state, rng=_host_array(rng, rep),
                      frozen=_lora_base(config, model_config, mesh))
   run_data.train.set_state(meta["data"])
   differences = _config_differences(meta.get("config", {}), _json_config(config))
-  _log("resumed from %s at step %d", manager.directory / str(step), meta["step"])
+  metrics_lib.log("resumed from %s at step %d", manager.directory / str(step), meta["step"])
   if differences:
-    _log("the config differs from the checkpoint's: %s", "; ".join(differences))
+    metrics_lib.log("the config differs from the checkpoint's: %s", "; ".join(differences))
   return state
 
 
@@ -847,11 +364,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the job in `workdir`; returns a summary (final step, losses, why it ended)."""
 
   workdir = paths.path(workdir)
-  _peer_loss_hint["workdir"] = str(workdir)
-  maybe_initialize_distributed(config)
+  distributed.set_resume_hint(workdir=str(workdir))
+  distributed.maybe_initialize_distributed(config)
   keep_opt = str(config.train.get("keep_optimizer_state", "latest"))
   if keep_opt not in ckpt_lib.KEEP_OPTIMIZER_STATE:
-    raise ConfigError(f"train.keep_optimizer_state={keep_opt!r}; expected one of "
+    raise errors.InputError(f"train.keep_optimizer_state={keep_opt!r}; expected one of "
                       f"{', '.join(ckpt_lib.KEEP_OPTIMIZER_STATE)}")
   keep_epochs = parse_epochs(config.train.get("keep_epochs", ""))
   run_data = RunData(config)  # Bad data stops the run here, before any compile or weight load.
@@ -859,35 +376,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   total_steps = int(config.train.epochs) * steps_per_epoch
   if config.train.max_steps:
     total_steps = min(total_steps, int(config.train.max_steps))
-  _log("data: %s", run_data.train.stats.summary())
-  _log("%d steps per epoch, %d epochs, %d optimizer steps of %d conversations", steps_per_epoch,
+  metrics_lib.log("data: %s", run_data.train.stats.summary())
+  metrics_lib.log("%d steps per epoch, %d epochs, %d optimizer steps of %d conversations", steps_per_epoch,
        config.train.epochs, total_steps, config.train.batch_size)
   done = finished_step(workdir, total_steps)
   if done is not None:
-    _log("already finished: %s holds step %d of %d; nothing to do (another --workdir starts a "
+    metrics_lib.log("already finished: %s holds step %d of %d; nothing to do (another --workdir starts a "
          "new run)", workdir / ckpt_lib.CHECKPOINTS_SUBDIR, done, total_steps)
     return {"start_step": done, "total_steps": total_steps, "losses": [], "final_step": done,
             "ended": "finished"}
 
   mesh = run_mesh(config)
   model_config = build_model_config(config, run_data.tokenizer)
-  _log("mesh %s over %d devices (%d processes); model %.1fM parameters",
+  metrics_lib.log("mesh %s over %d devices (%d processes); model %.1fM parameters",
        dict(mesh.shape), mesh.size, jax.process_count(), model_config.num_params() / 1e6)
   if lora_lib.enabled(model_config):
-    _log("LoRA rank %d on %s: %.2fM trainable parameters, base frozen in %s (%s)",
+    metrics_lib.log("LoRA rank %d on %s: %.2fM trainable parameters, base frozen in %s (%s)",
          model_config.lora.rank, ",".join(model_config.lora.targets),
          lora_lib.num_trainable(model_config) / 1e6, model_config.param_dtype,
          model_config.lora.base or f"random init, seed {model_config.lora.base_seed}")
-  step_fn, shards, b_shards = make_train_step(config, model_config, mesh, total_steps)
+  step_fn, shards, b_shards = train_step.make_train_step(config, model_config, mesh, total_steps)
   batch_spec = next(iter(b_shards.values())).spec
-  eval_step = make_eval_step(model_config, mesh, param_shardings(model_config, mesh), b_shards)
+  eval_step = train_step.make_eval_step(model_config, mesh, model_lib.param_shardings(model_config, mesh), b_shards)
 
   manager = ckpt_lib.checkpoint_manager(workdir, keep=int(config.train.keep_checkpoints))
   state = resume_state(config, model_config, mesh, manager, run_data, total_steps)
   if state is None:
     params = (load_pretrained_params(config, model_config, mesh, run_data.tokenizer)
               if config.model.init_from else None)
-    state = init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
+    state = train_step.init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
   start_step = int(jax.device_get(state.step))
 
   def prune() -> None:
@@ -913,21 +430,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if ckpt_lib.save_training(manager, step, params=state.params, opt_state=state.opt_state,
                               model_config=model_config, tokenizer_blob=run_data.tokenizer.to_blob(),
                               train_state=meta):
-      _peer_loss_hint["saved_step"] = step
-      _log("saving checkpoint %s", manager.directory / str(step))
+      distributed.set_resume_hint(saved_step=step)
+      metrics_lib.log("saving checkpoint %s", manager.directory / str(step))
 
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
   peak, peak_source = metrics_lib.peak_flops(float(config.train.peak_flops_per_device))
-  _log("peak FLOP/s per device for MFU: %.3g (%s)", peak, peak_source)
+  metrics_lib.log("peak FLOP/s per device for MFU: %.3g (%s)", peak, peak_source)
   batch_size, max_len = int(config.train.batch_size), int(config.data.max_len)
-  stop = StopSignal()
+  stop = distributed.StopSignal()
   bar = metrics_lib.ProgressBar(total_steps, start_step)
   summary: dict[str, Any] = {"start_step": start_step, "total_steps": total_steps, "losses": []}
   ended = "finished"
   compile_start = time.perf_counter()
-  compiled_step = step_fn.lower(state, abstract_batch(config, mesh)).compile()
-  _log("compiled the train step in %.1f s", time.perf_counter() - compile_start)
-  wait_for_all_processes("train_step_compiled")
+  compiled_step = step_fn.lower(state, train_step.abstract_batch(config, mesh)).compile()
+  metrics_lib.log("compiled the train step in %.1f s", time.perf_counter() - compile_start)
+  distributed.wait_for_all_processes("train_step_compiled")
   last = time.perf_counter()
   epoch_tokens = [0.0, 0.0]  # Non-pad tokens and all positions of the epoch's batches so far.
   try:
@@ -939,8 +456,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         state, step_metrics = compiled_step(state, batch)
         step_metrics = jax.device_get(step_metrics)
       except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() > 1 and _looks_like_lost_peer(e):
-          peer_lost(str(e))
+        if jax.process_count() > 1 and distributed.looks_like_lost_peer(e):
+          distributed.peer_lost(str(e))
         raise
       step += 1
       now = time.perf_counter()
@@ -952,7 +469,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if step % int(config.train.log_every_steps) == 0 or step == total_steps:
         # MFU and tokens/s count only real tokens (and attention within each real sequence);
         # HFU counts the padded program the chips run.
-        flops = aot.train_flops(model_config, batch_size, max_len, tokens=tokens,
+        flops = flops_lib.train_flops(model_config, batch_size, max_len, tokens=tokens,
                                 attended=float(step_metrics["attended"]))
         writer.write(step, {
             "loss": loss, "lr": step_metrics["lr"], "grad_norm": step_metrics["grad_norm"],
@@ -974,17 +491,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if epoch_end:
         padding = 1.0 - epoch_tokens[0] / max(epoch_tokens[1], 1.0)
         writer.write(step, {"epoch_padding_share": padding})
-        _log("epoch %d: %.1f%% of the batch positions were padding (MFU and tokens/s leave them out)",
+        metrics_lib.log("epoch %d: %.1f%% of the batch positions were padding (MFU and tokens/s leave them out)",
              step // steps_per_epoch, 100 * padding)
         epoch_tokens = [0.0, 0.0]
       if epoch_end and not preempted:  # A preempted host has seconds left: only the save counts.
         done = step // steps_per_epoch
-        dev = evaluate_dev(eval_step, full_params(model_config, state), run_data, mesh, batch_spec)
+        dev = evaluate_dev(eval_step, train_step.full_params(model_config, state), run_data, mesh, batch_spec)
         if dev:
           writer.write(step, dev, flush=True)
-          _log("epoch %d: dev loss %.4f, perplexity %.2f", done, dev["dev_loss"], dev["dev_perplexity"])
+          metrics_lib.log("epoch %d: dev loss %.4f, perplexity %.2f", done, dev["dev_loss"], dev["dev_perplexity"])
         summary.update(dev)
-        generations = generate_dev_responses(config, model_config, full_params(model_config, state),
+        generations = generate_dev_responses(config, model_config, train_step.full_params(model_config, state),
                                              mesh, run_data)
         if generations and jax.process_index() == 0:
           records = [{"epoch": done, "step": step, **g} for g in generations]
@@ -1004,18 +521,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.close()
     stop.restore()
   summary.update(final_step=step, ended=ended, state=state, model_config=model_config)
-  _log("%s at step %d of %d; checkpoints in %s", ended, step, total_steps, manager.directory)
+  metrics_lib.log("%s at step %d of %d; checkpoints in %s", ended, step, total_steps, manager.directory)
   return summary
 
 
 def main(argv) -> None:
   """The command's body; `lima_jax.cli.train` defines its flags (--config, --workdir) and runs it."""
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("workdir", config.preset)
-  global _report_abnormal_end
-  _report_abnormal_end = True
+  distributed.report_abnormal_ends()
   try:
     summary = train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
@@ -1026,10 +541,11 @@ def main(argv) -> None:
     # barrier (a peer died meanwhile) still leaves the watcher to explain it.
     if jax.distributed.is_initialized():
       jax.distributed.shutdown()
-    if _reporter is not None:
-      _reporter.orderly_exit()
+    distributed.orderly_exit()
 
 
 if __name__ == "__main__":
+  # Run as a script this file is `__main__`, not the library module `lima_jax.train` (which the
+  # command imports after its process set-up): no library module imports the command line.
   from lima_jax.cli import train as train_cli  # pylint: disable=g-import-not-at-top
   train_cli.run()

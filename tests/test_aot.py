@@ -18,13 +18,14 @@ import pytest
 
 from configs import lima
 from lima_jax import aot
+from lima_jax import flops
 from lima_jax import hardware
 from lima_jax import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = hardware.GiB
 needs_libtpu = pytest.mark.skipif(
-    not aot.libtpu_available(),
+    not hardware.libtpu_available(),
     reason="libtpu is not installed (pip install -r requirements-tpu.txt); TPU compiles skipped")
 
 
@@ -70,7 +71,7 @@ def test_peak_flops_from_chip_table():
 
 def test_analytic_flops_match_xla_count_of_unrolled_step():
   """cost_analysis() is exact for loop-free programs: unrolled layers, no remat, XLA attention."""
-  from lima_jax import sharding, train
+  from lima_jax import sharding, train_step
   config = small_tiny_config()
   config.model.scan_layers = False
   config.model.remat_policy = "none"
@@ -79,11 +80,11 @@ def test_analytic_flops_match_xla_count_of_unrolled_step():
   config.model.d_model, config.model.mlp_dim = 256, 688  # Matmuls dominate, as in real presets.
   model_config = model_lib.ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  step, _, _ = train.make_train_step(config, model_config, mesh)
-  lowered = step.lower(train.abstract_train_state(config, model_config, mesh),
-                       train.abstract_batch(config, mesh))
+  step, _, _ = train_step.make_train_step(config, model_config, mesh)
+  lowered = step.lower(train_step.abstract_train_state(config, model_config, mesh),
+                       train_step.abstract_batch(config, mesh))
   xla = lowered.cost_analysis()["flops"]
-  analytic = aot.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
+  analytic = flops.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
   assert abs(analytic - xla) / xla < 0.03, (analytic, xla)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lima_jax import data
+from lima_jax import records
 from lima_jax import tokenizer as tokenizer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -90,13 +91,13 @@ def test_prompt_layout_ends_with_the_user_turns_eot(tok):
 
 
 def test_truncation_and_skipping_are_counted(tok):
-  convs = [data.Conversation(("What is 15% of 80?", "It is 12."), path="f.jsonl", line=1),
-           data.Conversation(("Why is the sky blue?", "Rayleigh scattering."), path="f.jsonl",
+  convs = [records.Conversation(("What is 15% of 80?", "It is 12."), path="f.jsonl", line=1),
+           records.Conversation(("Why is the sky blue?", "Rayleigh scattering."), path="f.jsonl",
                              line=2)]
   tokens, mask = data.tokenize_conversation(tok, convs[0].turns, max_len=15)
   assert tokens.tolist() == ([BOS] + WHAT_IS + [EOT] + IT_IS)[:15]
   assert mask.tolist() == [False] * 13 + [True] * 2
-  stats = data.DataStats()
+  stats = records.DataStats()
   # At 12 tokens the first conversation keeps no assistant token; the second keeps one (index 11).
   examples = data.tokenize_conversations(convs, tok, max_len=12, stats=stats)
   assert [e.where for e in examples] == ["f.jsonl:2"]
@@ -108,7 +109,7 @@ def test_truncation_and_skipping_are_counted(tok):
 
 def test_all_skipped_is_an_error(tmp_path, tok):
   path = _write(tmp_path / "train.jsonl", [{"conversations": ["What is 15% of 80?", "It is 12."]}])
-  with pytest.raises(data.DataError, match=r"train\.jsonl: no conversation is left to learn "
+  with pytest.raises(records.DataError, match=r"train\.jsonl: no conversation is left to learn "
                                            r"from after truncation to data\.max_len=5"):
     data.make_train_loader(_lima_config(train_path=str(path), max_len=5), tok,
                            global_batch_size=1, process_index=0, process_count=1)
@@ -119,9 +120,9 @@ def test_all_skipped_is_an_error(tmp_path, tok):
 
 def test_bundled_sample():
   paths = data.bundled_paths()
-  train = data.read_jsonl(paths["train"])
-  dev = data.read_jsonl(paths["dev"])
-  test = data.read_jsonl(paths["test"], kind=data.PROMPTS)
+  train = records.read_jsonl(paths["train"])
+  dev = records.read_jsonl(paths["dev"])
+  test = records.read_jsonl(paths["test"], kind=records.PROMPTS)
   assert (len(train), len(dev), len(test)) == (50, 10, 20)
   assert sum(len(c.turns) > 2 for c in train) >= 3
   assert sum(len(c.turns) > 1 for c in test) >= 2
@@ -138,39 +139,39 @@ def test_schema_variants(tmp_path):
       {"conversations": ["q", "a"]},  # source is optional.
       {"conversations": [{"role": "user", "content": "q"}, {"from": "gpt", "value": "a"}]},
   ])
-  convs = data.read_jsonl(path)
+  convs = records.read_jsonl(path)
   assert [c.line for c in convs] == [1, 3, 4]
   assert convs[0].extra == {"id": 7} and convs[0].source == "s" and convs[1].source == ""
   assert convs[2].turns == ("q", "a")
   prompts = _write(tmp_path / "p.jsonl", [{"prompt": "q"}, {"conversations": ["q", "a", "q2"]}])
-  assert [c.turns for c in data.read_jsonl(prompts, kind=data.PROMPTS)] == [("q",),
+  assert [c.turns for c in records.read_jsonl(prompts, kind=records.PROMPTS)] == [("q",),
                                                                             ("q", "a", "q2")]
 
 
 BAD_LINES = [
-    ('{"conversations": ["q", "a"]', data.TRAIN, "not valid JSON"),
-    ('["q", "a"]', data.TRAIN, "must be a JSON object"),
-    ({"turns": ["q", "a"]}, data.TRAIN, "conversations: missing"),
-    ({"conversations": "q"}, data.TRAIN, "conversations: must be a list"),
-    ({"conversations": []}, data.TRAIN, "conversations: the list is empty"),
-    ({"conversations": ["q", 3]}, data.TRAIN, r"conversations\[1\]: a turn must be a string"),
-    ({"conversations": ["q", "  "]}, data.TRAIN, r"conversations\[1\]: the turn is empty"),
+    ('{"conversations": ["q", "a"]', records.TRAIN, "not valid JSON"),
+    ('["q", "a"]', records.TRAIN, "must be a JSON object"),
+    ({"turns": ["q", "a"]}, records.TRAIN, "conversations: missing"),
+    ({"conversations": "q"}, records.TRAIN, "conversations: must be a list"),
+    ({"conversations": []}, records.TRAIN, "conversations: the list is empty"),
+    ({"conversations": ["q", 3]}, records.TRAIN, r"conversations\[1\]: a turn must be a string"),
+    ({"conversations": ["q", "  "]}, records.TRAIN, r"conversations\[1\]: the turn is empty"),
     ({"conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
-     data.TRAIN, r"conversations\[0\]: .*does not start with a user turn"),
-    ({"conversations": [{"role": "system", "content": "s"}]}, data.TRAIN, "role 'system'"),
-    ({"conversations": ["q"]}, data.TRAIN, "no assistant turn"),
-    ({"conversations": ["q", "a", "q2"]}, data.TRAIN, "ends on a user turn"),
-    ({"conversations": ["q", "a"], "source": 1}, data.TRAIN, "source: must be a string"),
-    ({"conversations": ["q", "a"]}, data.PROMPTS, "a prompt must end on a user turn"),
+     records.TRAIN, r"conversations\[0\]: .*does not start with a user turn"),
+    ({"conversations": [{"role": "system", "content": "s"}]}, records.TRAIN, "role 'system'"),
+    ({"conversations": ["q"]}, records.TRAIN, "no assistant turn"),
+    ({"conversations": ["q", "a", "q2"]}, records.TRAIN, "ends on a user turn"),
+    ({"conversations": ["q", "a"], "source": 1}, records.TRAIN, "source: must be a string"),
+    ({"conversations": ["q", "a"]}, records.PROMPTS, "a prompt must end on a user turn"),
 ]
 
 
 @pytest.mark.parametrize("line,kind,message", BAD_LINES)
 def test_bad_line_names_file_line_and_field(tmp_path, line, kind, message):
-  first = {"conversations": ["q", "a"] if kind == data.TRAIN else ["q"]}  # A valid line 1.
+  first = {"conversations": ["q", "a"] if kind == records.TRAIN else ["q"]}  # A valid line 1.
   path = _write(tmp_path / "bad.jsonl", [first, line])
-  with pytest.raises(data.DataError, match=message) as e:
-    data.read_jsonl(path, kind=kind)
+  with pytest.raises(records.DataError, match=message) as e:
+    records.read_jsonl(path, kind=kind)
   assert str(e.value).startswith(f"{path}:2: ")
   assert (e.value.path, e.value.line) == (str(path), 2)
 
@@ -178,24 +179,24 @@ def test_bad_line_names_file_line_and_field(tmp_path, line, kind, message):
 def test_bad_utf8_and_empty_files(tmp_path):
   path = tmp_path / "latin1.jsonl"
   path.write_bytes('{"conversations": ["caf\u00e9", "a"]}\n'.encode("latin-1"))
-  with pytest.raises(data.DataError, match=r"latin1\.jsonl:1: not UTF-8"):
-    data.read_jsonl(path)
+  with pytest.raises(records.DataError, match=r"latin1\.jsonl:1: not UTF-8"):
+    records.read_jsonl(path)
   for content in ("", "\n  \n"):
     (tmp_path / "empty.jsonl").write_text(content)
-    with pytest.raises(data.DataError, match=r"empty\.jsonl: the file has no records"):
-      data.read_jsonl(tmp_path / "empty.jsonl")
+    with pytest.raises(records.DataError, match=r"empty\.jsonl: the file has no records"):
+      records.read_jsonl(tmp_path / "empty.jsonl")
   with pytest.raises(FileNotFoundError, match=r"missing\.jsonl: data file not found"):
-    data.read_jsonl(tmp_path / "missing.jsonl")
+    records.read_jsonl(tmp_path / "missing.jsonl")
   with pytest.raises(FileNotFoundError, match="the pattern matches no file"):
-    data.read_conversations(str(tmp_path / "nothing*.jsonl"))
+    records.read_conversations(str(tmp_path / "nothing*.jsonl"))
 
 
 def test_skip_bad_lines_counts_and_names_them(tmp_path, tok):
   good = {"conversations": ["What is 15% of 80?", "It is 12."]}
   path = _write(tmp_path / "mixed.jsonl", [good, "{oops", good, {"conversations": ["q"]}, good,
                                            {"conversations": ["q", ""]}])
-  with pytest.raises(data.DataError, match=r"mixed\.jsonl:2: not valid JSON"):
-    data.read_jsonl(path)
+  with pytest.raises(records.DataError, match=r"mixed\.jsonl:2: not valid JSON"):
+    records.read_jsonl(path)
   config = _lima_config(train_path=str(path), skip_bad_lines=True)
   train = data.make_train_loader(config, tok, global_batch_size=2, process_index=0,
                                  process_count=1)
@@ -207,15 +208,15 @@ def test_skip_bad_lines_counts_and_names_them(tmp_path, tok):
       stats.summary())
   assert stats.to_dict()["bad_line_locations"] == [f"{path}:2", f"{path}:4", f"{path}:6"]
   all_bad = _write(tmp_path / "all_bad.jsonl", ["{oops", "[]"])
-  with pytest.raises(data.DataError, match=r"all_bad\.jsonl: every line is bad \(2 skipped\)"):
-    data.read_jsonl(all_bad, skip_bad_lines=True)
+  with pytest.raises(records.DataError, match=r"all_bad\.jsonl: every line is bad \(2 skipped\)"):
+    records.read_jsonl(all_bad, skip_bad_lines=True)
 
 
 def test_paths_globs_and_lists(tmp_path):
   a = _write(tmp_path / "a.jsonl", [{"conversations": ["q", "a"]}])
   b = _write(tmp_path / "b.jsonl", [{"conversations": ["q2", "a2"]}] * 2)
-  assert len(data.read_conversations(str(tmp_path / "*.jsonl"))) == 3
-  assert [c.path for c in data.read_conversations(f"{b},{a}")] == [str(b), str(b), str(a)]
+  assert len(records.read_conversations(str(tmp_path / "*.jsonl"))) == 3
+  assert [c.path for c in records.read_conversations(f"{b},{a}")] == [str(b), str(b), str(a)]
 
 
 # -- Batches ------------------------------------------------------------------------------------------

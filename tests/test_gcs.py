@@ -28,6 +28,7 @@ from lima_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-posi
 from lima_jax import convert  # pylint: disable=wrong-import-position
 from lima_jax import data as data_lib  # pylint: disable=wrong-import-position
 from lima_jax import paths  # pylint: disable=wrong-import-position
+from lima_jax import records  # pylint: disable=wrong-import-position
 from lima_jax import safetensors_io  # pylint: disable=wrong-import-position
 from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 
@@ -92,15 +93,15 @@ def test_data_tokenizer_and_safetensors_read_from_gcs(gcs, tmp_path):
   for i in (1, 2):
     upload(BUNDLED["train"], f"{base}/lima/train-{i}.jsonl")
   upload(BUNDLED["tokenizer"], f"{base}/tok/tokenizer.model")
-  local = data_lib.read_conversations([BUNDLED["train"]] * 2)
-  remote = data_lib.read_conversations(f"{base}/lima/train-*.jsonl")
+  local = records.read_conversations([BUNDLED["train"]] * 2)
+  remote = records.read_conversations(f"{base}/lima/train-*.jsonl")
   assert [c.turns for c in remote] == [c.turns for c in local]
   assert remote[0].path == f"{base}/lima/train-1.jsonl"
   paths.path(f"{base}/bad.jsonl").write_text('{"conversations": ["hi", "hello"]}\n[1]\n')
-  with pytest.raises(data_lib.DataError, match=f"{base}/bad.jsonl:2:"):
-    data_lib.read_jsonl(f"{base}/bad.jsonl")
+  with pytest.raises(records.DataError, match=f"{base}/bad.jsonl:2:"):
+    records.read_jsonl(f"{base}/bad.jsonl")
   with pytest.raises(FileNotFoundError, match="train-9"):
-    data_lib.read_jsonl(f"{base}/lima/train-9.jsonl")
+    records.read_jsonl(f"{base}/lima/train-9.jsonl")
   tok = tokenizer_lib.load_tokenizer(f"{base}/tok")
   local_tok = tokenizer_lib.load_tokenizer(BUNDLED["tokenizer"])
   assert tok.encode("Hello there") == local_tok.encode("Hello there")

@@ -12,6 +12,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from lima_jax import data  # pylint: disable=g-import-not-at-top
 from lima_jax import lima_tfds  # pylint: disable=g-import-not-at-top
+from lima_jax import records  # pylint: disable=g-import-not-at-top
 from tests.test_data import _lima_config, _write  # pylint: disable=g-import-not-at-top
 
 tfds.disable_progress_bar()
@@ -42,9 +43,9 @@ def test_round_trip_matches_jsonl(manual_dir, data_dir):
   assert {s: built.info.splits[s].num_examples for s in ("train", "dev", "test")} == {
       "train": 51, "dev": 10, "test": 20}
   for split in ("train", "dev", "test"):
-    kind = data.SPLIT_KINDS[split]
+    kind = records.SPLIT_KINDS[split]
     from_tfds = lima_tfds.read_conversations("lima", split, data_dir=str(data_dir), kind=kind)
-    from_jsonl = data.read_jsonl(manual_dir / f"{split}.jsonl", kind=kind)
+    from_jsonl = records.read_jsonl(manual_dir / f"{split}.jsonl", kind=kind)
     assert from_tfds == from_jsonl  # Same turns, sources, files and lines, in file order.
   last = lima_tfds.read_conversations("lima", "train", data_dir=str(data_dir))[-1]
   assert last.extra == {"id": 9} and last.line == 51
@@ -71,7 +72,7 @@ def test_bad_line_stops_the_build_with_file_and_line(tmp_path, manual_dir):
   shutil.copytree(manual_dir, bad_manual)
   with open(bad_manual / "dev.jsonl", "a") as f:
     f.write('{"conversations": ["a question with no answer"]}\n')
-  with pytest.raises(data.DataError, match=r"dev\.jsonl:11: conversations: no assistant turn"):
+  with pytest.raises(records.DataError, match=r"dev\.jsonl:11: conversations: no assistant turn"):
     lima_tfds.prepare(data_dir=str(tmp_path / "tfds"), manual_dir=str(bad_manual))
   assert not lima_tfds.builder(data_dir=str(tmp_path / "tfds")).is_prepared()  # Nothing half-built.
   assert lima_tfds.main(["--manual_dir", str(bad_manual), "--data_dir",
@@ -81,12 +82,12 @@ def test_bad_line_stops_the_build_with_file_and_line(tmp_path, manual_dir):
   # raise with its file and line when they do not skip.
   config = _lima_config(tfds_name="lima", tfds_data_dir=str(tmp_path / "tfds"),
                         tfds_manual_dir=str(bad_manual), skip_bad_lines=True)
-  stats = data.DataStats()
+  stats = records.DataStats()
   dev = data.load_conversations(config, "dev", stats)
   assert len(dev) == 10
   assert [(pathlib.Path(b.path).name, b.line) for b in stats.bad_lines] == [("dev.jsonl", 11)]
   config.skip_bad_lines = False
-  with pytest.raises(data.DataError, match=r"dev\.jsonl:11: conversations: no assistant turn.*"
+  with pytest.raises(records.DataError, match=r"dev\.jsonl:11: conversations: no assistant turn.*"
                                            r"skipped 1 bad lines"):
     data.load_conversations(config, "dev")
 
@@ -97,7 +98,7 @@ def test_missing_files_and_splits(tmp_path):
   config = _lima_config(tfds_name="lima", tfds_data_dir=str(tmp_path / "tfds"),
                         tfds_manual_dir=str(tmp_path / "manual"))
   assert len(data.load_conversations(config, "train")) == 1
-  with pytest.raises(data.DataError, match=r"tfds:lima: no split 'dev' \(it has \['train'\]\); "
+  with pytest.raises(records.DataError, match=r"tfds:lima: no split 'dev' \(it has \['train'\]\); "
                                            r"add dev\.jsonl"):
     data.load_conversations(config, "dev")
   (tmp_path / "other").mkdir()

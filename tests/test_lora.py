@@ -20,6 +20,7 @@ from lima_jax import lora as lora_lib  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import sharding  # pylint: disable=wrong-import-position
 from lima_jax import train  # pylint: disable=wrong-import-position
+from lima_jax import train_step  # pylint: disable=wrong-import-position
 from test_train import (TINY_ARGS, compile_cache, lima_config, numpy_params,  # pylint: disable=unused-import
                         random_batch, run_python, small_setup)
 
@@ -65,14 +66,14 @@ def test_only_adapters_and_eot_rows_train_and_the_base_has_no_optimizer_state():
   model_config = lora_model(base_config, token_ids=(60,), dropout=0.1)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   base = jax.tree.map(jnp.asarray, numpy_params(base_config))
-  state = train.init_train_state(config, model_config, mesh, 0, base, total_steps=10)
+  state = train_step.init_train_state(config, model_config, mesh, 0, base, total_steps=10)
   opt_leaves = jax.tree.leaves(state.opt_state)
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
   assert n_trainable == lora_lib.num_trainable(model_config)
   assert sum(x.size for x in opt_leaves) <= 2 * n_trainable + 8  # Adam's two moments + counters.
   frozen_before = jax.tree.map(np.asarray, state.frozen)
   trainable_before = jax.tree.map(np.asarray, state.params)
-  step, _, _ = train.make_train_step(config, model_config, mesh, total_steps=10)
+  step, _, _ = train_step.make_train_step(config, model_config, mesh, total_steps=10)
   for i in range(2):
     state, metrics = step(state, random_batch(config, 61, seed=i))
     assert np.isfinite(float(metrics["loss"]))
@@ -80,7 +81,7 @@ def test_only_adapters_and_eot_rows_train_and_the_base_has_no_optimizer_state():
     np.testing.assert_array_equal(before, np.asarray(after))
   for before, after in zip(jax.tree.leaves(trainable_before), jax.tree.leaves(state.params)):
     assert np.abs(before - np.asarray(after)).max() > 0  # Every adapter and row moved.
-  full = train.full_params(model_config, state)
+  full = train_step.full_params(model_config, state)
   embed = np.asarray(full["embed"]["embedding"])
   np.testing.assert_array_equal(embed[:60], frozen_before["embed"]["embedding"][:60])
   np.testing.assert_array_equal(embed[60], np.asarray(state.params["rows"]["embedding"][0]))
@@ -90,7 +91,7 @@ MESH_SCRIPT = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from test_train import numpy_params, random_batch, small_setup
-from lima_jax import lora as lora_lib, sharding, train
+from lima_jax import lora as lora_lib, sharding, train_step
 out = {{}}
 for name, mesh_config, count in (("1 device", dict(data=1, fsdp=1, sequence=1, tensor=1), 1),
                                  ("data2 fsdp2 tensor2", dict(data=2, fsdp=2, sequence=1, tensor=2), 8)):
@@ -98,9 +99,9 @@ for name, mesh_config, count in (("1 device", dict(data=1, fsdp=1, sequence=1, t
   config.mesh.update(mesh_config)
   model_config = base_config.replace(lora=lora_lib.LoraConfig(rank=4, token_ids=(60,), dropout=0.1))
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:count])
-  base = jax.device_put(numpy_params(base_config), train.param_shardings(base_config, mesh))
-  state = train.init_train_state(config, model_config, mesh, 0, base, total_steps=10)
-  step, _, _ = train.make_train_step(config, model_config, mesh, total_steps=10)
+  base = jax.device_put(numpy_params(base_config), model_lib.param_shardings(base_config, mesh))
+  state = train_step.init_train_state(config, model_config, mesh, 0, base, total_steps=10)
+  step, _, _ = train_step.make_train_step(config, model_config, mesh, total_steps=10)
   state, m = step(state, random_batch(config, 61))
   b = state.params["layers"]["attn"]["lora"]["q_proj"]["b"]
   out[name] = {{"loss": float(m["loss"]), "spec": [list(s) if isinstance(s, tuple) else s

@@ -27,10 +27,13 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from lima_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from lima_jax import errors  # pylint: disable=wrong-import-position
+from lima_jax import flops  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import optim  # pylint: disable=wrong-import-position
 from lima_jax import sharding  # pylint: disable=wrong-import-position
 from lima_jax import train  # pylint: disable=wrong-import-position
+from lima_jax import train_step  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -79,7 +82,7 @@ def random_batch(config, vocab_size, seed=0, rows=None):
 def single_device_state(config, model_config, seed=0, total_steps=100):
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   params = jax.tree.map(jnp.asarray, numpy_params(model_config, seed))
-  state = train.init_train_state(config, model_config, mesh, 0, params=params, total_steps=total_steps)
+  state = train_step.init_train_state(config, model_config, mesh, 0, params=params, total_steps=total_steps)
   return mesh, state
 
 
@@ -161,9 +164,9 @@ def test_dropout_is_active_in_training_and_off_in_eval():
   config, model_config = small_setup(residual_dropout=0.3)
   mesh, state = single_device_state(config, model_config)
   batch = {k: jnp.asarray(v) for k, v in random_batch(config, 61).items()}
-  step_fn, shards, batch_shards = train.make_train_step(config, model_config, mesh, 100)
-  eval_step = train.make_eval_step(model_config, mesh, shards.params, batch_shards)
-  losses = jax.jit(lambda params, key: train.token_losses(model_config, params, batch, key))
+  step_fn, shards, batch_shards = train_step.make_train_step(config, model_config, mesh, 100)
+  eval_step = train_step.make_eval_step(model_config, mesh, shards.params, batch_shards)
+  losses = jax.jit(lambda params, key: train_step.token_losses(model_config, params, batch, key))
   with_a, with_b = (np.asarray(losses(state.params, jax.random.key(i))) for i in (1, 2))
   assert not np.allclose(with_a, with_b)  # Another key, another mask...
   np.testing.assert_array_equal(with_a, np.asarray(losses(state.params, jax.random.key(1))))
@@ -182,7 +185,7 @@ def test_a_handful_of_examples_is_overfit_and_accumulation_keeps_the_batch():
   config.optimizer.update(dict(lr=1e-2, end_lr=1e-2, weight_decay=0.0))
   batch = {k: jnp.asarray(v) for k, v in random_batch(config, 61, seed=3).items()}
   mesh, initial = single_device_state(config, model_config, total_steps=60)
-  step_fn, _, _ = train.make_train_step(config, model_config, mesh, total_steps=60)
+  step_fn, _, _ = train_step.make_train_step(config, model_config, mesh, total_steps=60)
   state, first = step_fn(jax.tree.map(jnp.copy, initial), batch)
   for _ in range(59):
     state, metrics = step_fn(state, batch)
@@ -190,7 +193,7 @@ def test_a_handful_of_examples_is_overfit_and_accumulation_keeps_the_batch():
   assert float(metrics["loss"]) < 0.1 * float(first["loss"]), (first, metrics)
   # Two micro-batches of 4 make the same update as one batch of 8 (same global-token average).
   config.train.micro_batches = 2
-  accumulate, _, _ = train.make_train_step(config, model_config, mesh, total_steps=60)
+  accumulate, _, _ = train_step.make_train_step(config, model_config, mesh, total_steps=60)
   state, metrics = accumulate(jax.tree.map(jnp.copy, initial), batch)
   state_1, metrics_1 = step_fn(initial, batch)
   for key in ("loss", "grad_norm", "loss_tokens"):
@@ -202,7 +205,6 @@ def test_a_handful_of_examples_is_overfit_and_accumulation_keeps_the_batch():
 
 
 def test_model_flops_count_real_tokens_and_attention_within_each_sequence():
-  from lima_jax import aot  # pylint: disable=g-import-not-at-top
   config, model_config = small_setup()
   batch = random_batch(config, 61, seed=2)
   # Two conversations packed in row 0: positions restart, segment 2 of 10 tokens.
@@ -212,11 +214,11 @@ def test_model_flops_count_real_tokens_and_attention_within_each_sequence():
   tokens = sum(int(l.sum()) for l in lengths)
   attended = sum(int((l ** 2).sum()) for l in lengths)
   mesh, state = single_device_state(config, model_config)
-  step_fn, _, _ = train.make_train_step(config, model_config, mesh, 100)
+  step_fn, _, _ = train_step.make_train_step(config, model_config, mesh, 100)
   _, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
   assert float(metrics["tokens"]) == tokens and float(metrics["attended"]) == attended
-  padded = aot.train_flops(model_config, 8, 32)
-  real = aot.train_flops(model_config, 8, 32, tokens=tokens, attended=attended)
+  padded = flops.train_flops(model_config, 8, 32)
+  real = flops.train_flops(model_config, 8, 32, tokens=tokens, attended=attended)
   n, width = padded["matmul_params"], 4 * 2 * 4 * 8
   assert real["model"] == 6 * n * tokens + 3 * width * attended
   assert padded["model"] == 6 * n * 8 * 32 + 3 * width * 8 * 32 ** 2
@@ -243,9 +245,9 @@ MESH_SCRIPT = textwrap.dedent("""
                                 ("fsdp8", (1, 8, 1, 1), jax.devices())):
       config.mesh.update(dict(zip(("data", "fsdp", "sequence", "tensor"), axes)))
       mesh = sharding.make_mesh(config.mesh, devices)
-      step_fn, shards, batch_shards = train.make_train_step(config, model_config, mesh, 50)
+      step_fn, shards, batch_shards = train_step.make_train_step(config, model_config, mesh, 50)
       params = jax.device_put(host_params, shards.params)
-      state = train.init_train_state(config, model_config, mesh, 7, params=params, total_steps=50)
+      state = train_step.init_train_state(config, model_config, mesh, 7, params=params, total_steps=50)
       batch = {{k: jax.device_put(v, batch_shards[k]) for k, v in batch_np.items()}}
       state, metrics = step_fn(state, batch)
       state, metrics = step_fn(state, batch)
@@ -266,7 +268,7 @@ MESH_SCRIPT = textwrap.dedent("""
     manager.wait_until_finished()
     config.mesh.update(dict(data=1, fsdp=8, sequence=1, tensor=1))
     mesh = sharding.make_mesh(config.mesh)
-    abstract = train.abstract_train_state(config, model_config, mesh, 50)
+    abstract = train_step.abstract_train_state(config, model_config, mesh, 50)
     params, opt_state, meta = ckpt_lib.restore_training(
         manager, 2, params_target=abstract.params, opt_state_target=abstract.opt_state)
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
@@ -513,7 +515,7 @@ def test_keep_epochs_keeps_those_epoch_ends_and_always_the_newest_step():
   assert train.parse_epochs("5-10") == frozenset(range(5, 11))
   assert train.parse_epochs("1, 5-6,9") == frozenset({1, 5, 6, 9})
   for bad in ("0-3", "7-5", "five", "5-"):
-    with pytest.raises(train.ConfigError, match="train.keep_epochs"):
+    with pytest.raises(errors.InputError, match="train.keep_epochs"):
       train.parse_epochs(bad)
   keep = train.parse_epochs("2-3")
   # 7 steps an epoch: 7, 14, 21, 28 are epoch ends; 10 a periodic save; 30 the newest.
@@ -660,7 +662,7 @@ def test_pretrained_hf_weights_load_into_shards_with_an_eot_row_at_the_mean(tmp_
   q = np.asarray(params["layers"]["attn"]["q_proj"])[1].reshape(64, 64)
   np.testing.assert_array_equal(q, state["model.layers.1.self_attn.q_proj.weight"].numpy().T)
   # The optimizer state is then made around them, already in place.
-  fresh = train.init_train_state(config, model_config, mesh, 0, params=params, total_steps=10)
+  fresh = train_step.init_train_state(config, model_config, mesh, 0, params=params, total_steps=10)
   np.testing.assert_array_equal(np.asarray(fresh.params["embed"]["embedding"]), embed)
 
 
@@ -694,7 +696,7 @@ def test_an_embedding_padded_past_the_tokenizer_gives_eot_a_fresh_mean_row_in_pl
     np.testing.assert_array_equal(np.delete(got[:1088], 1024, axis=0), np.delete(want, 1024, axis=0))
   # A context longer than the checkpoint's is refused before anything compiles.
   config.data.max_len = 256
-  with pytest.raises(train.ConfigError, match="max_position_embeddings=128.*data.max_len=128"):
+  with pytest.raises(errors.InputError, match="max_position_embeddings=128.*data.max_len=128"):
     train.build_model_config(config, tokenizer)
 
 

@@ -135,7 +135,7 @@ def _wait_for_step(workdir, procs, step, timeout=400):
 
 def _kill_and_check_the_survivor(workdir, procs, victim):
   """SIGKILLs process `victim`; the other must exit within 2 minutes saying how to resume."""
-  from lima_jax import train  # pylint: disable=g-import-not-at-top
+  from lima_jax import distributed  # pylint: disable=g-import-not-at-top
   survivor = procs[1 - victim]
   procs[victim].send_signal(signal.SIGKILL)
   killed = time.time()
@@ -145,7 +145,7 @@ def _kill_and_check_the_survivor(workdir, procs, victim):
   assert survivor.returncode != 0, stderr[-3000:]
   # Either the step's collective failed (gloo says so at once: a message of ours, status 3), or
   # the distributed runtime aborted the survivor and the watcher explains it.
-  if survivor.returncode == train.EXIT_PEER_LOST:
+  if survivor.returncode == distributed.EXIT_PEER_LOST:
     assert f"process {1 - victim} of 2 lost a peer process" in stderr, stderr[-3000:]
   else:
     assert f"process {1 - victim} of 2 of this run ended abnormally" in stderr, stderr[-3000:]

@@ -19,21 +19,22 @@ import json
 import os
 import sys
 
-from lima_jax import aot
+from absl import flags
+
 from lima_jax import errors
+from lima_jax import hardware
 from lima_jax import paths
 from lima_jax.cli import common
 
 
 def define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
   common.define_config_flag(None, "A preset (e.g. 65b) or configs/lima.py:65b")
   flags.DEFINE_string("topology", None, "Cloud TPU slice: v4-N, v5p-N, v5e-N (v5litepod-N), v6e-N, "
                       "or a shape such as v5p:4x4x12")
   flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network")
   flags.DEFINE_enum("program", "train", ["train", "decode"],
                     "train: the optimizer step; decode: the evaluation's prefill + KV-cache sampling loop")
-  flags.DEFINE_float("mfu", aot.DEFAULT_MFU, "Model FLOPs utilisation assumed for the implied step time")
+  flags.DEFINE_float("mfu", hardware.DEFAULT_MFU, "Model FLOPs utilisation assumed for the implied step time")
   flags.DEFINE_string("output", "", "Write the report as JSON here (atomically)")
   flags.DEFINE_string("dump_hlo", "", "Write the optimised HLO text here")
   flags.mark_flags_as_required(["config", "topology"])
@@ -47,12 +48,11 @@ def write_json(path: str, data: dict) -> None:
 
 
 def main(argv, log_dir: str):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import hardware  # pylint: disable=g-import-not-at-top
+  from lima_jax import aot  # pylint: disable=g-import-not-at-top  # jax: after libtpu's environment.
   f = flags.FLAGS
   if len(argv) > 1:
     raise errors.InputError(f"unexpected arguments: {argv[1:]}")
-  if not aot.libtpu_available():
+  if not hardware.libtpu_available():
     print("tools/aot_compile.py needs libtpu's compiler: pip install -r requirements-tpu.txt",
           file=sys.stderr)
     return 1
@@ -76,7 +76,7 @@ def main(argv, log_dir: str):
 
 def run() -> None:
   # Before jax loads (the config file imports it): libtpu reads its environment once.
-  log_dir = aot.prepare_environment(os.environ.get("LIMA_AOT_LOG_DIR"))
+  log_dir = hardware.prepare_libtpu_environment(os.environ.get("LIMA_AOT_LOG_DIR"))
   common.run(lambda argv: main(argv, log_dir), define_flags)
 
 

@@ -40,9 +40,9 @@ import json
 import time
 from typing import Any, Callable, Sequence
 
-from lima_jax import data as data_lib
 from lima_jax import errors
 from lima_jax import paths
+from lima_jax import records
 from lima_jax import sampling
 from lima_jax.cli import common
 
@@ -89,8 +89,8 @@ def is_mt_bench_file(path: str) -> bool:
 def read_prompts(path: str) -> list[Prompt]:
   """LIMA-schema or {"prompt"} lines, validated by lima_jax.data (errors name file and line)."""
   try:
-    conversations = data_lib.read_jsonl(path, kind=data_lib.PROMPTS)
-  except (data_lib.DataError, FileNotFoundError) as e:
+    conversations = records.read_jsonl(path, kind=records.PROMPTS)
+  except (records.DataError, FileNotFoundError) as e:
     raise InputError(str(e)) from None
   prompts, seen = [], {}
   for index, c in enumerate(conversations):
