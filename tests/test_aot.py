@@ -129,6 +129,7 @@ def test_tiny_qwen2_with_a_sliding_window_compiles_for_v5p8():
                                               + sum(b - b // 4 for b in bias_bytes))
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_decode_compiles_for_v4_8():
   config = small_tiny_config()

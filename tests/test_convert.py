@@ -127,6 +127,7 @@ def test_exported_model_gives_lima_jax_logits_in_transformers(tmp_path):
   assert ref.relative_error(ref.torch_logits(torch_model, tokens), want) < 1e-5
 
 
+@pytest.mark.slow
 def test_cli_round_trip_in_a_fresh_process(tmp_path, llama2_dir):
   """The command line as a user runs it, from another directory."""
   _, hf_dir = llama2_dir

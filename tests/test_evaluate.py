@@ -165,6 +165,7 @@ def test_hf_base_model_without_eot(tmp_path):
     assert record["response"] == tok.decode(want)
 
 
+@pytest.mark.slow
 def test_embedding_padded_past_the_tokenizer_loads_and_never_samples_a_padding_id(tmp_path):
   """E.g. 32064 rows for a 32000-piece tokenizer: a lima_jax training checkpoint trained EOT at
   id 32000 (a padding row before); a Hugging Face base model did not."""

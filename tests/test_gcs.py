@@ -195,6 +195,7 @@ def _cut_short_copy(step_dir, dest) -> None:
   assert any("/params/" in obj for obj in gone) and len(gone) >= 2, gone
 
 
+@pytest.mark.slow
 def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_parameters(gcs, job,
                                                                                    unbroken):
   flags, env = job
@@ -232,6 +233,7 @@ def test_killed_run_on_gcs_resumes_past_a_cut_short_save_to_the_unbroken_paramet
   assert any(n.startswith("events.out.tfevents.") for n in listing(f"{workdir}/tensorboard"))
 
 
+@pytest.mark.slow
 def test_evaluate_reads_and_writes_gcs_and_resumes_its_partial_object(gcs, unbroken):
   from lima_jax import sampling  # pylint: disable=g-import-not-at-top
   prompts = gcs.uri("eval", "prompts.jsonl")
@@ -264,6 +266,7 @@ def test_evaluate_reads_and_writes_gcs_and_resumes_its_partial_object(gcs, unbro
   assert answer["question_id"] == 81 and len(answer["choices"][0]["turns"]) == 2
 
 
+@pytest.mark.slow
 def test_convert_to_hf_on_gcs_and_back_is_exact(gcs, unbroken):
   hf_dir, back = gcs.uri("export", "hf"), gcs.uri("export", "back")
   assert convert_weights.main(["orbax-to-hf", "--ckpt_dir", unbroken, "--hf_dir", hf_dir]) == 0

@@ -38,6 +38,7 @@ def lora_model(model_config, **kw):
   return model_config.replace(lora=lora_lib.LoraConfig(**{"rank": 4, "alpha": 8.0, **kw}))
 
 
+@pytest.mark.slow
 def test_fresh_adapters_compute_the_base_and_merging_keeps_the_logits():
   _, base_config = small_setup(n_kv_heads=2)
   config = lora_model(base_config, token_ids=(59, 60))
@@ -60,6 +61,7 @@ def test_fresh_adapters_compute_the_base_and_merging_keeps_the_logits():
   assert np.abs(np.asarray(lora_logits) - np.asarray(base_logits)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_only_adapters_and_eot_rows_train_and_the_base_has_no_optimizer_state():
   config, base_config = small_setup(residual_dropout=0.1)
   config.optimizer.lr = 1e-2

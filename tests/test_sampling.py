@@ -226,6 +226,7 @@ def test_context_limit_and_left_truncation_keep_bos(hf_and_params):
   assert same.tokens == result.tokens and not same.prompt_truncated
 
 
+@pytest.mark.slow
 def test_cache_decoding_equals_full_forward(hf_and_params):
   """Per-token logits of prefill + decode steps equal one forward over the whole sequence."""
   _, params = hf_and_params
