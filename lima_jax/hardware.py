@@ -1,7 +1,10 @@
 """One table of TPU chips, Cloud TPU slice names, and the peak FLOP/s behind every MFU figure.
 
 The AOT compile tool (`tools/aot_compile.py`), the README's fit table and the training log's
-MFU all read the chip facts below, so a corrected number changes them together.
+MFU all read the chip facts below, so a corrected number changes them together. Beside them, the
+process set-up the entry points run before jax loads (the CPU over an absent TPU, the CPU
+allocator, libtpu's environment for compile-only runs) and the default mesh for a slice: all
+stdlib at import time, which is why the commands can import this module first.
 
 Usable HBM is what libtpu's compiler itself allows a program ("exceeds available HBM (X)" in
 its RESOURCE_EXHAUSTED message), measured with libtpu 0.0.42.1 by compiling an oversized program
