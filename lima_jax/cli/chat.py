@@ -12,7 +12,11 @@ After each answer a line in brackets gives the prompt and answer token counts an
 
 import sys
 
+from absl import flags
+
 from lima_jax import errors
+from lima_jax import inference
+from lima_jax import sharding
 from lima_jax.cli import common
 
 DEFAULT_CONFIG = "7b"
@@ -47,9 +51,6 @@ def chat(loaded, scfg, lines, write) -> int:
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
-  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
     raise errors.InputError(f"unexpected arguments {argv[1:]}")
@@ -73,8 +74,6 @@ def main(argv):
 
 
 def define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
 
   inference.define_decoding_flags(DEFAULT_CONFIG)
   flags.mark_flags_as_required(["checkpoint"])

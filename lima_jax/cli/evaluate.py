@@ -40,10 +40,17 @@ import json
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+
 from lima_jax import errors
+from lima_jax import inference
 from lima_jax import paths
-from lima_jax import records
+from lima_jax import records as records_lib
 from lima_jax import sampling
+from lima_jax import sharding
 from lima_jax.cli import common
 
 PARTIAL_SUFFIX = ".partial"
@@ -89,8 +96,8 @@ def is_mt_bench_file(path: str) -> bool:
 def read_prompts(path: str) -> list[Prompt]:
   """LIMA-schema or {"prompt"} lines, validated by lima_jax.data (errors name file and line)."""
   try:
-    conversations = records.read_jsonl(path, kind=records.PROMPTS)
-  except (records.DataError, FileNotFoundError) as e:
+    conversations = records_lib.read_jsonl(path, kind=records_lib.PROMPTS)
+  except (records_lib.DataError, FileNotFoundError) as e:
     raise InputError(str(e)) from None
   prompts, seen = [], {}
   for index, c in enumerate(conversations):
@@ -226,11 +233,8 @@ class ResponseLog:
 
 def _broadcast_done(mask: list[bool]) -> list[bool]:
   """Process 0's view of what is done, so every process runs the same batches."""
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return mask
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(mask, np.bool_))]
 
 
@@ -290,9 +294,6 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
              alpaca_eval: str | None = None, mt_bench: str | None = None, dtype: str | None = None,
              eot: str = "<EOT>", log: Callable[[str], None] = print) -> list[dict]:
   """The whole command; returns the output records (in prompt order)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
-  from lima_jax import sharding  # pylint: disable=g-import-not-at-top
 
   for flag, path in (("--output", output), ("--alpaca_eval", alpaca_eval), ("--mt_bench", mt_bench)):
     # Object stores have no directories to create first; a local one must exist.
@@ -366,8 +367,6 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise InputError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
@@ -382,8 +381,6 @@ def main(argv):
 
 
 def define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
 
   inference.define_decoding_flags(DEFAULT_CONFIG)
   flags.DEFINE_string("prompts", None, "JSONL prompts (LIMA schema, {\"prompt\"} lines, or MT-Bench questions)")
