@@ -15,8 +15,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = ("checkpoint", "convert", "data", "errors", "inference", "lora", "model", "paths",
-               "sampling", "sharding", "tokenizer", "train")
+_SUBMODULES = ("checkpoint", "convert", "data", "distributed", "errors", "flops", "inference", "lora",
+               "model", "paths", "records", "sampling", "sharding", "tokenizer", "train", "train_step")
 
 
 def __getattr__(name):
