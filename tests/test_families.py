@@ -162,6 +162,7 @@ def test_mistral_packed_scoring_past_the_window_matches_transformers(hf_models):
     np.testing.assert_allclose(score(got[:-1]), score(want[:-1]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mistral_greedy_decoding_past_the_window_equals_transformers(tmp_path):
   """Prompts shorter and longer than the window, 20 new tokens: the cache path masks by window."""
   torch_model = make_model("mistral", seed=3, std=0.3)

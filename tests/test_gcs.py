@@ -298,6 +298,7 @@ KILL_MID_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_on_gcs_leaves_no_checkpoint_a_resume_restores(gcs, job):
   _, env = job
   workdir = gcs.uri("crash")

@@ -163,3 +163,12 @@ def test_import_leaves_the_environment_alone():
   proc = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_commands_load_no_jax_before_their_process_set_up():
+  """libtpu's environment (lima-aot) and the CPU allocator restart (lima-train) must come first."""
+  script = ("import sys\nimport lima_jax.cli.common, lima_jax.cli.aot_compile, lima_jax.cli.train\n"
+            "import lima_jax.hardware\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'))")
+  proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-3000:]

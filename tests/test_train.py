@@ -204,8 +204,9 @@ def test_a_handful_of_examples_is_overfit_and_accumulation_keeps_the_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-2 * 1e-2)
 
 
-def test_model_flops_count_real_tokens_and_attention_within_each_sequence():
-  config, model_config = small_setup()
+def packed_batch(config):
+  """A random batch with two conversations packed in row 0, and its real tokens and attended
+  query-key pairs (each sequence attends only within itself)."""
   batch = random_batch(config, 61, seed=2)
   # Two conversations packed in row 0: positions restart, segment 2 of 10 tokens.
   batch["segment_ids"][0] = np.where(np.arange(32) < 20, 1, np.where(np.arange(32) < 30, 2, 0))
@@ -213,16 +214,28 @@ def test_model_flops_count_real_tokens_and_attention_within_each_sequence():
   lengths = [np.bincount(row[row > 0]) for row in batch["segment_ids"]]
   tokens = sum(int(l.sum()) for l in lengths)
   attended = sum(int((l ** 2).sum()) for l in lengths)
-  mesh, state = single_device_state(config, model_config)
-  step_fn, _, _ = train_step.make_train_step(config, model_config, mesh, 100)
-  _, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
-  assert float(metrics["tokens"]) == tokens and float(metrics["attended"]) == attended
+  return batch, tokens, attended
+
+
+def test_model_flops_count_real_tokens_and_attention_within_each_sequence():
+  _, model_config = small_setup()
+  _, tokens, attended = packed_batch(small_setup()[0])
   padded = flops.train_flops(model_config, 8, 32)
   real = flops.train_flops(model_config, 8, 32, tokens=tokens, attended=attended)
   n, width = padded["matmul_params"], 4 * 2 * 4 * 8
   assert real["model"] == 6 * n * tokens + 3 * width * attended
   assert padded["model"] == 6 * n * 8 * 32 + 3 * width * 8 * 32 ** 2
   assert real["hardware"] == padded["hardware"] > real["model"]  # The chips run the padding.
+
+
+@pytest.mark.slow
+def test_the_step_reports_the_real_tokens_and_attended_pairs_that_flops_count():
+  config, model_config = small_setup()
+  batch, tokens, attended = packed_batch(config)
+  mesh, state = single_device_state(config, model_config)
+  step_fn, _, _ = train_step.make_train_step(config, model_config, mesh, 100)
+  _, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
+  assert float(metrics["tokens"]) == tokens and float(metrics["attended"]) == attended
 
 
 # -- One step on several meshes, and a checkpoint moved between them (8 simulated devices). --------
