@@ -291,12 +291,11 @@ CPU_ALLOCATOR_ENV = {
 def restart_with_cpu_allocator(log: bool = False) -> None:
   """Re-executes this command once with `CPU_ALLOCATOR_ENV`, when it will compute on the CPU.
 
-  XLA:CPU allocates a step's temporaries afresh on every run (1.7 GB for the train benchmark's
-  model). glibc serves buffers that large with mmap from worker-thread arenas and unmaps them on
-  free, so each step page-faults all of it in again: a tenth of a CPU training step, in the
-  kernel. One arena and a high mmap threshold keep the freed memory in the process for the next
-  step. The variables must be set before the process starts, hence the restart; it happens at most
-  once, never when the user has set any of them, and `LIMA_JAX_CPU_ALLOCATOR=0` turns it off.
+  XLA:CPU allocates a step's temporaries afresh on every run, and glibc would unmap and
+  page-fault them in again each step; one arena and a high mmap threshold keep the freed memory
+  for the next step (measured: docs/training.md, "Allocator"). The variables must be set before
+  the process starts, hence the restart; it happens at most once, never when the user has set any
+  of them, and `LIMA_JAX_CPU_ALLOCATOR=0` turns it off.
   """
   if os.environ.get("LIMA_JAX_CPU_ALLOCATOR", "1") == "0":
     return
