@@ -28,6 +28,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from lima_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from lima_jax import errors  # pylint: disable=wrong-import-position
+from lima_jax import distributed  # pylint: disable=wrong-import-position
 from lima_jax import flops  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import optim  # pylint: disable=wrong-import-position
@@ -236,6 +237,23 @@ def test_the_step_reports_the_real_tokens_and_attended_pairs_that_flops_count():
   step_fn, _, _ = train_step.make_train_step(config, model_config, mesh, 100)
   _, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
   assert float(metrics["tokens"]) == tokens and float(metrics["attended"]) == attended
+
+
+def test_one_process_stops_after_a_sigterm_and_a_lost_peer_is_told_from_a_slow_one():
+  previous = signal.getsignal(signal.SIGTERM)
+  stop = distributed.StopSignal()
+  try:
+    assert stop.enabled and not stop.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)  # The handler runs at the interpreter's next check.
+    assert stop.should_stop(2)
+  finally:
+    stop.restore()
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert distributed.looks_like_lost_peer(RuntimeError("UNAVAILABLE: Connection reset by peer"))
+  assert not distributed.looks_like_lost_peer(RuntimeError("DEADLINE_EXCEEDED: barrier timed out"))
+  with pytest.raises(TypeError, match="workdr"):
+    distributed.set_resume_hint(workdr="typo")
 
 
 # -- One step on several meshes, and a checkpoint moved between them (8 simulated devices). --------
