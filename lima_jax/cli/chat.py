@@ -50,12 +50,13 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from lima_jax import inference  # pylint: disable=g-import-not-at-top
   from lima_jax import sharding  # pylint: disable=g-import-not-at-top
+  from lima_jax.cli import decoding  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
     raise errors.InputError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   try:
-    scfg = inference.sampling_config_from_flags(f).replace(batch_size=1)
+    scfg = decoding.sampling_config_from_flags(f).replace(batch_size=1)
     mesh = sharding.make_mesh(dict(f.config.mesh))
     loaded = inference.load_model(f.checkpoint, mesh=mesh, tokenizer_path=f.tokenizer, dtype=f.dtype)
   except (FileNotFoundError, ValueError) as e:
@@ -74,9 +75,9 @@ def main(argv):
 
 def define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
+  from lima_jax.cli import decoding  # pylint: disable=g-import-not-at-top
 
-  inference.define_decoding_flags(DEFAULT_CONFIG)
+  decoding.define_decoding_flags(DEFAULT_CONFIG)
   flags.mark_flags_as_required(["checkpoint"])
 
 

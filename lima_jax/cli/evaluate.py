@@ -367,13 +367,13 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
+  from lima_jax.cli import decoding  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise InputError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   config = f.config
   try:
-    scfg = inference.sampling_config_from_flags(f)
+    scfg = decoding.sampling_config_from_flags(f)
   except ValueError as e:
     raise InputError(f"--config: {e}") from None
   evaluate(f.checkpoint, f.prompts, f.output, sampling_config=scfg, mesh_config=dict(config.mesh),
@@ -383,9 +383,9 @@ def main(argv):
 
 def define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax import inference  # pylint: disable=g-import-not-at-top
+  from lima_jax.cli import decoding  # pylint: disable=g-import-not-at-top
 
-  inference.define_decoding_flags(DEFAULT_CONFIG)
+  decoding.define_decoding_flags(DEFAULT_CONFIG)
   flags.DEFINE_string("prompts", None, "JSONL prompts (LIMA schema, {\"prompt\"} lines, or MT-Bench questions)")
   flags.DEFINE_string("output", None, "JSONL responses, written when every prompt is answered")
   flags.DEFINE_string("generator", None, "name of this system in the outputs (default: the checkpoint's name)")
