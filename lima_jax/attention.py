@@ -337,17 +337,25 @@ def cached_attention(q, k, v, cache, positions, cache_positions, layer=None, *, 
   `layer` (traced) indexes a stacked cache; None means `cache` is this layer's own (per-layer
   layout). Positions past the cache length are dropped.
   """
-  rows = jnp.arange(k.shape[0])[:, None]
-  mask = visible(positions, cache_positions, window=window)
   if layer is None:
+    rows = jnp.arange(k.shape[0])[:, None]
     new_cache = {"k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
                  "v": cache["v"].at[rows, :, :, positions].set(v.astype(cache["v"].dtype))}
-    return _attention_over_layer_cache(q, new_cache["k"].astype(q.dtype),
-                                       new_cache["v"].astype(q.dtype), mask), new_cache
-  new_cache = {name: cache[name].at[layer, rows, positions].set(new.astype(cache[name].dtype))
-               for name, new in (("k", k), ("v", v))}
+    out = _attention_over_layer_cache(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
+                                      visible(positions, cache_positions, window=window))
+    return out, new_cache
+  new_cache = {"k": _write_layer(cache["k"], k, positions, layer),
+               "v": _write_layer(cache["v"], v, positions, layer)}
   k_all, v_all = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False) for n in "kv")
-  return _masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, 1), new_cache
+  out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), positions,
+                              cache_positions, window=window)
+  return out, new_cache
+
+
+def _write_layer(cache: jax.Array, new: jax.Array, positions: jax.Array, layer) -> jax.Array:
+  """Writes each row's new K or V [B, S, KV, D] into layer `layer` of a stacked cache, in place."""
+  rows = jnp.arange(new.shape[0])[:, None]
+  return cache.at[layer, rows, positions].set(new.astype(cache.dtype))
 
 
 def _attention_over_layer_cache(q, k, v, mask):
