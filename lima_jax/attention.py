@@ -289,6 +289,8 @@ def self_attention_fn(mode: str):
 #     per-layer weight copies (`model.unstack_layers`): XLA:CPU copies a layer's slice out of the
 #     stacked arrays before using it, and transposes the cache into the operand layout of the two
 #     batched matmuls, on every token; one slice and transpose before the loop avoids both.
+# One layout for both would either change the TPU programs (the stacked cache in the matmul
+# layout, which cannot be timed here) or bring the per-token transpose back on CPU.
 
 CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 LAYER_CACHE_LOGICAL_AXES = {"k": ("batch", "kv_heads", "cache_length", "head_dim"),

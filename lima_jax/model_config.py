@@ -61,7 +61,7 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
     if self.attention not in attention.ATTENTION_MODES:
-      raise ValueError(f"model.attention={self.attention!r}; expected one of {', '.join(attention.ATTENTION_MODES)}")
+      raise ValueError(f"model.attention={self.attention!r}; expected auto, xla or splash")
     if self.model_type not in MODEL_TYPES:
       raise ValueError(f"model.model_type={self.model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
     if self.sliding_window < 0:
