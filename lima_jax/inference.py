@@ -25,7 +25,9 @@ from etils import epath
 from jax.sharding import Mesh
 
 from lima_jax import checkpoint
+from lima_jax import convert
 from lima_jax import data as data_lib
+from lima_jax import lora_io
 from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import sampling
@@ -62,8 +64,7 @@ class LoadedModel:
     """`sampling.generate` with this model's stop ids, pad, BOS and mesh."""
     return sampling.generate(self.model_config, self.params, prompts, sampling_config=sampling_config,
                              stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
-                             bos_id=self.tokenizer.bos_id, mesh=self.mesh,
-                             sample_vocab=self.tokenizer.vocab_size, **kwargs)
+                             bos_id=self.tokenizer.bos_id, mesh=self.mesh, **kwargs)
 
 
 _is_hf_dir = checkpoint.is_hf_dir
@@ -107,7 +108,6 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
   notes: list[str] = []
   extra_stops: list[int] = []
   if _is_hf_dir(path):
-    from lima_jax import convert  # pylint: disable=g-import-not-at-top
     source = "huggingface"
     config = _with_dtype(convert.HFCheckpoint(path).model_config, dtype or "float32")
     params, config = convert.load_hf_params(path, _shardings(config, mesh), dtype=config.param_dtype)
@@ -126,7 +126,6 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
     path = ckpt
     config = _with_dtype(checkpoint.read_model_config(ckpt), dtype)
     if config.lora is not None:  # LoRA adapters: merged into the base they name.
-      from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
       notes.append(f"merged rank-{config.lora.rank} LoRA adapters into {config.lora.base or 'their random base'}")
       config = config.replace(lora=None)
       params = lora_io.load_merged_params(ckpt, _shardings(config, mesh), dtype=config.param_dtype)
@@ -167,7 +166,7 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
     usable = tok.vocab_size if has_eot else tok.base_vocab_size
     notes.append(f"the model has {vocab} rows for {usable} tokenizer ids: the rest are padding, "
                  f"never sampled")
-    config, params = _without_padding_rows(config, params, usable, mesh)
+    config, params = sampling.without_padding_rows(config, params, usable, mesh)
   stops += [e for e in extra_stops if e < vocab]
   stop_ids = tuple(sorted({s for s in stops if s is not None}))
   if not stop_ids:
@@ -188,53 +187,9 @@ def _declares_eot(path: epath.Path, tok: tokenizer_lib.Tokenizer) -> bool:
   return (decoder.get(str(tok.eot_id)) or {}).get("content") == tok.eot_text
 
 
-def _without_padding_rows(config: model_lib.ModelConfig, params: dict, vocab: int,
-                          mesh: Mesh | None) -> tuple[model_lib.ModelConfig, dict]:
-  """The model seen as one of `vocab` ids: the rows past it become masked padding, so sampling
-  never picks an id the tokenizer cannot decode. Rows beyond the new padded size are dropped."""
-  small = config.replace(vocab_size=vocab)
-  if small.padded_vocab_size == config.padded_vocab_size:
-    return small, params
-  rows = small.padded_vocab_size
-
-  def cut(p):
-    out = {**p, "embed": {**p["embed"], "embedding": p["embed"]["embedding"][:rows]}}
-    if "lm_head" in p:
-      out["lm_head"] = p["lm_head"][:, :rows]
-    return out
-
-  return small, jax.jit(cut, out_shardings=_shardings(small, mesh))(params)
-
-
 def generator_name(path: str | os.PathLike) -> str:
   """A default name for a model's answers: its directory, with the step for training checkpoints."""
   p = paths.absolute(path)
   if p.name.isdigit() and p.parent.name == checkpoint.CHECKPOINTS_SUBDIR:
     return f"{p.parent.parent.name}-step{p.name}"
   return p.name
-
-
-def define_decoding_flags(default_config: str) -> None:
-  """Defines the flags that tools/evaluate.py and tools/chat.py share: config, model, decoding."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from lima_jax.cli import common  # pylint: disable=g-import-not-at-top
-  common.define_config_flag(default_config, "A preset (e.g. 7b) or configs/lima.py:PRESET; its "
-                            "sampling and mesh sections are used")
-  flags.DEFINE_string("checkpoint", None, "lima_jax checkpoint, training workdir, or Hugging Face directory")
-  flags.DEFINE_bool("greedy", False, "argmax decoding (= --config.sampling.greedy=true)")
-  flags.DEFINE_integer("max_new_tokens", None, "= --config.sampling.max_new_tokens")
-  flags.DEFINE_integer("seed", None, "= --config.sampling.seed")
-  flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: the checkpoint's)")
-  flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
-
-
-def sampling_config_from_flags(flag_values) -> sampling.SamplingConfig:
-  """`--config.sampling.*` with the --greedy, --max_new_tokens and --seed shortcuts applied."""
-  fields = dict(flag_values.config.sampling)
-  if flag_values.greedy:
-    fields["greedy"] = True
-  if flag_values.max_new_tokens is not None:
-    fields["max_new_tokens"] = flag_values.max_new_tokens
-  if flag_values.seed is not None:
-    fields["seed"] = flag_values.seed
-  return sampling.SamplingConfig.from_dict(fields)

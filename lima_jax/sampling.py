@@ -46,6 +46,7 @@ import numpy as np
 import psutil
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lima_jax import attention
 from lima_jax import model as model_lib
 from lima_jax import sharding
 
@@ -259,6 +260,32 @@ class DecodeFns:
 param_shardings = model_lib.param_shardings  # The same rules as training: one definition.
 
 
+def without_padding_rows(config: model_lib.ModelConfig, params, vocab: int,
+                         mesh: Mesh | None = None) -> tuple[model_lib.ModelConfig, Any]:
+  """The model seen as one of `vocab` ids, so sampling never picks an id its tokenizer cannot
+  decode (an embedding padded past the tokenizer, e.g. 32064 rows for 32000 pieces).
+
+  Done once, before sampling, instead of masking a second vocabulary every step: the ids past
+  `vocab` join the config's masked padding, and rows beyond the new padded size are dropped, so
+  the LM head computes no logits for them. A no-op when `vocab` covers the model.
+  """
+  if vocab >= config.vocab_size:
+    return config, params
+  small = config.replace(vocab_size=vocab)
+  if small.padded_vocab_size == config.padded_vocab_size:
+    return small, params
+  rows = small.padded_vocab_size
+
+  def cut(p):
+    out = {**p, "embed": {**p["embed"], "embedding": p["embed"]["embedding"][:rows]}}
+    if "lm_head" in p:
+      out["lm_head"] = p["lm_head"][:, :rows]
+    return out
+
+  shardings = None if mesh is None else param_shardings(small, mesh)
+  return small, jax.jit(cut, out_shardings=shardings)(params)
+
+
 def _per_layer_copies(params) -> bool:
   """Whether `generate` slices per-layer weights and caches once (model.unstack_layers).
 
@@ -274,12 +301,10 @@ def _per_layer_copies(params) -> bool:
 
 def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: SamplingConfig,
                     mesh: Mesh | None, batch_size: int, cache_len: int,
-                    stop_ids: Sequence[int] = (), pad_id: int = 0,
-                    sample_vocab: int = 0) -> DecodeFns:
+                    stop_ids: Sequence[int] = (), pad_id: int = 0) -> DecodeFns:
   """Builds the jitted prefill, decode step and generate loop for one batch size and cache length.
 
-  Only ids below `sample_vocab` (0 = the model's vocabulary) are ever chosen: a model whose
-  embedding has spare rows beyond its tokenizer (Qwen) must not answer with ids nothing decodes.
+  Only ids below the model's `vocab_size` are ever chosen (`without_padding_rows` narrows it).
 
   Plain functions of the mesh (None = the default device, no sharding annotations): nothing here
   looks at the devices of the running host, so the same call serves AOT compilation for a TPU
@@ -287,32 +312,26 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
   """
   cfg, scfg = model_config, sampling_config
   stop_ids = tuple(int(s) for s in stop_ids)
-  vocab, vpad = min(cfg.vocab_size, sample_vocab or cfg.vocab_size), cfg.padded_vocab_size
+  vocab, vpad = cfg.vocab_size, cfg.padded_vocab_size
   num_new = min(scfg.max_new_tokens, cache_len)
 
   def context():
     return sharding.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext()
 
-  def constrain_cache(cache):
-    if isinstance(cache, tuple):  # Per-layer caches (model.unstack_cache).
-      axes = model_lib.LAYER_CACHE_LOGICAL_AXES
-      return tuple({k: sharding.constrain(v, axes[k]) for k, v in c.items()} for c in cache)
-    return {k: sharding.constrain(v, model_lib.CACHE_LOGICAL_AXES) for k, v in cache.items()}
-
   def new_cache():
-    return constrain_cache(model_lib.init_cache(cfg, batch_size, cache_len))
+    return attention.constrain_cache(model_lib.init_cache(cfg, batch_size, cache_len))
 
   def prefill_impl(params, tokens, cache, layers=None):
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     _, cache = model_lib.bind(cfg, params).decode(tokens, positions, cache, padded_vocab=True,
                                                   layers=layers)
-    return constrain_cache(cache)
+    return attention.constrain_cache(cache)
 
   def step_impl(params, tokens, positions, cache, layers=None):
     logits, cache = model_lib.bind(cfg, params).decode(
         tokens[:, None], positions[:, None], cache, padded_vocab=True, layers=layers)
-    return logits[:, 0], constrain_cache(cache)
+    return logits[:, 0], attention.constrain_cache(cache)
 
   def generate_impl(params, prompts, prompt_lens, budgets, row_seeds, seed):
     b, p = prompts.shape
@@ -320,7 +339,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
     cache = new_cache()
     if _per_layer_copies(params):
       layers = model_lib.unstack_layers(params)
-      cache = constrain_cache(model_lib.unstack_cache(cache))
+      cache = attention.constrain_cache(attention.unstack_cache(cache))
     if p > 1:
       cache = prefill_impl(params, prompts[:, :-1], cache, layers)
     rows = jnp.arange(b)
@@ -367,7 +386,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
   else:
     p_sh = param_shardings(cfg, mesh)
     cache_shape = jax.eval_shape(lambda: model_lib.init_cache(cfg, batch_size, cache_len))
-    c_sh = sharding.tree_shardings({k: model_lib.CACHE_LOGICAL_AXES for k in cache_shape}, cache_shape, mesh)
+    c_sh = sharding.tree_shardings(attention.cache_logical_axes(cache_shape), cache_shape, mesh)
     batch_spec = sharding.logical_to_spec(("batch",), mesh=mesh, shape=(batch_size,))
     b_sh = NamedSharding(mesh, batch_spec)
     t_sh = NamedSharding(mesh, PartitionSpec(*batch_spec, None))
@@ -439,15 +458,14 @@ def place_params(params, model_config: model_lib.ModelConfig, mesh: Mesh | None)
 def generate(model_config: model_lib.ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              sampling_config: SamplingConfig, stop_ids: Sequence[int], pad_id: int | None = 0,
              bos_id: int | None = None, mesh: Mesh | None = None,
-             prompt_seeds: Sequence[int] | None = None, on_batch=None,
-             sample_vocab: int = 0) -> list[GenerationResult]:
+             prompt_seeds: Sequence[int] | None = None, on_batch=None) -> list[GenerationResult]:
   """Answers every prompt (token ids, BOS included) with the configured decoding.
 
   Prompts are grouped by length into batches of `sampling_config.batch_size`; each batch runs as
   one compiled program. `prompt_seeds[i]` (default i) picks prompt i's random stream, so giving
   each prompt a stable id (its line in a file) makes answers independent of batching and resumes.
   `on_batch(list of (index, result))` is called after each batch, e.g. to save progress.
-  `sample_vocab` (> 0) limits the answers to ids below it (see `make_decode_fns`).
+  Answers use ids below `model_config.vocab_size` (see `without_padding_rows`).
   """
   scfg = sampling_config
   pad_id = 0 if pad_id is None else int(pad_id)  # Any id works: padding is never attended to.
@@ -476,8 +494,7 @@ def generate(model_config: model_lib.ModelConfig, params, prompts: Sequence[Sequ
     width = bucket(longest, scfg.max_len)
     cache_len = bucket(longest + scfg.max_new_tokens, scfg.max_len)
     program = scfg.replace(seed=0, batch_size=batch_size)  # Fields that do not change the program.
-    fns = _cached_decode_fns(model_config, program, mesh, batch_size, cache_len, tuple(stop_ids), pad_id,
-                             sample_vocab)
+    fns = _cached_decode_fns(model_config, program, mesh, batch_size, cache_len, tuple(stop_ids), pad_id)
     tokens = np.full((batch_size, width), pad_id, np.int32)
     lens = np.ones((batch_size,), np.int32)
     budgets = np.zeros((batch_size,), np.int32)

@@ -248,9 +248,9 @@ def generate_dev_responses(config, model_config, params, mesh, run_data: RunData
       max_new_tokens=int(config.train.dev_max_new_tokens))
   tok = run_data.tokenizer
   stop_ids = sorted({tok.eot_id, tok.eos_id} - {None})
+  model_config, params = sampling.without_padding_rows(model_config, params, tok.vocab_size, mesh)
   results = sampling.generate(model_config, params, run_data.dev_prompt_ids, sampling_config=scfg,
-                              stop_ids=stop_ids, pad_id=tok.pad_id, bos_id=tok.bos_id, mesh=mesh,
-                              sample_vocab=tok.vocab_size)
+                              stop_ids=stop_ids, pad_id=tok.pad_id, bos_id=tok.bos_id, mesh=mesh)
   return [{"index": i, "conversation": list(turns), "response": tok.decode(r.tokens),
            "finish_reason": r.finish_reason, "response_tokens": r.response_tokens}
           for i, (turns, r) in enumerate(zip(run_data.dev_prompts, results))]

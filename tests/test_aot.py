@@ -167,7 +167,7 @@ def test_does_not_fit_exits_2_with_reasons(tmp_path):
 def test_splash_kernel_matches_xla_attention(window):
   """Causal + packed segments + GQA + padding, and a sliding window, forward and gradients
   (Pallas interpreter)."""
-  from lima_jax import tpu_attention
+  from lima_jax import attention
   rng = np.random.default_rng(0)
   b, s, h, kv, d = 1, 256, 4, 2, 32
   q, k, v = (jnp.asarray(rng.normal(size=(b, s, n, d)), jnp.float32) for n in (h, kv, kv))
@@ -175,13 +175,13 @@ def test_splash_kernel_matches_xla_attention(window):
   positions = jnp.asarray([list(range(100)) + list(range(120)) + list(range(36))], jnp.int32)
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v, positions, positions, segments, segments) ** 2)
-  splash = lambda *a: tpu_attention.splash_attention(*a, window=window, interpret=True)
-  xla = lambda *a: model_lib.dot_product_attention(*a, window=window)
+  splash = lambda *a: attention.splash_attention(*a, window=window, interpret=True)
+  xla = lambda *a: attention.dot_product_attention(*a, window=window)
   out = splash(q, k, v, positions, positions, segments, segments)
   ref = xla(q, k, v, positions, positions, segments, segments)
   np.testing.assert_allclose(out, ref, atol=2e-5)
   if window:  # The window changes the answer here.
-    full = model_lib.dot_product_attention(q, k, v, positions, positions, segments, segments)
+    full = attention.dot_product_attention(q, k, v, positions, positions, segments, segments)
     assert float(jnp.abs(full - ref).max()) > 1e-2
   grads = jax.grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2))(q, k, v)
   ref_grads = jax.grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(q, k, v)
@@ -191,12 +191,12 @@ def test_splash_kernel_matches_xla_attention(window):
 
 def test_splash_falls_back_off_tpu_and_for_short_sequences():
   """Random inputs, so the check tells attentions apart (with q = k = v = ones any returns ones)."""
-  from lima_jax import tpu_attention
+  from lima_jax import attention
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(3))
   pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
-  out = tpu_attention.splash_attention(q, k, v, pos, pos)
-  ref = model_lib.dot_product_attention(q, k, v, pos, pos)
+  out = attention.splash_attention(q, k, v, pos, pos)
+  ref = attention.dot_product_attention(q, k, v, pos, pos)
   np.testing.assert_allclose(out, ref, atol=1e-6)
   # Not the plain mean of the values: each query sees only its past.
   assert not np.allclose(np.asarray(out)[:, 0], np.asarray(v).mean(axis=1), atol=1e-3)
@@ -205,19 +205,19 @@ def test_splash_falls_back_off_tpu_and_for_short_sequences():
 _SHARDED_SPLASH = r"""
 import numpy as np, jax, jax.numpy as jnp
 import lima_jax
-from lima_jax import model, sharding, tpu_attention
+from lima_jax import attention, sharding
 rng = np.random.default_rng(0)
 b, s, h, kv, d = 2, 256, 4, 2, 32
 q, k, v = (jnp.asarray(rng.normal(size=(b, s, n, d)), jnp.float32) for n in (h, kv, kv))
 seg = jnp.asarray([[1] * 100 + [2] * 120 + [0] * 36, [1] * 256], jnp.int32)
 pos = jnp.asarray([list(range(100)) + list(range(120)) + list(range(36)), list(range(256))], jnp.int32)
-ref = model.dot_product_attention(q, k, v, pos, pos, seg, seg)
+ref = attention.dot_product_attention(q, k, v, pos, pos, seg, seg)
 # fsdp x sequence (queries split, K/V gathered, masks at each shard's offset); a batch of 2 that
 # does not divide over 4 fsdp devices; heads over tensor.
 for axes in [(1, 2, 2, 1), (1, 4, 1, 1), (1, 2, 1, 2)]:
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, axes)))
   with sharding.activation_sharding(mesh):
-    out = jax.jit(lambda q, k, v: tpu_attention.splash_attention(
+    out = jax.jit(lambda q, k, v: attention.splash_attention(
         q, k, v, pos, pos, seg, seg, interpret=True))(q, k, v)
   err = float(jnp.abs(out - ref).max())
   assert err < 2e-5, (axes, err)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lima_jax import model as model_lib
+from lima_jax import attention
 
 
 def reference_attention(q, k, v, mask):
@@ -30,7 +30,7 @@ def _inputs(seq, heads=4, kv_heads=2, dim=8, keys=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("window", [0, 20])  # Full causal, and Mistral's sliding window.
-@pytest.mark.parametrize("seq", [2 * model_lib.CAUSAL_BLOCK, 48])  # Blocked, and one block.
+@pytest.mark.parametrize("seq", [2 * attention.CAUSAL_BLOCK, 48])  # Blocked, and one block.
 def test_causal_self_attention_matches_reference(seq, window):
   q, k, v, weights = _inputs(seq)
   # Row 0: two packed conversations; row 1: one conversation, then padding (segment 0).
@@ -46,7 +46,7 @@ def test_causal_self_attention_matches_reference(seq, window):
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v) * weights)
 
-  ours = lambda q, k, v: model_lib.causal_self_attention(q, k, v, positions, positions, segments,
+  ours = lambda q, k, v: attention.causal_self_attention(q, k, v, positions, positions, segments,
                                                          segments, window=window)
   ref = lambda q, k, v: reference_attention(q, k, v, mask)
   np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=2e-6, rtol=1e-5)
@@ -62,5 +62,5 @@ def test_attention_over_a_longer_cache_reads_every_visible_key():
   q_positions = jnp.array([[9, 10, 11], [2, 3, 4]])
   k_positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
   mask = k_positions[:, None, :] <= q_positions[:, :, None]
-  np.testing.assert_allclose(model_lib.dot_product_attention(q, k, v, q_positions, k_positions),
+  np.testing.assert_allclose(attention.dot_product_attention(q, k, v, q_positions, k_positions),
                              reference_attention(q, k, v, mask), atol=2e-6, rtol=1e-5)

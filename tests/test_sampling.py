@@ -127,6 +127,24 @@ def test_padded_vocabulary_is_never_chosen():
     assert int(sampling.choose_tokens(processed, keys, greedy).max()) < 100
 
 
+def test_rows_past_the_tokenizer_are_never_sampled():
+  """An embedding with rows past its tokenizer (as Qwen's), those rows made the most likely: the
+  model narrowed once by `without_padding_rows` never answers with them, and drops the rows its
+  new padded size no longer needs."""
+  cfg = CFG.replace(vocab_pad_multiple=16)  # 100 ids, 112 rows; a tokenizer of 60 ids -> 64 rows.
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  params["lm_head"] = params["lm_head"].at[:, 60:100].set(5.0)
+  small, cut = sampling.without_padding_rows(cfg, params, 60)
+  assert small.vocab_size == 60 and cut["lm_head"].shape[1] == cut["embed"]["embedding"].shape[0] == 64
+  for config in (greedy_config(), greedy_config(greedy=False, temperature=1.0, top_p=1.0)):
+    results = sampling.generate(small, cut, PROMPTS, sampling_config=config, stop_ids=())
+    assert all(r.tokens and max(r.tokens) < 60 for r in results)
+  full = sampling.generate(cfg, params, PROMPTS[:1], sampling_config=greedy_config(), stop_ids=())
+  assert max(full[0].tokens) >= 60  # The rows do win when nothing narrows the model.
+  same_cfg, same_params = sampling.without_padding_rows(cfg, params, 100)  # Covers the model.
+  assert same_cfg is cfg and same_params is params
+
+
 # --- generation ------------------------------------------------------------------------------
 
 

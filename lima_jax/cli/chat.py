@@ -18,6 +18,7 @@ from lima_jax import errors
 from lima_jax import inference
 from lima_jax import sharding
 from lima_jax.cli import common
+from lima_jax.cli import decoding as decoding_flags
 
 DEFAULT_CONFIG = "7b"
 
@@ -56,7 +57,7 @@ def main(argv):
     raise errors.InputError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   try:
-    scfg = inference.sampling_config_from_flags(f).replace(batch_size=1)
+    scfg = decoding_flags.sampling_config_from_flags(f).replace(batch_size=1)
     mesh = sharding.make_mesh(dict(f.config.mesh))
     loaded = inference.load_model(f.checkpoint, mesh=mesh, tokenizer_path=f.tokenizer, dtype=f.dtype)
   except (FileNotFoundError, ValueError) as e:
@@ -75,7 +76,7 @@ def main(argv):
 
 def define_flags() -> None:
 
-  inference.define_decoding_flags(DEFAULT_CONFIG)
+  decoding_flags.define_decoding_flags(DEFAULT_CONFIG)
   flags.mark_flags_as_required(["checkpoint"])
 
 

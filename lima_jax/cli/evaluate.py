@@ -52,6 +52,7 @@ from lima_jax import records as records_lib
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax.cli import common
+from lima_jax.cli import decoding as decoding_flags
 
 PARTIAL_SUFFIX = ".partial"
 DEFAULT_CONFIG = "7b"
@@ -372,7 +373,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   try:
-    scfg = inference.sampling_config_from_flags(f)
+    scfg = decoding_flags.sampling_config_from_flags(f)
   except ValueError as e:
     raise InputError(f"--config: {e}") from None
   evaluate(f.checkpoint, f.prompts, f.output, sampling_config=scfg, mesh_config=dict(config.mesh),
@@ -382,7 +383,7 @@ def main(argv):
 
 def define_flags() -> None:
 
-  inference.define_decoding_flags(DEFAULT_CONFIG)
+  decoding_flags.define_decoding_flags(DEFAULT_CONFIG)
   flags.DEFINE_string("prompts", None, "JSONL prompts (LIMA schema, {\"prompt\"} lines, or MT-Bench questions)")
   flags.DEFINE_string("output", None, "JSONL responses, written when every prompt is answered")
   flags.DEFINE_string("generator", None, "name of this system in the outputs (default: the checkpoint's name)")
