@@ -126,10 +126,10 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
     path = ckpt
     config = _with_dtype(checkpoint.read_model_config(ckpt), dtype)
     if config.lora is not None:  # LoRA adapters: merged into the base they name.
-      from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
+      from lima_jax import convert  # pylint: disable=g-import-not-at-top
       notes.append(f"merged rank-{config.lora.rank} LoRA adapters into {config.lora.base or 'their random base'}")
       config = config.replace(lora=None)
-      params = lora_io.load_merged_params(ckpt, _shardings(config, mesh), dtype=config.param_dtype)
+      params = convert.load_merged_params(ckpt, _shardings(config, mesh), dtype=config.param_dtype)
     else:
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             model_lib.abstract_params(config), _shardings(config, mesh))

@@ -44,6 +44,7 @@ from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import tokenizer as tokenizer_lib
+from lima_jax.convert import model_readers
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 BATCH_LOGICAL_AXES = ("batch", "length")
@@ -174,7 +175,7 @@ def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, se
     init_key, base_key = jax.random.split(jax.random.key(seed))
     frozen = None
     if lora_lib.enabled(model_config):
-      frozen = params if params is not None else base_init(model_config, seed)
+      frozen = params if params is not None else model_readers.base_init(model_config, seed)
       params = lora_lib.init_trainable(model_config, frozen, jax.random.fold_in(init_key, 1))
     elif params is None:
       params = model_lib.init_params(model_config, init_key)
@@ -190,13 +191,6 @@ def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, se
   cpu = mesh.devices.flat[0].platform == "cpu"
   options = {"xla_backend_optimization_level": 1} if cpu else None
   return fn.lower(*args).compile(compiler_options=options)(*args)
-
-
-def base_init(model_config: model_lib.ModelConfig, seed: int) -> dict:
-  """The random base of a LoRA model without a pretrained one: what full fine-tuning from
-  `seed` would start from (pure, so a resumed run and `lima_jax.lora_io` rebuild it exactly)."""
-  init_key, _ = jax.random.split(jax.random.key(seed))
-  return model_lib.init_params(lora_lib.base_config(model_config), init_key)
 
 
 def dropout_key(rng: jax.Array, step: jax.Array, micro_batch: int | jax.Array) -> jax.Array:
@@ -621,8 +615,7 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
   if _is_hf_dir(init_from):
     params, _ = convert.load_hf_params(init_from, base_shards, dtype=model_config.param_dtype)
   elif saved_lora is not None:  # An adapter checkpoint: its base with the adapters merged in.
-    from lima_jax import lora_io  # pylint: disable=g-import-not-at-top
-    params = lora_io.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
+    params = model_readers.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
   else:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           model_lib.abstract_params(base), base_shards)
@@ -649,7 +642,7 @@ def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh):
   if config.model.init_from:
     return load_pretrained_params(config, model_config, mesh)
   base = lora_lib.base_config(model_config)
-  return jax.jit(lambda: base_init(model_config, model_config.lora.base_seed),
+  return jax.jit(lambda: model_readers.base_init(model_config, model_config.lora.base_seed),
                  out_shardings=param_shardings(base, mesh))()
 
 
