@@ -77,7 +77,7 @@ def _load_libc():
 _LIBC = _load_libc()
 # Chunk writes TensorStore runs at once: each syncs its file, so a few in flight keep the disk
 # busy while the next chunk is read (and bound memory to that many chunks).
-_WRITES_IN_FLIGHT = 3
+_WRITES_IN_FLIGHT = 2
 
 
 @contextlib.contextmanager
