@@ -14,7 +14,7 @@ from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import safetensors_io
 from lima_jax import tokenizer as tokenizer_lib
-from lima_jax.convert import hf_config
+from lima_jax.convert.hf_config import ConversionError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -72,10 +72,10 @@ def save_peft(ckpt_dir, peft_dir) -> list[str]:
   try:
     ckpt = checkpoint.resolve(ckpt_dir)
   except FileNotFoundError as e:
-    raise hf_config.ConversionError(str(e)) from e
+    raise ConversionError(str(e)) from e
   config = checkpoint.read_model_config(ckpt)
   if config.lora is None:
-    raise hf_config.ConversionError(
+    raise ConversionError(
         f"{ckpt}: not a LoRA checkpoint (its model_config has no lora section); export a full "
         f"model with orbax-to-hf instead")
   tensors = peft_tensors(config, checkpoint.restore_params(ckpt))

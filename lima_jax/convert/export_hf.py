@@ -13,10 +13,17 @@ from lima_jax import checkpoint
 from lima_jax import paths
 from lima_jax import safetensors_io
 from lima_jax import tokenizer as tokenizer_lib
-from lima_jax.convert import hf_config
 from lima_jax.convert import model_readers
 from lima_jax.convert import orbax_stream
 from lima_jax.convert import param_names
+from lima_jax.convert.hf_config import CONFIG_FILE
+from lima_jax.convert.hf_config import ConversionError
+from lima_jax.convert.hf_config import DTYPES
+from lima_jax.convert.hf_config import generation_config
+from lima_jax.convert.hf_config import GENERATION_CONFIG_FILE
+from lima_jax.convert.hf_config import INDEX_FILE
+from lima_jax.convert.hf_config import model_config_to_hf_config
+from lima_jax.convert.hf_config import SPECIAL_TOKENS_KEY
 from lima_jax.model import ModelConfig
 
 
@@ -27,19 +34,20 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   Writes safetensors shards of at most `max_shard_size` (with model.safetensors.index.json when
   there are several), config.json, generation_config.json (LIMA's sampling) and, when the
   checkpoint carries one, the tokenizer (with LIMA's chat template). A few layer tensors are in
-  memory at a time (one being written, two read ahead on a thread). `dtype=None` keeps
+  memory at a time (one being written, two read ahead on a thread); chunks that hf_to_orbax
+  stored in Hugging Face byte order are read with plain copies. `dtype=None` keeps
   the stored dtypes. Returns the written file names.
   """
   try:
     ckpt = checkpoint.resolve(ckpt_dir)
   except FileNotFoundError as e:
-    raise hf_config.ConversionError(str(e)) from e
-  if dtype is not None and dtype not in hf_config.DTYPES:
-    raise hf_config.ConversionError(f"--dtype {dtype!r}; expected one of {hf_config.DTYPES}")
+    raise ConversionError(str(e)) from e
+  if dtype is not None and dtype not in DTYPES:
+    raise ConversionError(f"--dtype {dtype!r}; expected one of {DTYPES}")
   try:
     max_bytes = safetensors_io.parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
   except ValueError as e:
-    raise hf_config.ConversionError(f"--max_shard_size: {e}") from e
+    raise ConversionError(f"--max_shard_size: {e}") from e
   config_json = checkpoint.read_model_config_json(ckpt)
   config = ModelConfig.from_dict(config_json)
   blob = checkpoint.read_tokenizer_blob(ckpt)
@@ -51,11 +59,11 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   if set(stores) != set(maps):
     missing = sorted("/".join(p) for p in set(maps) - set(stores))
     extra = sorted("/".join(p) for p in set(stores) - set(maps))
-    raise hf_config.ConversionError(f"{ckpt}: parameters do not match its model_config (missing {missing}, "
+    raise ConversionError(f"{ckpt}: parameters do not match its model_config (missing {missing}, "
                           f"unexpected {extra})")
   for path, m in maps.items():
     if tuple(stores[path].shape) != m.shape:
-      raise hf_config.ConversionError(f"{ckpt}: parameter {'/'.join(path)} has shape "
+      raise ConversionError(f"{ckpt}: parameter {'/'.join(path)} has shape "
                             f"{list(stores[path].shape)}, model_config implies {list(m.shape)}")
 
   def stored_dtype(path):
@@ -90,7 +98,7 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   names = safetensors_io.shard_names(len(shards))
   written = []
   out_dtype = jnp.dtype(sources[0].dtype).name
-  tokens = dict(config_json.get(hf_config.SPECIAL_TOKENS_KEY) or {})
+  tokens = dict(config_json.get(SPECIAL_TOKENS_KEY) or {})
   tokenizer, eot_id = None, None
   if blob is not None:
     tokenizer = tokenizer_lib.load_tokenizer_from_blob(blob)
@@ -103,21 +111,22 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
       eot_id = None
   # config.json goes last: on GCS (no rename) it is what marks the directory complete, and every
   # reader of a Hugging Face directory (ours, transformers) requires it.
-  with paths.staged_directory(hf_dir, complete_when=hf_config.CONFIG_FILE) as out:
-    for shard, name in zip(shards, names):
-      safetensors_io.write_file(out / name, shard)
-      written.append(name)
+  with paths.staged_directory(hf_dir, complete_when=CONFIG_FILE) as out:
+    with orbax_stream.no_gc():
+      for shard, name in zip(shards, names):
+        safetensors_io.write_file(out / name, shard)
+        written.append(name)
     if len(shards) > 1:
       index = {"metadata": {"total_size": sum(s.nbytes for s in sources)},
                "weight_map": {s.name: n for shard, n in zip(shards, names) for s in shard}}
-      (out / hf_config.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-      written.append(hf_config.INDEX_FILE)
-    (out / hf_config.GENERATION_CONFIG_FILE).write_text(
-        json.dumps(hf_config.generation_config(tokens, eot_id, config.max_seq_len), indent=2) + "\n")
-    written.append(hf_config.GENERATION_CONFIG_FILE)
+      (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+      written.append(INDEX_FILE)
+    (out / GENERATION_CONFIG_FILE).write_text(
+        json.dumps(generation_config(tokens, eot_id, config.max_seq_len), indent=2) + "\n")
+    written.append(GENERATION_CONFIG_FILE)
     if tokenizer is not None:
       written += [p.name for p in tokenizer.save_files(out)]
-    config_out = hf_config.model_config_to_hf_config(config, dtype=out_dtype, special_tokens=tokens)
-    (out / hf_config.CONFIG_FILE).write_text(json.dumps(config_out, indent=2) + "\n")
-    written.append(hf_config.CONFIG_FILE)
+    config_out = model_config_to_hf_config(config, dtype=out_dtype, special_tokens=tokens)
+    (out / CONFIG_FILE).write_text(json.dumps(config_out, indent=2) + "\n")
+    written.append(CONFIG_FILE)
   return written

@@ -17,8 +17,14 @@ from etils import epath
 
 from lima_jax import paths
 from lima_jax import safetensors_io
-from lima_jax.convert import hf_config
 from lima_jax.convert import param_names
+from lima_jax.convert.hf_config import ARCHITECTURES
+from lima_jax.convert.hf_config import CONFIG_FILE
+from lima_jax.convert.hf_config import ConversionError
+from lima_jax.convert.hf_config import hf_config_to_model_config
+from lima_jax.convert.hf_config import INDEX_FILE
+from lima_jax.convert.hf_config import read_json
+from lima_jax.convert.hf_config import SINGLE_FILE
 from lima_jax.model import ModelConfig
 
 # Buffers some older checkpoints saved next to the weights; they are recomputed, never loaded.
@@ -36,9 +42,9 @@ class HFCheckpoint:
   def __init__(self, directory: str | os.PathLike):
     self.dir = paths.path(directory)
     if not self.dir.is_dir():
-      raise hf_config.ConversionError(f"{self.dir}: no such directory")
-    self.config_json = hf_config.read_json(self.dir / hf_config.CONFIG_FILE)
-    self.model_config = hf_config.hf_config_to_model_config(self.dir / hf_config.CONFIG_FILE)
+      raise ConversionError(f"{self.dir}: no such directory")
+    self.config_json = read_json(self.dir / CONFIG_FILE)
+    self.model_config = hf_config_to_model_config(self.dir / CONFIG_FILE)
     self._where = self._weight_map()
     self.maps = param_names.param_maps(self.model_config)
     self._check_tensors()
@@ -48,21 +54,21 @@ class HFCheckpoint:
 
   def _weight_map(self) -> dict[str, safetensors_io.SafetensorsFile]:
     """tensor name -> the shard that holds it (headers read and checked)."""
-    index_path, single = self.dir / hf_config.INDEX_FILE, self.dir / hf_config.SINGLE_FILE
+    index_path, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
     if index_path.is_file():
-      index = hf_config.read_json(index_path)
+      index = read_json(index_path)
       weight_map = index.get("weight_map")
       if not isinstance(weight_map, Mapping) or not weight_map:
-        raise hf_config.ConversionError(f"{index_path}: no weight_map")
+        raise ConversionError(f"{index_path}: no weight_map")
       files = {}
       for name in sorted(set(weight_map.values())):
         if not (self.dir / name).is_file():
-          raise hf_config.ConversionError(f"{index_path}: lists shard {name}, which is not in {self.dir}")
+          raise ConversionError(f"{index_path}: lists shard {name}, which is not in {self.dir}")
         files[name] = self._open(self.dir / name)
       where = {}
       for tensor, name in weight_map.items():
         if tensor not in files[name].tensors:
-          raise hf_config.ConversionError(f"{self.dir / name}: tensor {tensor} is missing (listed in {hf_config.INDEX_FILE})")
+          raise ConversionError(f"{self.dir / name}: tensor {tensor} is missing (listed in {INDEX_FILE})")
         where[tensor] = files[name]
       return where
     if single.is_file():
@@ -71,14 +77,14 @@ class HFCheckpoint:
     found = sorted(p.name for p in self.dir.iterdir())
     hint = (" PyTorch .bin weights are not read: load them in transformers and save with "
             "save_pretrained(dir, safe_serialization=True)." if any(n.endswith(".bin") for n in found) else "")
-    raise hf_config.ConversionError(f"{self.dir}: no {hf_config.SINGLE_FILE} or {hf_config.INDEX_FILE} (found: {found[:10]}).{hint}")
+    raise ConversionError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (found: {found[:10]}).{hint}")
 
   @staticmethod
   def _open(path: epath.Path) -> safetensors_io.SafetensorsFile:
     try:
       return safetensors_io.SafetensorsFile(path)
     except ValueError as e:
-      raise hf_config.ConversionError(str(e)) from e
+      raise ConversionError(str(e)) from e
 
   def _check_tensors(self) -> None:
     c = self.model_config
@@ -88,30 +94,30 @@ class HFCheckpoint:
         expected[name] = m
     for name, m in expected.items():
       if name not in self._where:
-        where = self.dir / (hf_config.INDEX_FILE if (self.dir / hf_config.INDEX_FILE).is_file() else hf_config.SINGLE_FILE)
-        raise hf_config.ConversionError(f"{where}: tensor {name} is missing (config.json: num_hidden_layers="
+        where = self.dir / (INDEX_FILE if (self.dir / INDEX_FILE).is_file() else SINGLE_FILE)
+        raise ConversionError(f"{where}: tensor {name} is missing (config.json: num_hidden_layers="
                               f"{c.n_layers}, tie_word_embeddings={c.tie_embeddings})")
       f = self._where[name]
       info = f.tensors[name]
       if info.numpy_dtype is None:
-        raise hf_config.ConversionError(f"{f.path}: tensor {name} has dtype {info.dtype}; only float32, "
+        raise ConversionError(f"{f.path}: tensor {name} has dtype {info.dtype}; only float32, "
                               f"float16 and bfloat16 weights are supported (no quantized ones)")
       if info.shape != m.hf_shape:
-        raise hf_config.ConversionError(
-            f"{f.path}: tensor {name} has shape {list(info.shape)} but {hf_config.CONFIG_FILE} implies "
+        raise ConversionError(
+            f"{f.path}: tensor {name} has shape {list(info.shape)} but {CONFIG_FILE} implies "
             f"{list(m.hf_shape)} (vocab_size={c.vocab_size}, hidden_size={c.d_model}, heads="
             f"{c.n_heads}, kv_heads={c.kv_heads}, head_dim={c.dim_per_head}, "
             f"intermediate_size={c.mlp_dim})")
     for m in self.maps.values():
       dtypes = {self._where[n].tensors[n].dtype for n in m.hf_names()}
       if len(dtypes) > 1:
-        raise hf_config.ConversionError(f"{self.dir}: the {m.hf_name} tensors mix dtypes {sorted(dtypes)}; "
+        raise ConversionError(f"{self.dir}: the {m.hf_name} tensors mix dtypes {sorted(dtypes)}; "
                               f"pass --dtype to convert them to one")
     tied_head = "lm_head.weight" if c.tie_embeddings else None
     for name in self._where:
       if name not in expected and name != tied_head and not name.endswith(_IGNORED_SUFFIXES):
-        raise hf_config.ConversionError(f"{self._where[name].path}: unexpected tensor {name}; not a plain "
-                              f"{hf_config.ARCHITECTURES[c.model_type]} as {hf_config.CONFIG_FILE} describes it")
+        raise ConversionError(f"{self._where[name].path}: unexpected tensor {name}; not a plain "
+                              f"{ARCHITECTURES[c.model_type]} as {CONFIG_FILE} describes it")
 
   def source_dtype(self, path: tuple[str, ...]) -> np.dtype:
     name = self.maps[path].hf_names()[0]
@@ -167,7 +173,7 @@ def load_hf_params(hf_dir: str | os.PathLike, shardings: Any = None,
   """(params, model_config) of a Hugging Face directory, each device's shard read from disk.
 
   `shardings` is a tree like the parameters' (e.g. `sharding.tree_shardings(...)` for
-  `model.abstract_params(config)` of `hf_config.hf_config_to_model_config(hf_dir)`); default: the first
+  `model.abstract_params(config)` of `hf_config_to_model_config(hf_dir)`); default: the first
   device. Each host reads only the rows its devices hold, one layer at a time, so no host ever
   holds the whole model. `dtype=None` keeps the files' dtypes. The vocabulary is the
   checkpoint's; grow it for EOT with `add_eot_row` (inside jit, with the new shardings).

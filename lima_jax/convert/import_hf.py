@@ -11,10 +11,12 @@ from etils import epath
 from lima_jax import checkpoint
 from lima_jax import paths
 from lima_jax import tokenizer as tokenizer_lib
-from lima_jax.convert import hf_config
 from lima_jax.convert import hf_reader
 from lima_jax.convert import orbax_stream
 from lima_jax.convert import param_names
+from lima_jax.convert.hf_config import ConversionError
+from lima_jax.convert.hf_config import DTYPES
+from lima_jax.convert.hf_config import SPECIAL_TOKENS_KEY
 from lima_jax.model import ModelConfig
 
 
@@ -30,7 +32,7 @@ def _load_tokenizer_blob(hf_dir: epath.Path, eot: str, strict: bool) -> dict | N
     return tokenizer_lib.load_tokenizer(hf_dir, eot=eot).to_blob()
   except (ValueError, OSError) as e:
     if strict:
-      raise hf_config.ConversionError(f"{hf_dir}: tokenizer: {e}") from e
+      raise ConversionError(f"{hf_dir}: tokenizer: {e}") from e
     print(f"warning: {hf_dir}: tokenizer not stored ({e})", file=sys.stderr)
     return None
 
@@ -57,12 +59,12 @@ def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype
   hf_dir = paths.path(hf_dir)
   hf = hf_reader.HFCheckpoint(hf_dir)
   config = hf.model_config
-  if dtype is not None and dtype not in hf_config.DTYPES:
-    raise hf_config.ConversionError(f"--dtype {dtype!r}; expected one of {hf_config.DTYPES}")
+  if dtype is not None and dtype not in DTYPES:
+    raise ConversionError(f"--dtype {dtype!r}; expected one of {DTYPES}")
   if dtype is None:
     for path in hf.maps:
       if hf.source_dtype(path) == np.float64:
-        raise hf_config.ConversionError(f"{hf_dir}: {hf.maps[path].hf_name} is float64; pass --dtype "
+        raise ConversionError(f"{hf_dir}: {hf.maps[path].hf_name} is float64; pass --dtype "
                               f"float32 (or bfloat16) to store it")
   eot_text = eot or tokenizer_lib.DEFAULT_EOT
   blob = _load_tokenizer_blob(hf_dir, eot_text, strict=add_eot)
@@ -92,7 +94,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype
         m.array_storage_order))
   if dtype:
     out_config = out_config.replace(param_dtype=dtype)
-  config_json = {**out_config.to_dict(), hf_config.SPECIAL_TOKENS_KEY: hf.special_tokens()}
+  config_json = {**out_config.to_dict(), SPECIAL_TOKENS_KEY: hf.special_tokens()}
   with paths.staged_directory(ckpt_dir, fresh=True, complete_when=checkpoint.ORBAX_COMMIT_FILE) as out:
     orbax_stream.save_streamed(out, tree, config_json, blob)
   return out_config

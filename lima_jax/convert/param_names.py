@@ -29,8 +29,8 @@ from typing import Callable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from lima_jax.convert import hf_config
 from lima_jax.model import ModelConfig
+from lima_jax.convert.hf_config import ConversionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +230,7 @@ def cast(x: np.ndarray, dtype: np.dtype, name: str = "") -> np.ndarray:
   limit = float(ml_dtypes.finfo(dtype).max)
   if limit < float(ml_dtypes.finfo(x.dtype).max) and (np.isfinite(x) & ~np.isfinite(y)).any():
     big = float(np.abs(x[np.isfinite(x)].astype(np.float64)).max())
-    raise hf_config.ConversionError(f"tensor {name}: values up to {big:g} overflow {dtype.name} "
+    raise ConversionError(f"tensor {name}: values up to {big:g} overflow {dtype.name} "
                           f"(max {limit:g}); choose a wider --dtype")
   return y
 

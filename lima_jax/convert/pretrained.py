@@ -8,9 +8,11 @@ import jax.numpy as jnp
 from lima_jax import checkpoint
 from lima_jax import model as model_lib
 from lima_jax import paths
-from lima_jax.convert import hf_config
 from lima_jax.convert import hf_reader
 from lima_jax.convert import model_readers
+from lima_jax.convert.hf_config import CONFIG_FILE
+from lima_jax.convert.hf_config import ConversionError
+from lima_jax.convert.hf_config import DTYPES
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> model_lib.Transformer:
@@ -22,8 +24,8 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> model_li
   `nnx.jit` (or `jax.jit` over `model_lib.bind`) for speed.
   """
   dtype = jnp.dtype(dtype).name
-  if dtype not in hf_config.DTYPES:
-    raise hf_config.ConversionError(f"dtype={dtype!r}; expected one of {hf_config.DTYPES}")
+  if dtype not in DTYPES:
+    raise ConversionError(f"dtype={dtype!r}; expected one of {DTYPES}")
   path = paths.path(path)
   if checkpoint.is_hf_dir(path):
     params, config = hf_reader.load_hf_params(path, dtype=dtype)
@@ -31,7 +33,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> model_li
   try:
     ckpt = checkpoint.resolve(path)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (no {hf_config.CONFIG_FILE}) "
+    raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (no {CONFIG_FILE}) "
                             f"nor a lima_jax checkpoint ({e})") from e
   config = checkpoint.read_model_config(ckpt).replace(param_dtype=dtype, dtype=dtype)
   if config.lora is not None:  # Adapters: merged into their base.
