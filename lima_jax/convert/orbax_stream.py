@@ -79,6 +79,9 @@ _LIBC = _load_libc()
 # Chunk writes TensorStore runs at once: each syncs its file, so a few in flight keep the disk
 # busy while the next chunk is read (and bound memory to that many chunks).
 _WRITES_IN_FLIGHT = 2
+# Every this many chunks the kernel is told to start writing them out, so that the disk works
+# while the CPU converts and the final sync waits for little.
+_WRITEBACK_EVERY = 4
 
 
 @contextlib.contextmanager
@@ -148,6 +151,7 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
     # overlapping them keeps the disk busy while the CPU reads), a few chunks in memory at once.
     ahead = asyncio.ensure_future(asyncio.to_thread(read, jobs[0])) if jobs else None
     writing: collections.deque = collections.deque()
+    written = 0
     try:
       for i, (store, _, index) in enumerate(jobs):
         block = await ahead
@@ -157,6 +161,9 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
         del block
         while len(writing) >= _WRITES_IN_FLIGHT:
           await writing.popleft()
+          written += 1
+          if written % _WRITEBACK_EVERY == 0:
+            await asyncio.to_thread(_start_writeback, local_dirs)
       while writing:
         await writing.popleft()
       for directory in sorted(local_dirs):
@@ -171,15 +178,30 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
       release_free_memory()
 
 
-def _sync_tree(directory: str) -> None:
-  """fsync of every file and directory under `directory` (and itself): what it holds is on disk."""
+def _each_fd(directory: str, fn: Callable[[int], None], with_dirs: bool = False) -> None:
+  """`fn(fd)` for every file (and directory) under `directory`; files that vanish meanwhile
+  (TensorStore's transient lock files) are skipped."""
   for root, _, files in os.walk(directory):
-    for name in files + ["."]:
-      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+    for name in files + (["."] if with_dirs else []):
       try:
-        os.fsync(fd)
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      except FileNotFoundError:
+        continue
+      try:
+        fn(fd)
       finally:
         os.close(fd)
+
+
+def _start_writeback(directories) -> None:
+  """Starts the disk writing what the chunks so far left in the page cache (see _sync_tree)."""
+  for directory in directories:
+    _each_fd(directory, paths.start_writeback)
+
+
+def _sync_tree(directory: str) -> None:
+  """fsync of every file and directory under `directory` (and itself): what it holds is on disk."""
+  _each_fd(directory, os.fsync, with_dirs=True)
 
 
 def _write_spec(value: StreamedArray, info, arg) -> dict:
