@@ -47,8 +47,6 @@ DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, 
 # Header fields are padded to this alignment, as the reference writer does.
 _ALIGN = 8
 _MAX_HEADER_BYTES = 100_000_000  # The reference library's limit.
-# A local file's dirty pages are handed to the disk every this many bytes (`write_file`).
-_WRITEBACK_BYTES = 128 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,23 +310,16 @@ def write_file(path: str | os.PathLike, sources: Sequence[TensorSource],
     if written[s.name] != s.nbytes:
       raise ValueError(f"{path}: tensor {s.name} produced {written[s.name]} bytes, expected {s.nbytes}")
 
-  local = not paths.is_remote(path)
   with paths.path(path).open("wb") as f:
     f.write(struct.pack("<Q", len(header)))
     f.write(header)
     done = 0  # Sources before this index are complete.
-    unflushed = 0  # Bytes written since the kernel was last told to write back.
     for s, block in blocks:
       while sources[done] is not s:
         check(sources[done])
         done += 1
       f.write(memoryview(block.reshape(-1).view(np.uint8)))
       written[s.name] += block.nbytes
-      unflushed += block.nbytes
-      if local and unflushed >= _WRITEBACK_BYTES:
-        f.flush()
-        paths.start_writeback(f.fileno())  # The disk works while the next blocks are made.
-        unflushed = 0
     for s in sources[done:]:
       check(s)
 
