@@ -89,7 +89,9 @@ class ParamMap:
     """Block `index` (slices over `layer_shape`) of one layer, reading only the rows it needs.
 
     `read_rows(start, stop)` returns rows of the Hugging Face tensor. Rows past `hf_rows` are
-    zeros, or `fill`'s vector where it covers them (a grown vocabulary).
+    zeros, or `fill`'s vector where it covers them (a grown vocabulary). The result has
+    lima_jax's axes but may be a transposed view of the rows read (bytes in `storage_order`):
+    copying it is the only relayout, done by whoever stores it.
     """
     index = tuple(index) + (slice(None),) * (len(self.layer_shape) - len(index))
     n_cols = len(self.col_shape)
@@ -157,7 +159,8 @@ def transpose_2d(x: np.ndarray, rows_per_step: int = 16) -> np.ndarray:
 
   NumPy's one-pass strided copy (`np.ascontiguousarray(x.T)`) misses the cache on nearly every
   element; copying bands of 16 source rows was about 5x faster for the 2-byte weights here
-  (5632 x 2048 float16: 0.08 -> 0.4 GiB/s), and transposes are most of a conversion's work.
+  (5632 x 2048 float16: 0.08 -> 0.4 GiB/s). Used where arrays arrive in lima_jax's layout
+  (`to_hf` of merged LoRA weights); chunks that hf_to_orbax stored need no transpose.
   """
   if x.ndim != 2:
     raise ValueError(f"transpose_2d takes a matrix, got shape {x.shape}")
