@@ -33,6 +33,8 @@ MODEL_CONFIG = "model_config"
 TOKENIZER = "tokenizer"
 CHECKPOINTS_SUBDIR = "checkpoints"
 HF_CONFIG = "config.json"  # What makes a directory a Hugging Face model (see `is_hf_dir`).
+# Orbax's mark of a finished save where it cannot rename (object stores): written last.
+ORBAX_COMMIT_FILE = "commit_success.txt"
 
 
 def _path(path) -> epath.Path:
@@ -103,8 +105,13 @@ def _read_json_item(path: epath.Path, item: str):
     return checkpointer.restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
 
+def read_model_config_json(path) -> dict:
+  """The model_config item as stored: the ModelConfig fields and any extra keys a writer added."""
+  return dict(_read_json_item(resolve(path), MODEL_CONFIG))
+
+
 def read_model_config(path) -> ModelConfig:
-  return ModelConfig.from_dict(_read_json_item(resolve(path), MODEL_CONFIG))
+  return ModelConfig.from_dict(read_model_config_json(path))
 
 
 def read_tokenizer_blob(path) -> dict | None:

@@ -27,7 +27,6 @@ from jax.sharding import Mesh
 from lima_jax import checkpoint
 from lima_jax import convert
 from lima_jax import data as data_lib
-from lima_jax import lora_io
 from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import sampling
@@ -128,7 +127,7 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
     if config.lora is not None:  # LoRA adapters: merged into the base they name.
       notes.append(f"merged rank-{config.lora.rank} LoRA adapters into {config.lora.base or 'their random base'}")
       config = config.replace(lora=None)
-      params = lora_io.load_merged_params(ckpt, _shardings(config, mesh), dtype=config.param_dtype)
+      params = convert.load_merged_params(ckpt, _shardings(config, mesh), dtype=config.param_dtype)
     else:
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             model_lib.abstract_params(config), _shardings(config, mesh))

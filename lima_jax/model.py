@@ -329,6 +329,13 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
   return nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(params=key))))
 
 
+def lora_base_params(config: ModelConfig, seed: int) -> dict:
+  """The random base of a LoRA model that names no pretrained one: the parameters full fine-tuning
+  from `seed` starts from (pure, so a resumed run and an export rebuild it exactly)."""
+  init_key, _ = jax.random.split(jax.random.key(seed))
+  return init_params(lora_lib.base_config(config), init_key)
+
+
 def abstract_params(config: ModelConfig) -> dict:
   """Shapes and dtypes of the parameters (jax.ShapeDtypeStruct leaves), without allocating."""
   return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -27,7 +27,6 @@ from lima_jax import errors
 from lima_jax import flops as flops_lib
 from lima_jax import hardware
 from lima_jax import lora as lora_lib
-from lima_jax import lora_io
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
@@ -188,7 +187,7 @@ def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Me
   if ckpt_lib.is_hf_dir(init_from):
     params, _ = convert.load_hf_params(init_from, base_shards, dtype=model_config.param_dtype)
   elif saved_lora is not None:  # An adapter checkpoint: its base with the adapters merged in.
-    params = lora_io.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
+    params = convert.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
   else:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           model_lib.abstract_params(base), base_shards)
@@ -215,7 +214,7 @@ def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh):
   if config.model.init_from:
     return load_pretrained_params(config, model_config, mesh)
   base = lora_lib.base_config(model_config)
-  return jax.jit(lambda: train_step.base_init(model_config, model_config.lora.base_seed),
+  return jax.jit(lambda: model_lib.lora_base_params(model_config, model_config.lora.base_seed),
                  out_shardings=model_lib.param_shardings(base, mesh))()
 
 

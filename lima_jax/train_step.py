@@ -149,7 +149,7 @@ def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, se
     init_key, base_key = jax.random.split(jax.random.key(seed))
     frozen = None
     if lora_lib.enabled(model_config):
-      frozen = params if params is not None else base_init(model_config, seed)
+      frozen = params if params is not None else model_lib.lora_base_params(model_config, seed)
       params = lora_lib.init_trainable(model_config, frozen, jax.random.fold_in(init_key, 1))
     elif params is None:
       params = model_lib.init_params(model_config, init_key)
@@ -165,13 +165,6 @@ def init_train_state(config, model_config: model_lib.ModelConfig, mesh: Mesh, se
   cpu = mesh.devices.flat[0].platform == "cpu"
   options = {"xla_backend_optimization_level": 1} if cpu else None
   return fn.lower(*args).compile(compiler_options=options)(*args)
-
-
-def base_init(model_config: model_lib.ModelConfig, seed: int) -> dict:
-  """The random base of a LoRA model without a pretrained one: what full fine-tuning from
-  `seed` would start from (pure, so a resumed run and `lima_jax.lora_io` rebuild it exactly)."""
-  init_key, _ = jax.random.split(jax.random.key(seed))
-  return model_lib.init_params(lora_lib.base_config(model_config), init_key)
 
 
 def dropout_key(rng: jax.Array, step: jax.Array, micro_batch: int | jax.Array) -> jax.Array:

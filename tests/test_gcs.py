@@ -25,7 +25,6 @@ if not os.environ.get("JAX_PLATFORMS"):
 import jax  # pylint: disable=wrong-import-position
 
 from lima_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
-from lima_jax import convert  # pylint: disable=wrong-import-position
 from lima_jax import data as data_lib  # pylint: disable=wrong-import-position
 from lima_jax import paths  # pylint: disable=wrong-import-position
 from lima_jax import records  # pylint: disable=wrong-import-position
@@ -190,7 +189,7 @@ def _cut_short_copy(step_dir, dest) -> None:
   fs = fsspec.filesystem("gs")
   fs.copy(step_dir, dest, recursive=True)
   gone = [obj for obj in fs.find(dest)
-          if obj.endswith("/" + convert.ORBAX_COMMIT_FILE) or ("/params/" in obj and "/d/" in obj)]
+          if obj.endswith("/" + ckpt_lib.ORBAX_COMMIT_FILE) or ("/params/" in obj and "/d/" in obj)]
   fs.rm(gone)
   assert any("/params/" in obj for obj in gone) and len(gone) >= 2, gone
 
@@ -308,7 +307,7 @@ def test_a_kill_during_a_save_on_gcs_leaves_no_checkpoint_a_resume_restores(gcs,
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None and not step3.exists():
     time.sleep(0.05)
-  committed = (step3 / convert.ORBAX_COMMIT_FILE).exists()
+  committed = (step3 / ckpt_lib.ORBAX_COMMIT_FILE).exists()
   proc.send_signal(signal.SIGKILL)
   _, stderr = proc.communicate(timeout=60)
   assert step3.exists() and not committed, f"the save was not caught in progress: {stderr[-3000:]}"
