@@ -86,7 +86,7 @@ def _shardings(config: model_lib.ModelConfig, mesh: Mesh | None):
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda _: device, model_lib.abstract_params(config))
-  return sampling.param_shardings(config, mesh)
+  return model_lib.param_shardings(config, mesh)
 
 
 def _with_dtype(config: model_lib.ModelConfig, dtype: str | None) -> model_lib.ModelConfig:

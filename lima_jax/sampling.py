@@ -257,7 +257,6 @@ class DecodeFns:
                         shapes, self.cache_shardings)
 
 
-param_shardings = model_lib.param_shardings  # The same rules as training: one definition.
 
 
 def without_padding_rows(config: model_lib.ModelConfig, params, vocab: int,
@@ -282,7 +281,7 @@ def without_padding_rows(config: model_lib.ModelConfig, params, vocab: int,
       out["lm_head"] = p["lm_head"][:, :rows]
     return out
 
-  shardings = None if mesh is None else param_shardings(small, mesh)
+  shardings = None if mesh is None else model_lib.param_shardings(small, mesh)
   return small, jax.jit(cut, out_shardings=shardings)(params)
 
 
@@ -384,7 +383,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
   if mesh is None:
     p_sh = c_sh = b_sh = t_sh = None
   else:
-    p_sh = param_shardings(cfg, mesh)
+    p_sh = model_lib.param_shardings(cfg, mesh)
     cache_shape = jax.eval_shape(lambda: model_lib.init_cache(cfg, batch_size, cache_len))
     c_sh = sharding.tree_shardings(attention.cache_logical_axes(cache_shape), cache_shape, mesh)
     batch_spec = sharding.logical_to_spec(("batch",), mesh=mesh, shape=(batch_size,))
@@ -452,7 +451,7 @@ def place_params(params, model_config: model_lib.ModelConfig, mesh: Mesh | None)
   """Puts parameters on the mesh with the training shardings (a no-op where they already are)."""
   if mesh is None:
     return params
-  return jax.device_put(params, param_shardings(model_config, mesh))
+  return jax.device_put(params, model_lib.param_shardings(model_config, mesh))
 
 
 def generate(model_config: model_lib.ModelConfig, params, prompts: Sequence[Sequence[int]], *,

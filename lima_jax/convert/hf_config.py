@@ -35,8 +35,9 @@ LIMA_GENERATION = {"do_sample": True, "top_p": _LIMA_SAMPLING.top_p,
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConversionError(errors.InputError):
-  """Input the converter cannot use; the message names the file, field or tensor to fix."""
+# Input the converter cannot use (the message names the file, field or tensor to fix): the one
+# bad-input type, under the name the converter's callers have always caught.
+ConversionError = errors.InputError
 
 
 def read_json(path: epath.Path) -> dict:
