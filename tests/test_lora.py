@@ -93,7 +93,7 @@ MESH_SCRIPT = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from test_train import numpy_params, random_batch, small_setup
-from lima_jax import lora as lora_lib, sharding, train_step
+from lima_jax import lora as lora_lib, model as model_lib, sharding, train_step
 out = {{}}
 for name, mesh_config, count in (("1 device", dict(data=1, fsdp=1, sequence=1, tensor=1), 1),
                                  ("data2 fsdp2 tensor2", dict(data=2, fsdp=2, sequence=1, tensor=2), 8)):
