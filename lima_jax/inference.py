@@ -66,9 +66,6 @@ class LoadedModel:
                              bos_id=self.tokenizer.bos_id, mesh=self.mesh, **kwargs)
 
 
-_is_hf_dir = checkpoint.is_hf_dir
-
-
 def _generation_config_eos(path: epath.Path) -> list[int]:
   """EOS ids a Hugging Face generation_config.json lists (LLaMA-3 lists several)."""
   file = path / HF_GENERATION_CONFIG
@@ -106,7 +103,7 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_p
   path = paths.path(path)
   notes: list[str] = []
   extra_stops: list[int] = []
-  if _is_hf_dir(path):
+  if checkpoint.is_hf_dir(path):
     source = "huggingface"
     config = _with_dtype(convert.HFCheckpoint(path).model_config, dtype or "float32")
     params, config = convert.load_hf_params(path, _shardings(config, mesh), dtype=config.param_dtype)

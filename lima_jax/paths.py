@@ -15,7 +15,6 @@ directory (a checkpoint save, a resumed run) would look stale, so that cache is 
 """
 
 import contextlib
-import ctypes
 import functools
 import glob as glob_lib
 import importlib.util
@@ -115,26 +114,6 @@ def write_bytes_atomic(target: PathLike, data: bytes) -> None:
 def write_text_atomic(target: PathLike, text: str) -> None:
   """`write_bytes_atomic` of UTF-8 text."""
   write_bytes_atomic(target, text.encode("utf-8"))
-
-
-def _libc():
-  try:
-    return ctypes.CDLL("libc.so.6", use_errno=True)
-  except OSError:
-    return None
-
-
-_LIBC = _libc()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int) -> None:
-  """Has the kernel start writing a local file's dirty pages to disk now, without waiting (Linux
-  `sync_file_range`): a writer that streams a large file keeps the disk busy while it works, so
-  its final fsync waits for little. A no-op where unsupported."""
-  if _LIBC is not None and hasattr(_LIBC, "sync_file_range"):
-    _LIBC.sync_file_range(ctypes.c_int(fd), ctypes.c_longlong(0), ctypes.c_longlong(0),
-                          ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
 @contextlib.contextmanager

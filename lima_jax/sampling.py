@@ -257,8 +257,6 @@ class DecodeFns:
                         shapes, self.cache_shardings)
 
 
-
-
 def without_padding_rows(config: model_lib.ModelConfig, params, vocab: int,
                          mesh: Mesh | None = None) -> tuple[model_lib.ModelConfig, Any]:
   """The model seen as one of `vocab` ids, so sampling never picks an id its tokenizer cannot
