@@ -112,6 +112,7 @@ def main(argv=None) -> int:
 
 def run() -> None:
   limit_malloc_arenas()  # Before convert's imports start TensorStore's and XLA's threads.
+  common.setup_process()  # As every command: the CPU where libtpu is installed without a TPU.
   sys.exit(main())
 
 
