@@ -22,8 +22,9 @@ output, 4.2-5.8 s when 8 s passed in between), so each step, the copy included, 
 pages its own previous output freed.
 
   ratio         = copy seconds / conversion seconds (to disk; equal bytes, so a throughput ratio),
-  cached_ratio  = the same without the fsync (output left in the page cache): then the copy is a
-                  memcpy and the ratio measures the converter's CPU work per byte instead.
+  cached_ratio  = the same without the benchmark's fsync: the copy's output is left in the page
+                  cache, while a conversion has already synced its own (it does, before its
+                  directory is renamed into place), so this ratio understates the converters.
 
 Each from the best of the repeats (the machine is shared; the best is the least disturbed).
 Peak RSS above the runtime is polled every 5 ms during each conversion, less the RSS just before
@@ -57,9 +58,9 @@ def _load(name: str, path: pathlib.Path):
 
 
 # The converter CLI caps malloc arenas before any thread starts; so must we.
-from lima_jax.cli import convert_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lima_jax import libc  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-convert_weights.limit_malloc_arenas()
+libc.limit_malloc_arenas()
 convert_memory = _load("convert_memory", ROOT / "benchmarks" / "convert_memory.py")
 
 from lima_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -15,6 +15,8 @@ directory (a checkpoint save, a resumed run) would look stale, so that cache is 
 """
 
 import contextlib
+import dataclasses
+import errno
 import functools
 import glob as glob_lib
 import importlib.util
@@ -22,7 +24,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import fsspec
 from etils import epath
@@ -80,6 +82,97 @@ def expand_globs(pattern: PathLike) -> list[epath.Path]:
   return sorted(root.glob("/".join(parts[first:])), key=os.fspath)
 
 
+@dataclasses.dataclass(frozen=True)
+class FileRange:
+  """`nbytes` bytes of a file from `offset`: data a converter copies file to file, unread."""
+  path: epath.Path
+  offset: int
+  nbytes: int
+
+
+# Bytes a copy moves through user space at a time where the kernel cannot copy (remote files).
+_COPY_BLOCK = 16 * 2**20
+# Errors that mean "this kernel copy does not apply here" (other file systems, old kernels, a
+# sendfile that wants a socket): the next way is tried.
+_NOT_SUPPORTED = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM,
+                  errno.ENOTSOCK)
+
+
+def _kernel_copy(copy, in_fd: int, out_fd: int, offset: int, count: int) -> int:
+  """Copies with `copy(in_fd, out_fd, offset, count)` until done; the bytes it copied (fewer
+  where it does not apply here, the rest left to the caller)."""
+  done = 0
+  while done < count:
+    try:
+      n = copy(in_fd, out_fd, offset + done, count - done)
+    except OSError as e:
+      if e.errno in _NOT_SUPPORTED:
+        return done
+      raise
+    if not n:
+      return done
+    done += n
+  return done
+
+
+_KERNEL_COPIES = tuple(
+    fn for fn in (
+        (lambda i, o, off, n: os.copy_file_range(i, o, n, off)) if hasattr(os, "copy_file_range") else None,
+        (lambda i, o, off, n: os.sendfile(o, i, off, n)) if hasattr(os, "sendfile") else None)
+    if fn is not None)
+
+
+def copy_range(source: FileRange, out: BinaryIO) -> None:
+  """Appends `source`'s bytes to the open binary file `out`.
+
+  Between local files the kernel copies them (`copy_file_range`, else `sendfile`): no page of
+  the data passes through this process, which is what makes a conversion as fast as `cp`.
+  Otherwise (gs://, or where neither applies) they pass through a buffer of `_COPY_BLOCK` bytes.
+  """
+  out.flush()
+  try:
+    out_fd = None if is_remote(source.path) else out.fileno()
+  except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError.
+    out_fd = None
+  done = 0
+  if out_fd is not None:
+    start = out.tell()
+    in_fd = os.open(source.path, os.O_RDONLY)
+    try:
+      for copy in _KERNEL_COPIES:
+        done += _kernel_copy(copy, in_fd, out_fd, source.offset + done, source.nbytes - done)
+        if done == source.nbytes:
+          break
+    finally:
+      os.close(in_fd)
+    out.seek(start + done)  # The file object's idea of its position, after the kernel's.
+  if done == source.nbytes:
+    return
+  with source.path.open("rb") as f:
+    f.seek(source.offset + done)
+    while done < source.nbytes:
+      block = f.read(min(source.nbytes - done, _COPY_BLOCK))
+      if not block:
+        raise ValueError(f"{source.path}: ends before byte {source.offset + source.nbytes}")
+      out.write(block)
+      done += len(block)
+
+
+def sync_tree(directory: PathLike) -> None:
+  """fsync of every file and directory under a local `directory` (and itself): all it holds is
+  on disk. Files that vanish meanwhile (a writer's transient lock files) are skipped."""
+  for root, _, files in os.walk(directory):
+    for name in files + ["."]:
+      try:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      except FileNotFoundError:
+        continue
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(target: PathLike, data: bytes) -> None:
   """Writes `target` so that a reader sees the old content or the new, never a part of it.
 
@@ -121,9 +214,9 @@ def staged_directory(destination: PathLike, *, fresh: bool = False,
                      complete_when: str | None = None) -> Iterator[epath.Path]:
   """Yields the directory a writer fills; `destination` counts as finished only on success.
 
-  Local: the writer fills a temporary directory next to `destination`, renamed to it on success
-  (with `fresh`, the yielded path does not exist yet, for writers like Orbax that create it), so
-  a crash never leaves a `destination`. GCS has no rename: the writer fills `destination` in
+  Local: the writer fills a temporary directory next to `destination`, synced to disk and then
+  renamed to it on success (with `fresh`, the yielded path does not exist yet, for writers like
+  Orbax that create it), so a crash never leaves a `destination`. GCS has no rename: the writer fills `destination` in
   place and must write the file its readers require last (`complete_when`: Orbax's
   commit_success.txt, a Hugging Face directory's config.json); a crash leaves a prefix without
   that file, which readers reject and a rerun reports. On an exception, what was written is
@@ -157,6 +250,7 @@ def staged_directory(destination: PathLike, *, fresh: bool = False,
   inner = tmp / f"staged-{uuid.uuid4().hex[:8]}" if fresh else tmp
   try:
     yield inner
+    sync_tree(inner)  # What the rename publishes is on disk: a crash cannot leave it half-written.
     os.rename(inner, dest)
     if fresh:
       shutil.rmtree(tmp)

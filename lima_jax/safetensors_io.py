@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from lima_jax import libc
 from lima_jax import paths
 
 # safetensors dtype names <-> NumPy. Floating types only: lima_jax never stores quantized weights.
@@ -227,7 +228,8 @@ class TensorSource:
   """A tensor to write: its name, dtype, shape, and a callable yielding its bytes in C order.
 
   `blocks()` yields arrays whose concatenated bytes form the tensor (e.g. row blocks), so the
-  writer never needs the whole tensor at once.
+  writer never needs the whole tensor at once; a block may also be a `paths.FileRange`, bytes
+  that already lie in a file, copied file to file without being read.
   """
   name: str
   dtype: np.dtype
@@ -250,6 +252,13 @@ def _header_bytes(sources: Sequence[TensorSource], metadata: Mapping[str, str]) 
   return raw + b" " * (-len(raw) % _ALIGN)
 
 
+def _contiguous(block, dtype) -> "np.ndarray | paths.FileRange":
+  """A block as C-ordered bytes of `dtype`; a FileRange (bytes copied file to file) as it is."""
+  if isinstance(block, paths.FileRange):
+    return block
+  return np.ascontiguousarray(block, dtype=dtype)
+
+
 def _read_ahead(sources: Sequence[TensorSource], depth: int) -> Iterator[tuple[TensorSource, np.ndarray]]:
   """(source, block) for every block of every source in order, made up to `depth` blocks ahead
   on a thread (reads and transposes there overlap the file writes here)."""
@@ -269,7 +278,7 @@ def _read_ahead(sources: Sequence[TensorSource], depth: int) -> Iterator[tuple[T
     try:
       for s in sources:
         for block in s.blocks():
-          if not put(("block", s, np.ascontiguousarray(block, dtype=s.dtype))):
+          if not put(("block", s, _contiguous(block, s.dtype))):
             return
       put(("done", None, None))
     except BaseException as e:  # pylint: disable=broad-exception-caught  (re-raised below)
@@ -303,13 +312,14 @@ def write_file(path: str | os.PathLike, sources: Sequence[TensorSource],
   if read_ahead > 0:
     blocks = _read_ahead(sources, read_ahead)
   else:
-    blocks = ((s, np.ascontiguousarray(b, dtype=s.dtype)) for s in sources for b in s.blocks())
+    blocks = ((s, _contiguous(b, s.dtype)) for s in sources for b in s.blocks())
   written = dict.fromkeys((s.name for s in sources), 0)
 
   def check(s: TensorSource) -> None:
     if written[s.name] != s.nbytes:
       raise ValueError(f"{path}: tensor {s.name} produced {written[s.name]} bytes, expected {s.nbytes}")
 
+  local = not paths.is_remote(path)
   with paths.path(path).open("wb") as f:
     f.write(struct.pack("<Q", len(header)))
     f.write(header)
@@ -318,8 +328,14 @@ def write_file(path: str | os.PathLike, sources: Sequence[TensorSource],
       while sources[done] is not s:
         check(sources[done])
         done += 1
-      f.write(memoryview(block.reshape(-1).view(np.uint8)))
+      if isinstance(block, paths.FileRange):
+        paths.copy_range(block, f)
+      else:
+        f.write(memoryview(block.reshape(-1).view(np.uint8)))
       written[s.name] += block.nbytes
+      if local:  # The disk writes what is done while the rest is made; the caller syncs.
+        f.flush()
+        libc.start_writeback(f.fileno())
     for s in sources[done:]:
       check(s)
 

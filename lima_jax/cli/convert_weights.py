@@ -28,11 +28,11 @@ input it prints what is wrong (file, field, tensor) and exits with status 2, lea
 directory behind.
 """
 
-import ctypes
 import sys
 import time
 
 from lima_jax import errors
+from lima_jax import libc
 from lima_jax.cli import common
 
 EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
@@ -40,19 +40,6 @@ COMMANDS = ("hf-to-orbax", "orbax-to-hf", "orbax-to-peft")
 _ONLY = {"eot": "hf-to-orbax", "add_eot": "hf-to-orbax", "max_shard_size": "orbax-to-hf",
          "peft_dir": "orbax-to-peft", "hf_dir": ("hf-to-orbax", "orbax-to-hf"),
          "dtype": ("hf-to-orbax", "orbax-to-hf")}
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-  """Caps glibc's per-thread heap arenas before any thread starts.
-
-  TensorStore and XLA run many threads; each gets its own arena, and the freed buffers of
-  chunk after chunk linger in them (measured: +30% peak RSS converting a 336 MB model). Two
-  arenas keep the peak near one chunk's worth. A no-op off glibc.
-  """
-  try:
-    ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 = M_ARENA_MAX.
-  except (OSError, AttributeError):
-    pass
 
 
 def define_flags(values) -> None:
@@ -111,7 +98,7 @@ def main(argv=None) -> int:
 
 
 def run() -> None:
-  limit_malloc_arenas()  # Before convert's imports start TensorStore's and XLA's threads.
+  libc.limit_malloc_arenas()  # Before convert's imports start TensorStore's and XLA's threads.
   common.setup_process()  # As every command: the CPU where libtpu is installed without a TPU.
   sys.exit(main())
 

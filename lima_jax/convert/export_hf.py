@@ -34,9 +34,9 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   Writes safetensors shards of at most `max_shard_size` (with model.safetensors.index.json when
   there are several), config.json, generation_config.json (LIMA's sampling) and, when the
   checkpoint carries one, the tokenizer (with LIMA's chat template). A few layer tensors are in
-  memory at a time (one being written, two read ahead on a thread); chunks that hf_to_orbax
-  stored in Hugging Face byte order are read with plain copies. `dtype=None` keeps
-  the stored dtypes. Returns the written file names.
+  memory at a time (one being written, two read ahead on a thread). Tensors that hf_to_orbax
+  stored as chunk files in Hugging Face byte order are copied file to file, unread, when the
+  dtype is kept; others are read through TensorStore. `dtype=None` keeps the stored dtypes. Returns the written file names.
   """
   try:
     ckpt = checkpoint.resolve(ckpt_dir)
@@ -53,8 +53,10 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   blob = checkpoint.read_tokenizer_blob(ckpt)
   if config.lora is not None:  # Adapters: merged into their base, one layer at a time.
     stores, config = model_readers.merged_stores(ckpt)
+    files = {}
   else:
     stores = orbax_stream.open_params(ckpt)
+    files = orbax_stream.chunk_files(ckpt, stores)
   maps = param_names.param_maps(config)
   if set(stores) != set(maps):
     missing = sorted("/".join(p) for p in set(maps) - set(stores))
@@ -80,8 +82,21 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
       return block.reshape((stop - start,) + m.hf_shape[1:])
     return m.to_hf(store[index].read().result(), rows)
 
+  def file_ranges(m, layer, want):
+    """The tensor's bytes as pieces of chunk files, when they are stored so (hf_to_orbax's
+    layout, same dtype): copied unread. Else None."""
+    chunks = files.get(m.path)
+    if chunks is None or chunks.order != m.array_storage_order or chunks.dtype != want:
+      return None
+    start = max(layer, 0) * math.prod(m.layer_shape)
+    return chunks.ranges(start, start + math.prod(m.hf_shape))
+
   def blocks(name, m, layer):
     want = jnp.dtype(dtype) if dtype else stored_dtype(m.path)
+    ranges = file_ranges(m, layer, want)
+    if ranges is not None:
+      yield from ranges
+      return
     store = stores[m.path]
     if layer >= 0:
       yield param_names.cast(hf_block(m, store, layer), want, name)

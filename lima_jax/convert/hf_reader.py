@@ -153,6 +153,36 @@ class HFCheckpoint:
       out[j] = read_map.read(self.row_reader(names[i]), sub, dtype, fill, names[i])
     return out
 
+  def byte_range(self, path: tuple[str, ...], index: Sequence[slice], dtype=None,
+                 fill: param_names.RowFill | None = None,
+                 out_map: param_names.ParamMap | None = None) -> paths.FileRange | None:
+    """Where the bytes of block `index` (as `read` would give it, in the map's storage order)
+    lie in the files, when they are whole rows of one tensor kept in its dtype: those rows, then
+    zeros for rows past the tensor's end (a padded vocabulary). None when the block must be
+    made (a cast, a new token's row, a block across layers or columns): `read` it instead."""
+    m = self.maps[path]
+    target = out_map or m
+    if dtype is not None and np.dtype(dtype) != self.source_dtype(path):
+      return None
+    index = tuple(index) + (slice(None),) * (len(target.shape) - len(index))
+    name = m.hf_name
+    if target.layers:
+      layers = np.arange(target.layers)[index[0]]
+      if layers.size != 1:
+        return None
+      name, index = m.hf_names()[int(layers[0])], index[1:]
+    rows = target.block_rows(index)
+    if rows is None:
+      return None
+    start, stop = rows
+    if fill is not None and fill.start < stop and start < fill.stop:
+      return None
+    f = self._where[name]
+    info = f.tensors[name]
+    row_bytes = math.prod(info.shape[1:]) * info.numpy_dtype.itemsize
+    real = max(0, min(stop, m.hf_rows) - start)
+    return paths.FileRange(f.path, info.begin + start * row_bytes, real * row_bytes)
+
   def row_mean(self, path: tuple[str, ...]) -> np.ndarray:
     """Mean over the vocabulary rows (float32), streamed: the initial row of a new token."""
     m = self.maps[path]

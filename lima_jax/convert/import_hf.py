@@ -91,7 +91,8 @@ def hf_to_orbax(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, *, dtype
     param_names.set_path(tree, path, orbax_stream.StreamedArray(
         m.shape, want, _chunk_shape(m, want.itemsize),
         lambda index, path=path, m=m, want=want: hf.read(path, index, want, fills.get(path), m),
-        m.array_storage_order))
+        m.array_storage_order,
+        lambda index, path=path, m=m, want=want: hf.byte_range(path, index, want, fills.get(path), m)))
   if dtype:
     out_config = out_config.replace(param_dtype=dtype)
   config_json = {**out_config.to_dict(), SPECIAL_TOKENS_KEY: hf.special_tokens()}

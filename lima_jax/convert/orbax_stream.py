@@ -1,24 +1,27 @@
-"""lima_jax checkpoints written and read one chunk at a time through Orbax and TensorStore.
+"""lima_jax checkpoints written and read one chunk at a time, as plain chunk files.
 
-`save_streamed` writes the layout of `checkpoint.save_model` (Orbax PyTree, OCDBT) from
-`StreamedArray` leaves, whose chunks are produced on demand, so a conversion holds a few chunks,
-not the model. The arrays are zarr3, uncompressed, and each chunk's bytes may be stored in any
-axis order (zarr3's `transpose` codec): a converter stores them in the source's order, so that
-writing and reading them back are copies, not transposes, while every reader (Orbax's restore,
-TensorStore) still sees the array in lima_jax's layout. `open_params` opens each stored
-parameter as a lazy TensorStore.
+`save_streamed` writes the layout of `checkpoint.save_model` (an Orbax PyTree checkpoint that
+Orbax, TensorStore and every lima_jax reader restore) from `StreamedArray` leaves, whose chunks
+are produced on demand, so a conversion holds a few chunks, not the model. Each array is zarr3
+without OCDBT, compression or sharding: a `zarr.json` (written by TensorStore) and one file per
+chunk holding its raw little-endian bytes, in any axis order (zarr3's `transpose` codec). A
+converter stores the bytes in the source's order, so a chunk file is a byte-for-byte piece of a
+safetensors file: both directions copy those pieces file to file in the kernel
+(`paths.copy_range`) without reading them, while every reader still sees the array in lima_jax's
+layout. `open_params` opens each stored parameter as a lazy TensorStore; `chunk_files` says
+where the bytes of one stored that way lie.
 """
 
 import asyncio
-import collections
+import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import gc
+import json
 import logging
 import math
-import os
-from typing import Any, Callable, Iterator, Mapping
+import sys
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +30,7 @@ import tensorstore as ts
 from etils import epath
 
 from lima_jax import checkpoint
+from lima_jax import libc
 from lima_jax import paths
 
 
@@ -35,7 +39,9 @@ class StreamedArray:
   """A checkpoint leaf written chunk by chunk: `read(index)` gives the block at `index`.
 
   Chunks tile the array with `chunk_shape` (also the stored chunk shape), so the writer holds
-  one chunk at a time however large the array is.
+  one chunk at a time however large the array is. Where a block's bytes already lie in a file,
+  `byte_range(index)` names them (the block in `storage_order`, C-contiguous, followed by
+  zeros to its end) and they are copied unread; it returns None for blocks `read` must make.
   """
   shape: tuple[int, ...]
   dtype: np.dtype
@@ -44,6 +50,7 @@ class StreamedArray:
   # The array's axes in the order the chunk bytes are stored (None: C order); `read` may
   # return a transposed view, which is then written with a plain copy.
   storage_order: tuple[int, ...] | None = None
+  byte_range: Callable[[tuple[slice, ...]], paths.FileRange | None] | None = None
 
   @property
   def size(self) -> int:
@@ -53,6 +60,10 @@ class StreamedArray:
   def ndim(self) -> int:
     return len(self.shape)
 
+  @property
+  def order(self) -> tuple[int, ...]:
+    return tuple(self.storage_order) if self.storage_order is not None else tuple(range(self.ndim))
+
   def chunks(self) -> Iterator[tuple[slice, ...]]:
     grid = [range(0, n, c) for n, c in zip(self.shape, self.chunk_shape)]
     for starts in np.ndindex(*[len(g) for g in grid]):
@@ -60,39 +71,11 @@ class StreamedArray:
                   for g, i, c, n in zip(grid, starts, self.chunk_shape, self.shape))
 
 
-def release_free_memory() -> None:
-  """Hands freed heap pages back to the OS (glibc), so chunk buffers do not pile up in RSS."""
-  if _LIBC is not None:
-    _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc_trim  # pylint: disable=pointless-statement
-    return libc
-  except (OSError, AttributeError):
-    return None
-
-
-_LIBC = _load_libc()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int) -> None:
-  """Has the kernel start writing a local file's dirty pages to disk now, without waiting (Linux
-  `sync_file_range`), so the final fsync waits for little. A no-op where unsupported."""
-  if _LIBC is not None and hasattr(_LIBC, "sync_file_range"):
-    _LIBC.sync_file_range(ctypes.c_int(fd), ctypes.c_longlong(0), ctypes.c_longlong(0),
-                          ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
-
-
-# Chunk writes TensorStore runs at once: a few in flight keep the disk and TensorStore busy while
-# the next chunk is read (and bound memory to that many chunks).
-_WRITES_IN_FLIGHT = 2
-# Every this many chunks the kernel is told to start writing them out, so that the disk works
-# while the CPU converts and the final sync waits for little.
-_WRITEBACK_EVERY = 4
+# Chunk files written at once: two keep both cores busy locally (a chunk a core); remote writes
+# wait on the network, so more overlap there. Memory is bounded by that many chunks.
+_LOCAL_WRITERS = 2
+_REMOTE_WRITERS = 8
+_ZEROS = bytes(4 * 2**20)
 
 
 @contextlib.contextmanager
@@ -119,12 +102,27 @@ def quiet_absl():
     logger.setLevel(level)
 
 
+def _chunk_key(grid_index: Sequence[int]) -> str:
+  """zarr3's default chunk key ("c/i/j/k", "/" separated; "c" for a 0-d array)."""
+  return "/".join(["c"] + [str(i) for i in grid_index])
+
+
+def _bytes_are_prefix(block: Sequence[int], chunk: Sequence[int]) -> bool:
+  """Whether a block of shape `block` at a chunk's origin fills a C-ordered buffer of shape
+  `chunk` from its start: it is clipped in the first axis longer than one only."""
+  axes = [a for a, n in enumerate(chunk) if n != 1]
+  if not axes:
+    return True
+  first = axes[0]
+  return tuple(block[first + 1:]) == tuple(chunk[first + 1:])
+
+
 class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
   """Writes a StreamedArray into the array format Orbax's NumPy/jax.Array handlers read.
 
-  The TensorStore spec comes from Orbax itself (`get_json_tspec_write`, zarr3, uncompressed),
-  so the files are the ones Orbax would write for the array, plus a `transpose` codec where the
-  chunk bytes keep the source's axis order; the data arrives chunk by chunk.
+  The TensorStore spec is Orbax's own (`get_json_tspec_write`, zarr3 without OCDBT) with plain
+  chunk codecs (see `_write_spec`); TensorStore writes the array's `zarr.json`, and the chunk
+  files, which that format defines as the raw bytes of each chunk, are written here.
   """
 
   def __init__(self):
@@ -138,103 +136,187 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
         self._write(values, infos, args), name="streamed_array")]
 
   async def _write(self, values, infos, args):
-    jobs, contexts, local_dirs = [], {}, set()
+    arrays = []
     for value, info, arg in zip(values, infos, args):
       await info.await_path_creation()
-      # Local files are written without a sync per chunk (TensorStore's default) and synced
-      # together once all are written (`_sync_tree`), before Orbax marks the save finished:
-      # the disk then streams the whole checkpoint instead of waiting on every chunk.
-      if id(info.ts_context) not in contexts:
-        contexts[id(info.ts_context)] = ts.Context(ts.Context.Spec({"file_io_sync": False}),
-                                                   info.ts_context)
-      if not paths.is_remote(info.parent_dir):
-        local_dirs.add(str(info.parent_dir))
-      store = await ts.open(ts.Spec(_write_spec(value, info, arg)), create=True, open=True,
-                            context=contexts[id(info.ts_context)])
-      jobs += [(store, value, index) for index in value.chunks()]
-
-    def read(job):  # A view in storage order, copied by the write as it stands.
-      _, value, index = job
-      return np.asarray(value.read(index), value.dtype)
-
-    # A pipeline over every chunk of every array: the next chunk is read on a thread while
-    # TensorStore writes up to `_WRITES_IN_FLIGHT` earlier ones (no sync per chunk: see above),
-    # a few chunks in memory at once.
-    ahead = asyncio.ensure_future(asyncio.to_thread(read, jobs[0])) if jobs else None
-    writing: collections.deque = collections.deque()
-    written = 0
+      await ts.open(ts.Spec(_write_spec(value, info, arg)), create=True, open=True,
+                    context=info.ts_context)
+      arrays.append((value, paths.path(info.parent_dir) / info.name))
     try:
-      for i, (store, _, index) in enumerate(jobs):
-        block = await ahead
-        ahead = (asyncio.ensure_future(asyncio.to_thread(read, jobs[i + 1]))
-                 if i + 1 < len(jobs) else None)
-        writing.append(store[index].write(block, can_reference_source_data_indefinitely=True))
-        del block
-        while len(writing) >= _WRITES_IN_FLIGHT:
-          await writing.popleft()
-          written += 1
-          if written % _WRITEBACK_EVERY == 0:
-            await asyncio.to_thread(_start_writeback, local_dirs)
-      while writing:
-        await writing.popleft()
-      for directory in sorted(local_dirs):
-        await asyncio.to_thread(_sync_tree, directory)
+      await asyncio.to_thread(_write_arrays, arrays)
     finally:
-      if ahead is not None and not ahead.done():  # A failed write: let the read finish quietly.
-        with contextlib.suppress(Exception):
-          await ahead
-      for pending in writing:
-        with contextlib.suppress(Exception):
-          await pending
-      release_free_memory()
+      libc.release_free_memory()
 
 
-def _each_fd(directory: str, fn: Callable[[int], None], with_dirs: bool = False) -> None:
-  """`fn(fd)` for every file (and directory) under `directory`; files that vanish meanwhile
-  (TensorStore's transient lock files) are skipped."""
-  for root, _, files in os.walk(directory):
-    for name in files + (["."] if with_dirs else []):
-      try:
-        fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      except FileNotFoundError:
-        continue
-      try:
-        fn(fd)
-      finally:
-        os.close(fd)
+def _write_arrays(arrays: Sequence[tuple[StreamedArray, epath.Path]]) -> None:
+  """Every chunk file of every array, a few at a time; then, locally, one sync of all of them.
+
+  Nothing is synced per chunk: the disk streams the whole checkpoint while the kernel is told
+  to start writing each file as it is done, and the one sync at the end (before Orbax writes
+  its commit mark) waits for little.
+  """
+  remote = any(paths.is_remote(d) for _, d in arrays)
+  jobs = [(value, directory, index) for value, directory in arrays for index in value.chunks()]
+  with concurrent.futures.ThreadPoolExecutor(_REMOTE_WRITERS if remote else _LOCAL_WRITERS,
+                                             thread_name_prefix="chunk-writer") as pool:
+    for done in pool.map(lambda job: _write_chunk(*job), jobs):
+      del done
+  for _, directory in arrays:
+    if not paths.is_remote(directory):
+      paths.sync_tree(directory)
 
 
-def _start_writeback(directories) -> None:
-  """Starts the disk writing what the chunks so far left in the page cache (see _sync_tree)."""
-  for directory in directories:
-    _each_fd(directory, start_writeback)
+def _write_chunk(value: StreamedArray, directory: epath.Path, index: tuple[slice, ...]) -> None:
+  """One chunk file: the block at `index` in storage order, zero-padded to the chunk's shape."""
+  order = value.order
+  chunk = tuple(value.chunk_shape[a] for a in order)
+  block_shape = tuple(index[a].stop - index[a].start for a in order)
+  chunk_bytes = math.prod(chunk) * value.dtype.itemsize
+  target = directory / _chunk_key([s.start // c for s, c in zip(index, value.chunk_shape)])
+  target.parent.mkdir(parents=True, exist_ok=True)
+  source = None
+  if value.byte_range is not None and _bytes_are_prefix(block_shape, chunk):
+    source = value.byte_range(index)
+  with target.open("wb") as f:
+    if source is not None:
+      paths.copy_range(source, f)
+      written = source.nbytes
+    else:
+      block = np.asarray(value.read(index), value.dtype).transpose(order)
+      if block_shape != chunk:
+        padded = np.zeros(chunk, value.dtype)
+        padded[tuple(slice(0, n) for n in block_shape)] = block
+        block = padded
+      block = np.ascontiguousarray(block)
+      f.write(memoryview(block.reshape(-1).view(np.uint8)))
+      written = block.nbytes
+      del block
+    for start in range(written, chunk_bytes, len(_ZEROS)):
+      f.write(_ZEROS[:min(len(_ZEROS), chunk_bytes - start)])
+    if not paths.is_remote(target):
+      f.flush()
+      libc.start_writeback(f.fileno())
 
 
-def _sync_tree(directory: str) -> None:
-  """fsync of every file and directory under `directory` (and itself): what it holds is on disk."""
-  _each_fd(directory, os.fsync, with_dirs=True)
+_PLAIN_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
 
 
 def _write_spec(value: StreamedArray, info, arg) -> dict:
-  """Orbax's zarr3 TensorStore spec for `value`, uncompressed, its chunks in storage order.
+  """Orbax's zarr3 TensorStore spec for `value`, with plain chunk files in storage order.
 
   Uncompressed: zstd cost more CPU than the rest of a conversion (random bf16 shrank ~20%), and
-  Orbax restores either, since the array's metadata names its codecs.
+  the bytes could no longer be copied unread. Orbax and TensorStore read any codecs, since the
+  array's metadata names them.
   """
-  use_ocdbt = bool(info.is_ocdbt_checkpoint)
+  if info.is_ocdbt_checkpoint:
+    raise ValueError("StreamedArray writes plain chunk files: save it with use_ocdbt=False")
+  if sys.byteorder != "little":
+    raise ValueError("chunk files hold little-endian bytes; this host is big-endian")
   info.use_compression = False
   info.use_zarr3 = True
   spec = ocp.type_handlers.get_json_tspec_write(
-      info, use_ocdbt=use_ocdbt, global_shape=value.shape, local_shape=value.chunk_shape,
-      dtype=value.dtype, process_index=jax.process_index() if use_ocdbt else None, arg=arg)
-  order = value.storage_order
-  if order is not None and tuple(order) != tuple(range(value.ndim)):
-    codecs = spec["metadata"]["codecs"]
-    for codec in codecs:  # Orbax nests the chunk codecs in a one-chunk shard.
-      if codec["name"] == "sharding_indexed":
-        codecs = codec["configuration"]["codecs"]
+      info, use_ocdbt=False, global_shape=value.shape, local_shape=value.chunk_shape,
+      dtype=value.dtype, process_index=None, arg=arg)
+  codecs = [dict(_PLAIN_BYTES)]
+  order = value.order
+  if order != tuple(range(value.ndim)):
     codecs.insert(0, {"name": "transpose", "configuration": {"order": list(order)}})
+  spec["metadata"]["codecs"] = codecs
+  spec["metadata"]["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "/"}}
+  spec["metadata"]["chunk_grid"] = {"name": "regular",
+                                    "configuration": {"chunk_shape": list(value.chunk_shape)}}
   return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkFiles:
+  """A stored array whose chunks are plain files (see the module docstring): where its bytes lie.
+
+  `order` is the axis order of the bytes in each chunk file (zarr3 `transpose`, else C order).
+  """
+  directory: epath.Path
+  shape: tuple[int, ...]
+  chunk_shape: tuple[int, ...]
+  order: tuple[int, ...]
+  dtype: np.dtype
+
+  def ranges(self, start: int, stop: int) -> list[paths.FileRange] | None:
+    """Elements [start, stop) of the array laid out in `order` (flattened), as pieces of chunk
+    files; None where chunks do not hold that layout in runs (then read it with TensorStore),
+    or a chunk file is missing or of the wrong size."""
+    shape = [self.shape[a] for a in self.order]
+    chunk = [self.chunk_shape[a] for a in self.order]
+    split = next((a for a, c in enumerate(chunk) if c != 1), len(chunk))
+    if chunk[split + 1:] != shape[split + 1:]:
+      return None
+    itemsize = self.dtype.itemsize
+    inner = math.prod(shape[split + 1:])
+    along = shape[split] if split < len(shape) else 1
+    step = chunk[split] if split < len(chunk) else 1
+    chunk_bytes = math.prod(chunk) * itemsize
+    out = []
+    while start < stop:
+      outer, rest = divmod(start, along * inner)
+      row, within = divmod(rest, inner)
+      j = row // step
+      run_end = outer * along * inner + min((j + 1) * step, along) * inner
+      take = min(stop, run_end) - start
+      grid = [0] * len(shape)
+      grid[:split] = np.unravel_index(outer, shape[:split]) if split else []
+      if split < len(shape):
+        grid[split] = j
+      array_grid = [0] * len(shape)
+      for s, a in enumerate(self.order):
+        array_grid[a] = int(grid[s])
+      path = self.directory / _chunk_key(array_grid)
+      try:
+        if path.stat().length != chunk_bytes:
+          return None
+      except (FileNotFoundError, OSError):
+        return None
+      offset = ((row - j * step) * inner + within) * itemsize
+      out.append(paths.FileRange(path, offset, take * itemsize))
+      start += take
+    return out
+
+
+def _plain_chunk_layout(meta: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+  """(chunk_shape, order) of a zarr3 array whose chunks are plain little-endian bytes, else None."""
+  if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
+    return None
+  grid = meta.get("chunk_grid") or {}
+  keys = meta.get("chunk_key_encoding") or {}
+  if grid.get("name") != "regular" or keys.get("name") != "default" or (
+      (keys.get("configuration") or {}).get("separator", "/") != "/"):
+    return None
+  ndim = len(meta.get("shape", []))
+  codecs = list(meta.get("codecs") or [])
+  order = tuple(range(ndim))
+  if codecs and codecs[0].get("name") == "transpose":
+    order = tuple(codecs.pop(0).get("configuration", {}).get("order", ()))
+    if sorted(order) != list(range(ndim)):
+      return None
+  if len(codecs) != 1 or codecs[0].get("name") != "bytes" or (
+      (codecs[0].get("configuration") or {}).get("endian", "little") != "little"):
+    return None
+  return tuple(grid.get("configuration", {}).get("chunk_shape", ())), order
+
+
+def chunk_files(path, stores: Mapping[tuple[str, ...], ts.TensorStore]) -> dict[tuple[str, ...], ChunkFiles]:
+  """The parameters of checkpoint `path` (opened by `open_params`) stored as plain chunk files."""
+  params_dir = checkpoint.resolve(path) / checkpoint.PARAMS
+  found = {}
+  for keys, store in stores.items():
+    directory = params_dir / ".".join(keys)
+    try:
+      meta = json.loads((directory / "zarr.json").read_text())
+    except (OSError, ValueError):  # An OCDBT checkpoint keeps no per-array files.
+      continue
+    layout = _plain_chunk_layout(meta)
+    if layout is not None and tuple(meta.get("shape", ())) == tuple(store.shape):
+      found[keys] = ChunkFiles(directory, tuple(store.shape), layout[0], layout[1],
+                               np.dtype(store.dtype.numpy_dtype))
+  return found
 
 
 def save_streamed(path: epath.Path, params: Mapping, model_config_json: Mapping[str, Any],
@@ -248,11 +330,22 @@ def save_streamed(path: epath.Path, params: Mapping, model_config_json: Mapping[
   if tokenizer_blob is not None:
     items[checkpoint.TOKENIZER] = ocp.args.JsonSave(dict(tokenizer_blob))
   handler = ocp.CompositeCheckpointHandler(
-      **{checkpoint.PARAMS: ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False),
+      **{checkpoint.PARAMS: ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True,
+                                                         use_compression=False),
          checkpoint.MODEL_CONFIG: ocp.JsonCheckpointHandler(),
          checkpoint.TOKENIZER: ocp.JsonCheckpointHandler()})
-  with no_gc(), ocp.Checkpointer(handler) as checkpointer:
-    checkpointer.save(paths.absolute(path), ocp.args.Composite(**items))
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_no_ocdbt_merge_notice)
+  try:
+    with no_gc(), ocp.Checkpointer(handler) as checkpointer:
+      checkpointer.save(paths.absolute(path), ocp.args.Composite(**items))
+  finally:
+    absl_logger.removeFilter(_no_ocdbt_merge_notice)
+
+
+def _no_ocdbt_merge_notice(record: logging.LogRecord) -> bool:
+  """Drops Orbax's warning that it found no OCDBT files to merge: none are written, by design."""
+  return "Skipping merge of OCDBT" not in str(record.msg)
 
 
 def open_params(path) -> dict[tuple[str, ...], Any]:

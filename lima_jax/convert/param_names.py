@@ -132,6 +132,24 @@ class ParamMap:
       return block.transpose(np.argsort(self.storage_order))
     return block
 
+  def block_rows(self, index: Sequence[slice]) -> tuple[int, int] | None:
+    """The rows [start, stop) (of `row_shape`, raveled) that block `index` of one layer is, when
+    it is whole rows: every column, and rows that follow one another. Then its bytes in
+    `storage_order` are those rows' bytes in the Hugging Face tensor. Else None."""
+    index = tuple(index) + (slice(None),) * (len(self.layer_shape) - len(index))
+    n_cols = len(self.col_shape)
+    if self.transpose:
+      col_index, row_index = index[:n_cols], index[n_cols:]
+    else:
+      row_index, col_index = index[:len(self.row_shape)], index[len(self.row_shape):]
+    if any(len(range(n)[s]) != n for n, s in zip(self.col_shape, col_index)):
+      return None
+    row_sel = [np.arange(n)[s] for n, s in zip(self.row_shape, row_index)]
+    rows = np.ravel_multi_index(np.ix_(*row_sel), self.row_shape).reshape(-1)
+    if not rows.size or not np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
+      return None
+    return int(rows[0]), int(rows[0]) + rows.size
+
   def to_hf(self, layer: np.ndarray, rows: tuple[int, int] | None = None) -> np.ndarray:
     """The Hugging Face tensor (or its rows [start, stop)) from a lima_jax array.
 
