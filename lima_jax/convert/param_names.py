@@ -84,6 +84,14 @@ class ParamMap:
   def hf_names(self) -> list[str]:
     return [self.hf_name.format(i=i) for i in range(self.layers)] if self.layers else [self.hf_name]
 
+  def _row_and_col_index(self, index: Sequence[slice]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """A block's slices over `layer_shape` split into those over the rows and the columns."""
+    index = tuple(index) + (slice(None),) * (len(self.layer_shape) - len(index))
+    n_cols = len(self.col_shape)
+    if self.transpose:
+      return index[n_cols:], index[:n_cols]
+    return index[:len(self.row_shape)], index[len(self.row_shape):]
+
   def read(self, read_rows: Callable[[int, int], np.ndarray], index: Sequence[slice],
            dtype: np.dtype, fill: "RowFill | None" = None, name: str = "") -> np.ndarray:
     """Block `index` (slices over `layer_shape`) of one layer, reading only the rows it needs.
@@ -93,12 +101,7 @@ class ParamMap:
     lima_jax's axes but may be a transposed view of the rows read (bytes in `storage_order`):
     copying it is the only relayout, done by whoever stores it.
     """
-    index = tuple(index) + (slice(None),) * (len(self.layer_shape) - len(index))
-    n_cols = len(self.col_shape)
-    if self.transpose:
-      col_index, row_index = index[:n_cols], index[n_cols:]
-    else:
-      row_index, col_index = index[:len(self.row_shape)], index[len(self.row_shape):]
+    row_index, col_index = self._row_and_col_index(index)
     row_sel = [np.arange(n)[s] for n, s in zip(self.row_shape, row_index)]
     col_sel = [np.arange(n)[s] for n, s in zip(self.col_shape, col_index)]
     rows = np.ravel_multi_index(np.ix_(*row_sel), self.row_shape).reshape(-1)
@@ -136,12 +139,7 @@ class ParamMap:
     """The rows [start, stop) (of `row_shape`, raveled) that block `index` of one layer is, when
     it is whole rows: every column, and rows that follow one another. Then its bytes in
     `storage_order` are those rows' bytes in the Hugging Face tensor. Else None."""
-    index = tuple(index) + (slice(None),) * (len(self.layer_shape) - len(index))
-    n_cols = len(self.col_shape)
-    if self.transpose:
-      col_index, row_index = index[:n_cols], index[n_cols:]
-    else:
-      row_index, col_index = index[:len(self.row_shape)], index[len(self.row_shape):]
+    row_index, col_index = self._row_and_col_index(index)
     if any(len(range(n)[s]) != n for n, s in zip(self.col_shape, col_index)):
       return None
     row_sel = [np.arange(n)[s] for n, s in zip(self.row_shape, row_index)]
