@@ -12,8 +12,8 @@ TensorStore start-up excluded), times per repeat:
   orbax-to-hf  `convert.orbax_to_hf` of the checkpoint it wrote.
 
 Each step first deletes its own previous output and starts with no dirty pages (`os.sync`; both
-untimed), and ends by fsync-ing every file it wrote (timed): a step is done when its output is
-on disk, as a conversion must be before its output is used on another host. Inputs are read
+untimed), and ends by fsync-ing every file and directory it wrote (timed): a step is done when
+its output is on disk, as a conversion must be before its output is used on another host. Inputs are read
 from the page cache (the model is a fraction of RAM) by all three alike. Deleting right before
 each step matters on a virtual machine that hands freed memory back to its host: page-cache
 pages freed a moment ago are reused at memcpy speed, pages freed seconds earlier cost a host
@@ -104,16 +104,6 @@ def _bytes_under(path: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _fsync_tree(path: pathlib.Path) -> None:
-  for p in path.rglob("*"):
-    if p.is_file():
-      fd = os.open(p, os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-
-
 def _cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
@@ -129,7 +119,7 @@ def _timed(fn, output: pathlib.Path) -> tuple[float, float, int, float]:
     start = time.perf_counter()
     fn()
     returned = time.perf_counter() - start
-  _fsync_tree(output)
+  paths.sync_tree(output)
   return returned, time.perf_counter() - start, rss.peak_above, _cpu_seconds() - cpu
 
 

@@ -163,14 +163,17 @@ def sync_tree(directory: PathLike) -> None:
   on disk. Files that vanish meanwhile (a writer's transient lock files) are skipped."""
   for root, _, files in os.walk(directory):
     for name in files + ["."]:
-      try:
-        fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      except FileNotFoundError:
-        continue
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
+      with contextlib.suppress(FileNotFoundError):
+        _fsync(os.path.join(root, name))
+
+
+def _fsync(local_path: str) -> None:
+  """fsync of one local file or directory, by path."""
+  fd = os.open(local_path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def write_bytes_atomic(target: PathLike, data: bytes) -> None:
@@ -197,11 +200,7 @@ def write_bytes_atomic(target: PathLike, data: bytes) -> None:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
-  dir_fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+  _fsync(directory)
 
 
 def write_text_atomic(target: PathLike, text: str) -> None:
@@ -216,11 +215,12 @@ def staged_directory(destination: PathLike, *, fresh: bool = False,
 
   Local: the writer fills a temporary directory next to `destination`, synced to disk and then
   renamed to it on success (with `fresh`, the yielded path does not exist yet, for writers like
-  Orbax that create it), so a crash never leaves a `destination`. GCS has no rename: the writer fills `destination` in
-  place and must write the file its readers require last (`complete_when`: Orbax's
-  commit_success.txt, a Hugging Face directory's config.json); a crash leaves a prefix without
-  that file, which readers reject and a rerun reports. On an exception, what was written is
-  removed (both stores), as are local parent directories this created.
+  Orbax that create it), so a crash never leaves a `destination`, whole or in part. GCS has no
+  rename: the writer fills `destination` in place and must write the file its readers require
+  last (`complete_when`: Orbax's commit_success.txt, a Hugging Face directory's config.json); a
+  crash leaves a prefix without that file, which readers reject and a rerun reports. On an
+  exception, what was written is removed (both stores), as are local parent directories this
+  created.
   """
   dest = absolute(destination)
   if dest.exists():

@@ -36,7 +36,8 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
   checkpoint carries one, the tokenizer (with LIMA's chat template). A few layer tensors are in
   memory at a time (one being written, two read ahead on a thread). Tensors that hf_to_orbax
   stored as chunk files in Hugging Face byte order are copied file to file, unread, when the
-  dtype is kept; others are read through TensorStore. `dtype=None` keeps the stored dtypes. Returns the written file names.
+  dtype is kept; others are read through TensorStore. `dtype=None` keeps the stored dtypes.
+  Returns the written file names.
   """
   try:
     ckpt = checkpoint.resolve(ckpt_dir)

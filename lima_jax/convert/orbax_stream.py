@@ -107,14 +107,13 @@ def _chunk_key(grid_index: Sequence[int]) -> str:
   return "/".join(["c"] + [str(i) for i in grid_index])
 
 
-def _bytes_are_prefix(block: Sequence[int], chunk: Sequence[int]) -> bool:
-  """Whether a block of shape `block` at a chunk's origin fills a C-ordered buffer of shape
-  `chunk` from its start: it is clipped in the first axis longer than one only."""
-  axes = [a for a, n in enumerate(chunk) if n != 1]
-  if not axes:
-    return True
-  first = axes[0]
-  return tuple(block[first + 1:]) == tuple(chunk[first + 1:])
+def _contiguous_split(block: Sequence[int], whole: Sequence[int]) -> int | None:
+  """The axis along which a block of shape `block` may stop short of `whole` and still be one
+  run of a C-ordered buffer of shape `whole` (from the start of a row of that axis): the first
+  axis where the block is longer than one, when every later axis is whole; else None. A chunk's
+  block is then a prefix of the chunk's bytes, and chunks are runs of the array's."""
+  split = next((a for a, n in enumerate(block) if n != 1), len(block))
+  return split if tuple(block[split + 1:]) == tuple(whole[split + 1:]) else None
 
 
 class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
@@ -149,11 +148,11 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
 
 
 def _write_arrays(arrays: Sequence[tuple[StreamedArray, epath.Path]]) -> None:
-  """Every chunk file of every array, a few at a time; then, locally, one sync of all of them.
+  """Every chunk file of every array, a few at a time.
 
-  Nothing is synced per chunk: the disk streams the whole checkpoint while the kernel is told
-  to start writing each file as it is done, and the one sync at the end (before Orbax writes
-  its commit mark) waits for little.
+  Nothing is synced here: the disk streams the whole checkpoint while the kernel is told to
+  start writing each file as it is done, and the `paths.staged_directory` the checkpoint is
+  written in syncs it all once, before publishing it, waiting for little.
   """
   remote = any(paths.is_remote(d) for _, d in arrays)
   jobs = [(value, directory, index) for value, directory in arrays for index in value.chunks()]
@@ -161,9 +160,6 @@ def _write_arrays(arrays: Sequence[tuple[StreamedArray, epath.Path]]) -> None:
                                              thread_name_prefix="chunk-writer") as pool:
     for done in pool.map(lambda job: _write_chunk(*job), jobs):
       del done
-  for _, directory in arrays:
-    if not paths.is_remote(directory):
-      paths.sync_tree(directory)
 
 
 def _write_chunk(value: StreamedArray, directory: epath.Path, index: tuple[slice, ...]) -> None:
@@ -175,7 +171,7 @@ def _write_chunk(value: StreamedArray, directory: epath.Path, index: tuple[slice
   target = directory / _chunk_key([s.start // c for s, c in zip(index, value.chunk_shape)])
   target.parent.mkdir(parents=True, exist_ok=True)
   source = None
-  if value.byte_range is not None and _bytes_are_prefix(block_shape, chunk):
+  if value.byte_range is not None and _contiguous_split(block_shape, chunk) is not None:
     source = value.byte_range(index)
   with target.open("wb") as f:
     if source is not None:
@@ -246,8 +242,8 @@ class ChunkFiles:
     or a chunk file is missing or of the wrong size."""
     shape = [self.shape[a] for a in self.order]
     chunk = [self.chunk_shape[a] for a in self.order]
-    split = next((a for a, c in enumerate(chunk) if c != 1), len(chunk))
-    if chunk[split + 1:] != shape[split + 1:]:
+    split = _contiguous_split(chunk, shape)
+    if split is None:
       return None
     itemsize = self.dtype.itemsize
     inner = math.prod(shape[split + 1:])
@@ -322,7 +318,8 @@ def chunk_files(path, stores: Mapping[tuple[str, ...], ts.TensorStore]) -> dict[
 def save_streamed(path: epath.Path, params: Mapping, model_config_json: Mapping[str, Any],
                   tokenizer_blob: Mapping[str, Any] | None = None) -> None:
   """A lima_jax checkpoint (the layout of `checkpoint.save_model`, zarr3) from StreamedArray
-  leaves."""
+  leaves. Local files are not fsynced here: write into a `paths.staged_directory`, which syncs
+  them before the checkpoint appears."""
   with quiet_absl():  # It warns that the handler shares the "np.ndarray" type name: intended.
     ocp.type_handlers.register_type_handler(StreamedArray, _StreamedArrayHandler(), override=True)
   items = {checkpoint.PARAMS: ocp.args.PyTreeSave(params),
