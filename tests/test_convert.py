@@ -323,6 +323,15 @@ def test_bad_orbax_input_exits_2_and_leaves_nothing(tmp_path, capsys, llama2_dir
                                  "--hf_dir", str(tmp_path / "hf")])
   assert status == 2 and "not a lima_jax checkpoint" in capsys.readouterr().err
   assert not (tmp_path / "hf").exists()
+  # A chunk file cut short: named, and nothing exported.
+  convert.hf_to_orbax(hf_dir, tmp_path / "ckpt")
+  chunk = tmp_path / "ckpt" / checkpoint.PARAMS / "layers.mlp.up_proj" / "c" / "0" / "0" / "0"
+  chunk.write_bytes(chunk.read_bytes()[:100])
+  status = convert_weights.main(["orbax-to-hf", "--ckpt_dir", str(tmp_path / "ckpt"),
+                                 "--hf_dir", str(tmp_path / "hf")])
+  err = capsys.readouterr().err
+  assert status == 2 and "layers/mlp/up_proj" in err and str(chunk) in err, err
+  assert not (tmp_path / "hf").exists() and _leftovers(tmp_path / "hf") == []
   # An existing destination is refused, and left as it was.
   (tmp_path / "taken").mkdir()
   (tmp_path / "taken" / "keep.txt").write_text("mine")

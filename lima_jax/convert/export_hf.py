@@ -79,9 +79,15 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
     order (what hf_to_orbax writes) decode with a plain copy, others TensorStore transposes."""
     start, stop = rows or (0, m.hf_rows)
     if isinstance(store, ts.TensorStore):
-      block = store[index][ts.d[list(m.storage_order)].transpose[:]].read().result()
+      block = read(m, store[index][ts.d[list(m.storage_order)].transpose[:]])
       return block.reshape((stop - start,) + m.hf_shape[1:])
-    return m.to_hf(store[index].read().result(), rows)
+    return m.to_hf(read(m, store[index]), rows)
+
+  def read(m, view) -> np.ndarray:
+    try:
+      return view.read().result()
+    except ValueError as e:  # TensorStore's error for a missing, short or corrupt chunk.
+      raise ConversionError(f"{ckpt}: cannot read parameter {'/'.join(m.path)}: {e}") from e
 
   def file_ranges(m, layer, want):
     """The tensor's bytes as pieces of chunk files, when they are stored so (hf_to_orbax's
