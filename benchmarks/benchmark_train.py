@@ -127,7 +127,7 @@ def main():
 
   step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.max_len
-  flops = flops.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
+  step_flops = flops.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
   matmul = max(peak_before, peak_after)
   result = {
       "config": {"d_model": 512, "n_layers": 8, "n_heads": 8, "head_dim": 64, "mlp_dim": 1408,
@@ -137,16 +137,16 @@ def main():
                  "params": model_config.num_params(), "matmul_params": model_config.num_params(False)},
       "step_time_s": {"median": step_s, "min": min(times), "max": max(times), "all": times},
       "tokens_per_s": tokens / step_s,
-      "model_flops_per_step": flops,
-      "achieved_flops_per_s": flops / step_s,
+      "model_flops_per_step": step_flops,
+      "achieved_flops_per_s": step_flops / step_s,
       "matmul_2048_flops_per_s": {"before": peak_before, "after": peak_after, "used": matmul},
-      "fraction_of_matmul": flops / step_s / matmul,
+      "fraction_of_matmul": step_flops / step_s / matmul,
       "compile_and_first_step_s": compile_and_first_s,
       "warmup_steps": args.warmup,
       # The machine is shared: CPU time is less sensitive to other processes than wall time.
       "cpu_seconds_per_step": min(cpu_times),
       "matmul_flops_per_cpu_second": max(per_cpu_before, per_cpu_after),
-      "fraction_of_matmul_per_cpu_second": flops / min(cpu_times) / max(per_cpu_before, per_cpu_after),
+      "fraction_of_matmul_per_cpu_second": step_flops / min(cpu_times) / max(per_cpu_before, per_cpu_after),
       "load_average_1min": load,
       "page_faults_per_step": page_faults_per_step,
       "malloc_env": {k: os.environ.get(k) for k in hardware.CPU_ALLOCATOR_ENV},
@@ -165,7 +165,7 @@ def main():
   os.replace(tmp, args.out)
   print(f"step {step_s:.3f} s (min {min(times):.3f}), {tokens / step_s:.0f} tokens/s "
         f"({tokens / step_s / MAXTEXT_TOKENS_PER_S:.2f}x MaxText's {MAXTEXT_TOKENS_PER_S:.0f}), "
-        f"{flops / step_s / 1e9:.1f} GFLOP/s = {flops / step_s / matmul:.2f} of the "
+        f"{step_flops / step_s / 1e9:.1f} GFLOP/s = {step_flops / step_s / matmul:.2f} of the "
         f"{matmul / 1e9:.1f} GFLOP/s matmul; per CPU-second "
         f"{result['fraction_of_matmul_per_cpu_second']:.2f} of the matmul's; load average "
         f"{load:.1f}; compile+first step {compile_and_first_s:.1f} s -> {args.out}")
