@@ -163,7 +163,7 @@ def test_pyproject_and_requirements_list_the_same_packages():
   assert sorted(extras["test"]) == sorted(_requirements(ROOT / "requirements-test.txt"))
   assert sorted(extras["tpu"]) == sorted(_requirements(ROOT / "requirements-tpu.txt"))
   scripts = project["scripts"]
-  assert sorted(scripts) == ["lima-aot", "lima-chat", "lima-compare", "lima-convert",
+  assert sorted(scripts) == ["lima-annotate", "lima-aot", "lima-chat", "lima-compare", "lima-convert",
                              "lima-evaluate", "lima-train"]
   for target in scripts.values():
     module, function = target.split(":")
