@@ -14,6 +14,15 @@ Absolute (paper figure 3: fail / pass / excellent), one JSON object a line:
 
   python tools/compare.py absolute labels.jsonl [--prompts test.jsonl]
 
+Agreement between raters (the paper's tie-discounted accuracy and Cohen's kappa, see
+lima_jax/agreement.py): pairwise files of people (lines with an `annotator` field, as
+lima-annotate writes, several annotators in one file) and of model judges (a `judge` field):
+
+  python tools/compare.py agreement judgements.jsonl [gpt4_judgements.jsonl ...]
+
+A pairwise file may hold several annotators' judgements of one prompt (lima-annotate with
+--overlap): each prompt then counts once, its annotators' labels sharing its weight.
+
 Each share comes with a 95% percentile-bootstrap interval: the judged prompts are resampled with
 replacement `--resamples` times (seeded by `--seed`). Ids are compared as strings; with
 `--prompts`, every judged id must be a prompt of that file (its `id` field, else its 1-based line
@@ -27,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lima_jax import agreement
 from lima_jax import errors
 from lima_jax import paths
 from lima_jax.cli import common
@@ -91,39 +101,64 @@ def _absolute_label(record: dict, where: str) -> str:
   return label
 
 
-def read_judgements(path: str, kind: str, known_ids: set[str] | None = None) -> dict[str, str]:
-  """id -> label for every line of `path`; `kind` is "pairwise" or "absolute"."""
+def _judgement_lines(path: str, kind: str, known_ids: set[str] | None):
+  """(line number, record, label) of every line of a judgement file, ids checked."""
   parse = _pairwise_label if kind == "pairwise" else _absolute_label
-  labels: dict[str, str] = {}
-  first_line: dict[str, int] = {}
   for number, record in _json_lines(path):
     where = f"{path}:{number}"
     if "id" not in record:
       raise InputError(f"{where}: no 'id' field")
+    if known_ids is not None and str(record["id"]) not in known_ids:
+      raise InputError(f"{where}: id {str(record['id'])!r} is not in the prompts file")
+    yield number, record, parse(record, where)
+
+
+def read_votes(path: str, kind: str, known_ids: set[str] | None = None) -> dict[str, list[str]]:
+  """id -> the labels of every line judging it (one a rater: `annotator` / `judge` field)."""
+  votes: dict[str, list[str]] = {}
+  first_line: dict[tuple, int] = {}
+  for number, record, label in _judgement_lines(path, kind, known_ids):
     pid = str(record["id"])
-    if pid in labels:
-      raise InputError(f"{where}: duplicate id {pid!r} (first on line {first_line[pid]})")
-    if known_ids is not None and pid not in known_ids:
-      raise InputError(f"{where}: id {pid!r} is not in the prompts file")
-    labels[pid] = parse(record, where)
-    first_line[pid] = number
-  if not labels:
+    key = (pid, record.get("annotator", record.get("judge")))
+    if key in first_line:
+      raise InputError(f"{path}:{number}: duplicate id {pid!r} (first on line {first_line[key]})")
+    first_line[key] = number
+    votes.setdefault(pid, []).append(label)
+  if not votes:
     raise InputError(f"{path}: no judgements")
-  return labels
+  return votes
 
 
-def shares_with_intervals(labels: Sequence[str], categories: Sequence[str], resamples: int = 10000,
+def read_judgements(path: str, kind: str, known_ids: set[str] | None = None) -> dict[str, str]:
+  """id -> label for every line of `path` (one rater); `kind` is "pairwise" or "absolute"."""
+  votes = read_votes(path, kind, known_ids)
+  several = next((pid for pid, labels in votes.items() if len(labels) > 1), None)
+  if several is not None:
+    raise InputError(f"{path}: id {several!r} is judged by several raters (read_votes keeps them all)")
+  return {pid: labels[0] for pid, labels in votes.items()}
+
+
+def shares_with_intervals(labels: Sequence, categories: Sequence[str], resamples: int = 10000,
                           seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
-  """Share of each category with a percentile bootstrap interval over the judged prompts."""
-  codes = np.array([categories.index(label) for label in labels])
-  n = len(codes)
-  counts = np.bincount(codes, minlength=len(categories))
+  """Share of each category with a percentile bootstrap interval over the judged prompts.
+
+  Each entry of `labels` is one prompt's label, or the list of its raters' labels, which then
+  share the prompt's weight; `count` is the number of labels.
+  """
+  votes = [[label] if isinstance(label, str) else list(label) for label in labels]
+  weights = np.zeros((len(votes), len(categories)))
+  for row, prompt_votes in zip(weights, votes):
+    for label in prompt_votes:
+      row[categories.index(label)] += 1.0 / len(prompt_votes)
+  n = len(weights)
+  counts = np.bincount([categories.index(label) for v in votes for label in v], minlength=len(categories))
   rng = np.random.default_rng(seed)
   resampled = rng.integers(0, n, size=(resamples, n))
-  per_draw = np.stack([np.mean(codes[resampled] == c, axis=1) for c in range(len(categories))], axis=1)
+  per_draw = weights[resampled].mean(axis=1)
   tail = (1.0 - level) / 2.0
   low, high = np.quantile(per_draw, [tail, 1.0 - tail], axis=0)
-  return {c: {"count": int(counts[i]), "share": float(counts[i] / n), "low": float(low[i]),
+  shares = weights.mean(axis=0)
+  return {c: {"count": int(counts[i]), "share": float(shares[i]), "low": float(low[i]),
               "high": float(high[i])} for i, c in enumerate(categories)}
 
 
@@ -135,7 +170,76 @@ def _print_table(title: str, rows: dict[str, dict[str, float]], names: dict[str,
           f"  ({r['count']})")
 
 
-MODES = ("pairwise", "absolute")
+MODES = ("pairwise", "absolute", "agreement")
+
+
+def read_ratings(files: Sequence[str], known_ids: set[str] | None = None) -> agreement.Ratings:
+  """Every rater's pairwise labels in `files` (people's and judges' files alike)."""
+  ratings = agreement.Ratings()
+  for path in files:
+    for number, record, label in _judgement_lines(path, "pairwise", known_ids):
+      ratings.add(record, label, f"{path}:{number}", default_rater=path)
+  if not ratings.labels:
+    raise InputError(f"{', '.join(files)}: no judgements")
+  return ratings
+
+
+def _percent_interval(value, interval) -> str:
+  if value is None:
+    return f"{'n/a':>6}  {'':14}"
+  low, high = ("  n/a" if v is None else f"{100 * v:5.1f}" for v in interval)
+  return f"{100 * value:5.1f}%  [{low}, {high}]"
+
+
+def _kappa_interval(value, interval) -> str:
+  if value is None:
+    return "  n/a (one label only)"
+  low, high = ("  n/a" if v is None else f"{v:5.2f}" for v in interval)
+  return f"{value:5.2f}  [{low}, {high}]"
+
+
+def print_agreement(figures: dict) -> None:
+  raters = figures["raters"]
+  print(f"agreement: {len(raters)} raters ({figures['level']:.0%} bootstrap intervals over items)")
+  print("  " + ", ".join(f"{r} ({v['kind']}, {v['items']} items)" for r, v in raters.items()))
+  rows = [(" / ".join(r["raters"]), r) for r in figures["pairs"]]
+  rows += [(f"{r['group']} (pooled, {r['pairs']} pairs)", r) for r in figures["pooled"]]
+  width = max([len(name) for name, _ in rows] + [6])
+  print(f"  {'raters':<{width}}  items  tie-discounted accuracy  Cohen's kappa")
+  for name, r in rows:
+    print(f"  {name:<{width}}  {r['items']:5d}  {_percent_interval(r['accuracy'], r['accuracy_interval']):<23}"
+          f"  {_kappa_interval(r['kappa'], r['kappa_interval'])}")
+  for x, y in figures["unshared"]:
+    print(f"  note: {x} and {y} judged no item in common")
+
+
+def _positional_names(argv: Sequence[str]) -> tuple[str, ...]:
+  """MODE JUDGEMENTS; `agreement` takes one or more JUDGEMENTS files."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  values = flags.FlagValues()
+  define_flags(values)
+  try:
+    given = values([common.prog_name()] + list(argv))[1:]
+  except flags.Error:
+    given = []  # parse_own_flags says what is wrong.
+  if given[:1] == ["agreement"] and len(given) > 2:
+    return ("MODE",) + ("JUDGEMENTS",) * (len(given) - 1)
+  return ("MODE", "JUDGEMENTS")
+
+
+def agreement_main(args, files: Sequence[str]) -> int:
+  """`compare.py agreement FILE [FILE ...]`: the table, and with --json one JSON line."""
+  try:
+    known = prompt_ids(args.prompts) if args.prompts else None
+    ratings = read_ratings(files, known)
+  except InputError as e:
+    print(f"{common.prog_name()}: error: {e}", file=sys.stderr)
+    return errors.EXIT_BAD_INPUT
+  figures = agreement.report(ratings, resamples=args.resamples, seed=args.seed, level=args.level)
+  print_agreement(figures)
+  if args.json:
+    print(json.dumps({"mode": "agreement", "judgements": list(files), **figures}))
+  return 0
 
 
 def define_flags(values) -> None:
@@ -153,15 +257,17 @@ def define_flags(values) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   """`compare.py MODE JUDGEMENTS [flags]`; returns the exit status."""
   argv = sys.argv[1:] if argv is None else argv
-  args, (mode, judgements) = common.parse_own_flags(argv, define_flags, __doc__,
-                                                    positional=("MODE", "JUDGEMENTS"))
+  args, (mode, judgements, *more) = common.parse_own_flags(argv, define_flags, __doc__,
+                                                            positional=_positional_names(argv))
   if mode not in MODES:
     common.fail(f"MODE {mode!r}: expected one of {', '.join(MODES)}")
   if not 0.0 < args.level < 1.0:
     common.fail(f"--level={args.level}: expected a value in (0, 1)")
+  if mode == "agreement":
+    return agreement_main(args, [judgements, *more])
   try:
     known = prompt_ids(args.prompts) if args.prompts else None
-    labels = read_judgements(judgements, mode, known)
+    labels = read_votes(judgements, mode, known)
   except InputError as e:
     print(f"{common.prog_name()}: error: {e}", file=sys.stderr)
     return errors.EXIT_BAD_INPUT
@@ -173,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = {c: c for c in categories}
   rows = shares_with_intervals(list(labels.values()), categories, args.resamples, args.seed, args.level)
   _print_table(f"{mode}: {judgements}", rows, names, len(labels), args.level)
+  votes = sum(len(v) for v in labels.values())
+  if votes > len(labels):
+    print(f"  note: {votes} judgements by several raters; each prompt counts once, its raters sharing it")
   if known is not None and len(labels) < len(known):
     print(f"  note: {len(known) - len(labels)} of {len(known)} prompts in {args.prompts} are not judged")
   if args.json:
