@@ -7,6 +7,7 @@ maps back to the right file whatever side the page showed it on.
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,8 +63,8 @@ def free_port() -> int:
 class AnnotateServer:
   """`python tools/annotate.py ...` on 127.0.0.1 at a free port, until `stop`."""
 
-  def __init__(self, *args: str, env: dict | None = None, timeout: float = 60.0):
-    self.port = free_port()
+  def __init__(self, *args: str, port: int | None = None, env: dict | None = None, timeout: float = 60.0):
+    self.port = port or free_port()
     self.url = f"http://127.0.0.1:{self.port}/"
     self.proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "annotate.py"), "--port", str(self.port), *args],
@@ -89,3 +90,22 @@ class AnnotateServer:
       except subprocess.TimeoutExpired:
         self.proc.kill()
         self.proc.wait()
+
+
+def browser_paths() -> tuple[str | None, str | None]:
+  """Chromium and its driver (Debian's chromium + chromium-driver), or None where absent."""
+  binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+  return binary, shutil.which("chromedriver")
+
+
+def chrome(width: int = 1400, height: int = 1000):
+  """Headless Chromium under Selenium, with the system's chromedriver (no download)."""
+  from selenium import webdriver  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.chrome import service  # pylint: disable=g-import-not-at-top
+  binary, driver = browser_paths()
+  options = webdriver.ChromeOptions()
+  options.binary_location = binary
+  for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                   f"--window-size={width},{height}", "--hide-scrollbars"):
+    options.add_argument(argument)
+  return webdriver.Chrome(service=service.Service(executable_path=driver), options=options)
