@@ -65,6 +65,8 @@ class AnnotationLog:
           raise errors.InputError(
               f"{where}: written with {key}={json.dumps(record.get(key))}, this run has {json.dumps(value)} "
               f"(other --a/--b files or --seed); choose another --output or rerun with the same ones")
+      if record["winner"] not in ("a", "b", "tie"):
+        raise errors.InputError(f"{where}: winner {record['winner']!r} is not one of a, b, tie")
       if str(record["id"]) not in known_ids:
         raise errors.InputError(f"{where}: id {record['id']!r} is not in the answer files")
       key = (str(record["annotator"]), str(record["id"]))
@@ -94,8 +96,9 @@ class AnnotationLog:
               "annotator": choice.annotator, "choice": choice.choice, "shown": list(choice.shown),
               "seconds": round(float(choice.seconds), 3), "time": _now(),
               "revision": previous["revision"] + 1 if previous else 1, **self.settings}
-    self.records[key] = record  # A replaced key keeps its place: dicts keep first insertion.
+    records = {**self.records, key: record}  # A replaced key keeps its place (first insertion).
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values())
+    paths.write_text_atomic(self.output, text)  # First: a failed write changes nothing here either.
+    self.records = records
     self._labellers.setdefault(choice.item_id, set()).add(choice.annotator)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values())
-    paths.write_text_atomic(self.output, text)
     return record

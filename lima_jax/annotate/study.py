@@ -53,8 +53,8 @@ def read_answers(path: str) -> dict[str, _Answer]:
   """id -> answer of one `lima-evaluate` output file, in file order; bad lines -> InputError."""
   try:
     text = paths.path(path).read_text(encoding="utf-8")
-  except (OSError, FileNotFoundError) as e:
-    raise errors.InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+  except OSError as e:
+    raise errors.InputError(f"{path}: cannot read ({e.strerror or e})") from None
   answers: dict[str, _Answer] = {}
   for number, line in enumerate(text.split("\n"), 1):
     if not line.strip():

@@ -38,7 +38,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("overlap", 1, "annotators per item (K >= 2 lets agreement be measured)", lower_bound=1)
   flags.DEFINE_integer("seed", 0, "seed of each annotator's item order and side order")
   flags.DEFINE_string("host", "127.0.0.1", "address to bind (another than loopback needs --token)")
-  flags.DEFINE_integer("port", 8080, "port to bind", lower_bound=0, upper_bound=65535)
+  flags.DEFINE_integer("port", 8080, "port to bind", lower_bound=1, upper_bound=65535)
   flags.DEFINE_string("token", None, f"access token the page must send (default: ${TOKEN_ENV})")
   flags.DEFINE_float("hold_minutes", 30.0, "an item shown to an annotator is kept for them this long",
                      lower_bound=0.0)

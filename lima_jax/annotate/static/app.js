@@ -33,7 +33,10 @@ async function api(path, body) {
                                {method: "POST", headers, body: JSON.stringify(body)});
   if (response.status === 401) throw new Unauthorized();
   const data = await response.json();
-  if (!response.ok) throw new Error(data.detail || response.statusText);
+  if (!response.ok) {
+    const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
+    throw new Error(detail || response.statusText);
+  }
   return data;
 }
 
