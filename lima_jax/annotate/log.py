@@ -11,6 +11,7 @@ import datetime
 import json
 
 from lima_jax import errors
+from lima_jax import jsonl
 from lima_jax import paths
 
 CHOICES = ("left", "right", "neither")
@@ -49,16 +50,9 @@ class AnnotationLog:
       self._read(set(known_ids))
 
   def _read(self, known_ids: set[str]) -> None:
-    text = paths.path(self.output).read_text(encoding="utf-8")
-    for number, line in enumerate(text.split("\n"), 1):
-      if not line.strip():
-        continue
+    for number, record in jsonl.objects(self.output, "an annotation line (id, annotator, winner)"):
       where = f"{self.output}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise errors.InputError(f"{where}: invalid JSON ({e.msg}); not an annotation file") from None
-      if not isinstance(record, dict) or not {"id", "annotator", "winner"} <= set(record):
+      if not {"id", "annotator", "winner"} <= set(record):
         raise errors.InputError(f"{where}: not an annotation line (id, annotator, winner)")
       for key, value in self.settings.items():
         if record.get(key) != value:

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 from lima_jax import errors
-from lima_jax import paths
+from lima_jax import jsonl
 
 # The paper's question and options (LIMA, appendix C), shown to annotators and to the model judge.
 QUESTION = ("Imagine that you have a super-intelligent AI assistant, and that you require help with the "
@@ -51,21 +51,9 @@ def _strings(value) -> bool:
 
 def read_answers(path: str) -> dict[str, _Answer]:
   """id -> answer of one `lima-evaluate` output file, in file order; bad lines -> InputError."""
-  try:
-    text = paths.path(path).read_text(encoding="utf-8")
-  except OSError as e:
-    raise errors.InputError(f"{path}: cannot read ({e.strerror or e})") from None
   answers: dict[str, _Answer] = {}
-  for number, line in enumerate(text.split("\n"), 1):
-    if not line.strip():
-      continue
+  for number, record in jsonl.objects(path, "an answer (lima-evaluate's output)"):
     where = f"{path}:{number}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise errors.InputError(f"{where}: invalid JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-      raise errors.InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in ("id", "conversation", "response"):
       if field not in record:
         raise errors.InputError(f"{where}: no {field!r} field (expected lima-evaluate's output: "

@@ -38,7 +38,7 @@ import numpy as np
 
 from lima_jax import agreement
 from lima_jax import errors
-from lima_jax import paths
+from lima_jax import jsonl
 from lima_jax.cli import common
 
 PAIRWISE_LABELS = ("a", "tie", "b")
@@ -49,28 +49,10 @@ _PREFERENCE = {1: "a", 1.0: "a", 2: "b", 2.0: "b", 0: "tie", 1.5: "tie"}
 InputError = errors.InputError  # A problem in an input file; the message names file and line.
 
 
-def _json_lines(path: str):
-  """(line number, object) of a JSONL file, local or gs://."""
-  try:
-    text = paths.path(path).read_text(encoding="utf-8")
-  except OSError as e:
-    raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-  for number, line in enumerate(text.split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-      raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-    yield number, record
-
-
 def prompt_ids(path: str) -> set[str]:
   """Ids of a prompts file: each line's `id` field, or its 1-based line number."""
   ids = set()
-  for number, record in _json_lines(path):
+  for number, record in jsonl.objects(path):
     pid = str(record.get("id", number))
     if pid in ids:
       raise InputError(f"{path}:{number}: duplicate prompt id {pid!r}")
@@ -104,7 +86,7 @@ def _absolute_label(record: dict, where: str) -> str:
 def _judgement_lines(path: str, kind: str, known_ids: set[str] | None):
   """(line number, record, label) of every line of a judgement file, ids checked."""
   parse = _pairwise_label if kind == "pairwise" else _absolute_label
-  for number, record in _json_lines(path):
+  for number, record in jsonl.objects(path):
     where = f"{path}:{number}"
     if "id" not in record:
       raise InputError(f"{where}: no 'id' field")
