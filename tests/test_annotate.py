@@ -172,8 +172,9 @@ def test_bad_requests_and_the_access_token(tmp_path, running):
   client.headers["Authorization"] = "Bearer s3cret"
   assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
   payload = client.get("/api/next", params={"annotator": "bob"}).json()
-  other = next(f"p{i}" for i in range(6) if f"p{i}" != payload["item"]["id"])
-  cases = [({"id": other, "choice": "left"}, 409), ({"id": "nope", "choice": "left"}, 404),
+  held_by_alice = client.get("/api/next", params={"annotator": "alice"}).json()["item"]["id"]
+  assert held_by_alice != payload["item"]["id"]
+  cases = [({"id": held_by_alice, "choice": "left"}, 409), ({"id": "nope", "choice": "left"}, 404),
            ({"id": payload["item"]["id"], "choice": "maybe"}, 400), ({"annotator": " ", "choice": "left"}, 400)]
   for fields, status in cases:
     body = {"annotator": "bob", "id": payload["item"]["id"], "seconds": 1, **fields}

@@ -1,8 +1,8 @@
 """The annotation page in a real browser: headless Chromium driven by Selenium, a real server.
 
 One annotator labels items with the mouse and the keyboard, reloads, goes back and changes an
-answer, sees a hostile answer as text (its script never runs), survives a server restart and
-finishes; a second annotator on the same browser gets their own order. The output file is
+answer, sees a hostile answer as text (its script never runs), survives two server restarts
+(one with a reload, one without) and finishes; a second annotator on the same browser gets their own order. The output file is
 checked against what the page showed. Set LIMA_ANNOTATE_SCREENSHOT=FILE.png to keep a
 screenshot of the page.
 """
@@ -142,6 +142,8 @@ def test_annotate_in_the_browser(tmp_path, browser):
     fifth = record()
     if os.environ.get("LIMA_ANNOTATE_SCREENSHOT"):
       browser.save_screenshot(os.environ["LIMA_ANNOTATE_SCREENSHOT"])
+    server.stop()  # Another restart, the page left open on its item: the next click still saves.
+    server = annotation_study.AnnotateServer(*args, port=server.port)
     page.next_after(fifth, lambda: page.click("neither"))
     page.wait.until(lambda d: page.visible("done"))
 

@@ -69,8 +69,10 @@ class Assigner:
     return held is not None and held[0] == item_id and annotator not in self.annotations.labellers(item_id)
 
   def may_label(self, annotator: str, item_id: str) -> bool:
-    """Only the item given to the annotator, or one they labelled before (a changed answer)."""
-    return self._holding(annotator, item_id) or annotator in self.annotations.labellers(item_id)
+    """The item given to the annotator, one still open to them (a page shown before a server
+    restart, which forgot its holds), or one they labelled before (a changed answer)."""
+    return (self._holding(annotator, item_id) or self._open_to(item_id, annotator)
+            or annotator in self.annotations.labellers(item_id))
 
   def next_item(self, annotator: str) -> str | None:
     """The item the annotator should label now (held for them), or None when none is left."""

@@ -76,7 +76,8 @@ class AnnotationService:
       if request.id not in self.study.by_id:
         raise fastapi.HTTPException(404, f"id {request.id!r}: no such item")
       if not self.assigner.may_label(annotator, request.id):
-        raise fastapi.HTTPException(409, f"id {request.id!r} is not given to {annotator!r} now")
+        raise fastapi.HTTPException(409, f"id {request.id!r} has its {self.assigner.overlap} annotator(s) "
+                                         f"already (done or looking at it)")
       shown = assignment.shown(request.id, annotator, self.assigner.seed)
       self.annotations.add(log_lib.Choice(annotator, request.id, request.choice, shown, request.seconds))
     return self.next(annotator)

@@ -166,11 +166,9 @@ def read_ratings(files: Sequence[str], known_ids: set[str] | None = None) -> agr
   return ratings
 
 
-def _percent_interval(value, interval) -> str:
-  if value is None:
-    return f"{'n/a':>6}  {'':14}"
-  low, high = ("  n/a" if v is None else f"{100 * v:5.1f}" for v in interval)
-  return f"{100 * value:5.1f}%  [{low}, {high}]"
+def _percent_interval(value: float, interval) -> str:
+  low, high = interval
+  return f"{100 * value:5.1f}%  [{100 * low:5.1f}, {100 * high:5.1f}]"
 
 
 def _kappa_interval(value, interval) -> str:

@@ -35,7 +35,9 @@ async function api(path, body) {
   const data = await response.json();
   if (!response.ok) {
     const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
-    throw new Error(detail || response.statusText);
+    const error = new Error(detail || response.statusText);
+    error.status = response.status;
+    throw error;
   }
   return data;
 }
@@ -133,10 +135,17 @@ function choose(choice) {
   const body = {annotator: annotator(), id: state.item.id, choice, seconds};
   for (const button of document.querySelectorAll(".choice")) button.disabled = true;
   state.back = 0;
+  if (document.activeElement) document.activeElement.blur();  // Enter must not press it again.
   return run(async () => {
-    const next = await api("label", body);
-    setStatus(`Saved (${new Date().toLocaleTimeString()})`, false);
-    return next;
+    try {
+      const next = await api("label", body);
+      setStatus(`Saved (${new Date().toLocaleTimeString()})`, false);
+      return next;
+    } catch (error) {
+      if (error.status !== 409) throw error;
+      setStatus("Not saved: enough annotators took this item meanwhile. Here is your next one.", true);
+      return api("next?annotator=" + encodeURIComponent(annotator()));
+    }
   }).then(() => { for (const button of document.querySelectorAll(".choice")) button.disabled = false; });
 }
 
