@@ -84,15 +84,20 @@ def test_answer_files_must_answer_the_same_prompts(tmp_path, edit, message):
                    annotation_study.write_jsonl(tmp_path / "B.jsonl", b))
 
 
-def test_invalid_json_exits_2_naming_file_and_line(tmp_path):
+@pytest.mark.parametrize("flags,message", [
+    ([], "B.jsonl:7: invalid JSON"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0: serving beyond this machine needs --token"),
+    (["--output", "/no/such/dir/J.jsonl"], "--output /no/such/dir/J.jsonl: the directory does not exist"),
+])
+def test_command_line_errors_exit_2_in_one_line(tmp_path, flags, message):
   a, b = annotation_study.write_study(tmp_path)
   with open(b, "a") as f:
     f.write('{"id": "p9", "conversation": \n')
   proc = subprocess.run([sys.executable, str(annotation_study.ROOT / "tools" / "annotate.py"), "--a", a,
-                         "--b", b, "--output", str(tmp_path / "J.jsonl"), "--port", "1"],
+                         "--b", b, "--output", str(tmp_path / "J.jsonl"), "--port", "1", *flags],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  assert "B.jsonl:7: invalid JSON" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+  assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # -- Who sees what ------------------------------------------------------------------------------

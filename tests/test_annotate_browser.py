@@ -163,3 +163,24 @@ def test_annotate_in_the_browser(tmp_path, browser):
     assert page.item()[0] == prompt_of(bob_order[0]) and page.text("progress-text") == f"1 of {N}"
   finally:
     server.stop()
+
+
+def test_the_page_asks_for_the_access_token(tmp_path, browser):
+  a, b = annotation_study.write_study(tmp_path, 2)
+  server = annotation_study.AnnotateServer("--a", a, "--b", b, "--output", str(tmp_path / "J.jsonl"),
+                                           env={"LIMA_ANNOTATE_TOKEN": "open-sesame"})
+  page = Page(browser)
+  try:
+    browser.get(server.url)
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    page.wait.until(lambda d: page.visible("token-form"))
+    page.element("token-input").send_keys("wrong\n")  # Stored, refused (401), forgotten again.
+    page.wait.until(lambda d: d.execute_script("return localStorage.getItem('lima-annotate-token')") is None)
+    assert page.visible("token-form") and not page.visible("login")
+    browser.get(server.url + "?token=open-sesame")  # The link lima-annotate prints.
+    page.sign_in("carol")
+    page.item()
+    assert "token" not in browser.current_url
+  finally:
+    server.stop()
