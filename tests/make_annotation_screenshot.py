@@ -4,21 +4,23 @@ Serves a three-item study (hand-written answers to prompts like the bundled test
 `lima-annotate`, opens it in headless Chromium (Debian's chromium + chromium-driver), signs in,
 labels one item (with the keyboard) and takes the screenshot on the second, a multi-turn conversation:
 
-    python tools/make_annotation_screenshot.py [--output docs/annotation.png]
+    python tests/make_annotation_screenshot.py [--output docs/annotation.png]
+
+It lives beside the tests for their study helpers (tests/annotation_study.py), which Python finds
+in the script's own directory; pytest does not collect it.
 """
 
 import argparse
 import pathlib
-import sys
 import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from selenium.webdriver.common import action_chains
+from selenium.webdriver.support import ui
 
-import annotation_study  # pylint: disable=wrong-import-position
-from selenium.webdriver.common import action_chains  # pylint: disable=wrong-import-position
-from selenium.webdriver.support import ui  # pylint: disable=wrong-import-position
-from lima_jax.annotate import assignment  # pylint: disable=wrong-import-position
+import annotation_study
+from lima_jax.annotate import assignment
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 ANNOTATOR = "alice"
 CONVERSATION = ["How do I iron a dress shirt?",
