@@ -228,3 +228,20 @@ def test_gcs_output_resumes(tmp_path, gcs):
   resumed = server.open_study(a, b, output, overlap=1, seed=0)
   assert resumed.next("alice")["progress"]["done"] == 2
   assert compare.read_votes(output, "pairwise") == {r["id"]: ["tie"] for r in resumed.annotations.records.values()}
+
+
+def test_a_hold_expires(tmp_path):
+  a, b = annotation_study.write_study(tmp_path, n=2)
+  now = [0.0]
+  service = server.open_study(a, b, str(tmp_path / "J.jsonl"), overlap=1, seed=0, hold_seconds=60)
+  service.assigner.clock = lambda: now[0]
+  held = service.next("alice")["item"]["id"]
+  other = service.next("bob")["item"]["id"]
+  assert other != held  # Alice holds hers: Bob gets the other one, and labels it.
+  service.label(server.LabelRequest(annotator="bob", id=other, choice="left", seconds=1))
+  assert service.next("carol")["item"] is None  # Nothing open: Alice still holds hers.
+  now[0] = 61.0  # Alice walked away: her item goes to the next annotator who asks.
+  assert service.next("carol")["item"]["id"] == held
+  service.label(server.LabelRequest(annotator="carol", id=held, choice="right", seconds=1))
+  assert not service.assigner.may_label("alice", held)  # Alice's late click: 409, then her next item.
+  assert service.next("alice")["item"] is None

@@ -64,9 +64,10 @@ class Assigner:
     return len(labellers) + self._held_by_others(item_id, annotator) < self.overlap
 
   def _holding(self, annotator: str, item_id: str) -> bool:
-    """The annotator was given this item and has not labelled it yet."""
+    """The annotator was given this item less than `hold_seconds` ago and has not labelled it."""
     held = self.holds.get(annotator)
-    return held is not None and held[0] == item_id and annotator not in self.annotations.labellers(item_id)
+    return (held is not None and held[0] == item_id and self.clock() - held[1] < self.hold_seconds
+            and annotator not in self.annotations.labellers(item_id))
 
   def may_label(self, annotator: str, item_id: str) -> bool:
     """The item given to the annotator, one still open to them (a page shown before a server
