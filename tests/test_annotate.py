@@ -175,7 +175,9 @@ def test_bad_requests_and_the_access_token(tmp_path, running):
   assert client.get("/api/study").status_code == 401
   assert client.get("/api/study", headers={"Authorization": "Bearer wrong"}).status_code == 401
   client.headers["Authorization"] = "Bearer s3cret"
-  assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
+  page = client.get("/")
+  assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+  assert client.get("/static/app.js").status_code == 200
   payload = client.get("/api/next", params={"annotator": "bob"}).json()
   held_by_alice = client.get("/api/next", params={"annotator": "alice"}).json()["item"]["id"]
   assert held_by_alice != payload["item"]["id"]

@@ -66,6 +66,8 @@ def main(argv) -> None:
   print(f"{len(service.study.items)} items, {f.overlap} annotator(s) each; open {link} (Ctrl-C stops)",
         flush=True)
   uvicorn.run(server.create_app(service, token), host=f.host, port=f.port, log_level="warning")
+  print(f"{len(service.annotations.records)} choices by {len(service.annotations.annotators())} "
+        f"annotator(s) in {f.output}")
 
 
 def run() -> None:
