@@ -38,7 +38,7 @@ class Page:
   def __init__(self, driver):
     from selenium.webdriver.support import ui  # pylint: disable=g-import-not-at-top
     self.driver = driver
-    self.wait = ui.WebDriverWait(driver, 10, poll_frequency=0.05)
+    self.wait = ui.WebDriverWait(driver, 20, poll_frequency=0.05)
 
   def element(self, element_id):
     from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
@@ -54,11 +54,18 @@ class Page:
     self.wait.until(lambda d: self.visible("login"))
     self.element("name-input").send_keys(name + "\n")
 
+  def idle(self):
+    """An item on screen and no choice being saved."""
+    return self.visible("task") and self.driver.execute_script("return !document.querySelector('.choice:disabled')")
+
+  def current(self):
+    """(prompt, left, right) on screen now."""
+    return self.prompt(), self.element("answer-left").text, self.element("answer-right").text
+
   def item(self):
     """(prompt, left, right) of the item on screen, once it is there and the page is idle."""
-    self.wait.until(lambda d: self.visible("task")
-                    and d.execute_script("return !document.querySelector('.choice:disabled')"))
-    return self.prompt(), self.element("answer-left").text, self.element("answer-right").text
+    self.wait.until(lambda d: self.idle())
+    return self.current()
 
   def prompt(self):
     return self.driver.execute_script(
@@ -67,7 +74,7 @@ class Page:
   def next_after(self, previous, action):
     """Does `action` and waits for another item (or the end) than `previous`."""
     action()
-    self.wait.until(lambda d: self.visible("done") or (self.visible("task") and self.item() != previous))
+    self.wait.until(lambda d: self.visible("done") or (self.idle() and self.current() != previous))
 
   def key(self, keys):
     from selenium.webdriver.common.action_chains import ActionChains  # pylint: disable=g-import-not-at-top
@@ -91,7 +98,7 @@ def test_annotate_in_the_browser(tmp_path, browser):
   from selenium.webdriver.common.keys import Keys  # pylint: disable=g-import-not-at-top
   ids = [f"p{i}" for i in range(N)]
   alice_order, bob_order = assignment.order(ids, "alice", SEED), assignment.order(ids, "bob", SEED)
-  assert alice_order != bob_order
+  assert alice_order != bob_order and "p1" in alice_order  # p1 is the multi-turn conversation.
   hostile = alice_order[1]
   a, b = annotation_study.write_study(tmp_path, N, hostile_id=hostile)
   output = str(tmp_path / "J.jsonl")
@@ -107,6 +114,11 @@ def test_annotate_in_the_browser(tmp_path, browser):
     def record():
       prompt, left, right = page.item()
       shown[prompt] = (annotation_study.system_of(left), annotation_study.system_of(right))
+      turns = browser.execute_script(
+          "return [...document.querySelectorAll('#conversation .turn')].map(t => t.innerText)")
+      conversation = next(c for c in annotation_study.conversations(N) if c[-1] == prompt)
+      assert [t.split("\n", 1) for t in turns] == [[role, text] for role, text in
+                                                   zip(["User", "Assistant"] * 2, conversation)]
       return prompt, left, right
 
     first = record()
