@@ -33,6 +33,7 @@ class RunningApp:
     self.thread.start()
     while not self.server.started:
       self.thread.join(0.02)
+      assert self.thread.is_alive(), "uvicorn did not start"
     port = self.server.servers[0].sockets[0].getsockname()[1]
     self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
 
