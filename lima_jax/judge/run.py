@@ -1,0 +1,215 @@
+"""The judging loop: one record a prompt, asked in parallel, saved as it goes, resumed without asking twice.
+
+Every record carries a key: a digest of the judge model, the prompt version and the texts judged
+(the conversation and the answers). A rerun reads OUTPUT and OUTPUT.partial and asks only the
+prompts whose key it does not find there, so an interrupted run resumes, a finished one asks
+nothing, and a prompt whose answers changed is judged again. After each finished prompt
+OUTPUT.partial is rewritten whole and atomically; OUTPUT appears once every prompt is judged,
+and the partial file is removed. Files written by another judge model or prompt version stop the
+run rather than mix two judges in one file.
+
+A reply the kind's parser cannot read is asked again up to `parse_retries` times, then recorded
+as unparsed (`"unparsed": true`, its texts kept), which `lima-compare` counts apart.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import threading
+from typing import Callable, Sequence
+
+from lima_jax import errors
+from lima_jax import jsonl
+from lima_jax import paths
+from lima_jax.judge import client as client_lib
+from lima_jax.judge import prompts
+from lima_jax.judge import verdicts
+
+PARTIAL_SUFFIX = ".partial"
+PARSERS = {prompts.PAIRWISE: verdicts.parse_pairwise, prompts.ABSOLUTE: verdicts.parse_absolute,
+           prompts.LIKERT: verdicts.parse_likert}
+
+
+@dataclasses.dataclass
+class Tally:
+  """What a run did, for its summary line."""
+  prompts: int = 0
+  reused: int = 0
+  unparsed_prompts: int = 0
+  unparsed_replies: int = 0
+  lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+  def unparsed_reply(self) -> None:
+    with self.lock:
+      self.unparsed_replies += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One prompt to judge: its id, its key and the call that asks the judge and makes its record."""
+  id: str
+  key: str
+  ask: Callable[[], dict]
+
+
+def _digest(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def _summed(usages: Sequence[dict]) -> dict:
+  return {k: sum(u[k] for u in usages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+class Asker:
+  """Asks one question until the reply parses, or `parse_retries` more times."""
+
+  def __init__(self, judge: client_lib.JudgeClient, kind: str, parse_retries: int, tally: Tally):
+    self.judge, self.kind, self.parse_retries, self.tally = judge, kind, parse_retries, tally
+
+  def __call__(self, messages: list[dict]) -> dict:
+    texts, usages, verdict = [], [], None
+    for _ in range(self.parse_retries + 1):
+      reply = self.judge.complete(messages)
+      texts.append(reply.text)
+      usages.append(reply.usage)
+      verdict = PARSERS[self.kind](reply.text)
+      if verdict is not None:
+        break
+      self.tally.unparsed_reply()
+    return {"verdict": verdict, "raw": texts, "attempts": len(texts), "usage": _summed(usages)}
+
+
+def _header(kind: str, judge_model: str, pid: str, key: str) -> dict:
+  return {"id": pid, "judge_model": judge_model, "prompt_version": prompts.VERSIONS[kind], "kind": kind,
+          "key": key}
+
+
+def pairwise_tasks(pairs, ask: Asker) -> list[Task]:
+  """Each pair asked in both orders; FastChat's rule makes the winner, both verdicts kept."""
+  tasks = []
+  for a, b in pairs:
+    key = _digest(prompts.PAIRWISE, ask.judge.model, prompts.VERSIONS[prompts.PAIRWISE], a.conversation,
+                  a.response, b.response)
+
+    def judge_pair(a=a, b=b, key=key):
+      orders = []
+      for first_shown, first, second in ((verdicts.A, a, b), (verdicts.B, b, a)):
+        asked = ask(prompts.messages(prompts.PAIRWISE, a.conversation, first.response, second.response))
+        shown = asked.pop("verdict")
+        orders.append({"shown_first": first_shown, "shown_verdict": shown,
+                       "verdict": verdicts.unswap(shown, first_shown) if shown else None, **asked})
+      unparsed = any(o["verdict"] is None for o in orders)
+      winner = None if unparsed else verdicts.combine_orders(orders[0]["verdict"], orders[1]["verdict"])
+      return {**_header(prompts.PAIRWISE, ask.judge.model, a.id, key), "winner": winner, "unparsed": unparsed,
+              "a_generator": a.generator, "b_generator": b.generator, "orders": orders,
+              "usage": _summed([o["usage"] for o in orders])}
+
+    tasks.append(Task(a.id, key, judge_pair))
+  return tasks
+
+
+def absolute_tasks(answers: dict, ask: Asker) -> list[Task]:
+  tasks = []
+  for answer in answers.values():
+    key = _digest(prompts.ABSOLUTE, ask.judge.model, prompts.VERSIONS[prompts.ABSOLUTE], answer.conversation,
+                  answer.response)
+
+    def label(answer=answer, key=key):
+      asked = ask(prompts.messages(prompts.ABSOLUTE, answer.conversation, answer.response))
+      verdict = asked.pop("verdict")
+      return {**_header(prompts.ABSOLUTE, ask.judge.model, answer.id, key), "label": verdict,
+              "unparsed": verdict is None, "generator": answer.generator, **asked}
+
+    tasks.append(Task(answer.id, key, label))
+  return tasks
+
+
+def likert_tasks(answers: dict[str, list], ask: Asker) -> list[Task]:
+  """Every sample scored; the prompt's score is the mean of its parsed samples."""
+  tasks = []
+  for pid, samples in answers.items():
+    key = _digest(prompts.LIKERT, ask.judge.model, prompts.VERSIONS[prompts.LIKERT], samples[0].conversation,
+                  [(s.sample, s.response) for s in samples])
+
+    def score(pid=pid, samples=samples, key=key):
+      scored = []
+      for s in samples:
+        asked = ask(prompts.messages(prompts.LIKERT, s.conversation, s.response))
+        scored.append({"sample": s.sample, "score": asked.pop("verdict"), **asked})
+      parsed = [s["score"] for s in scored if s["score"] is not None]
+      return {**_header(prompts.LIKERT, ask.judge.model, pid, key),
+              "score": sum(parsed) / len(parsed) if parsed else None, "unparsed": not parsed,
+              "unparsed_samples": len(scored) - len(parsed), "generator": samples[0].generator,
+              "samples": scored, "usage": _summed([s["usage"] for s in scored])}
+
+    tasks.append(Task(pid, key, score))
+  return tasks
+
+
+class JudgementLog:
+  """Finished records by id: earlier runs' (OUTPUT, OUTPUT.partial) and this run's."""
+
+  def __init__(self, output: str, kind: str, judge_model: str):
+    self.output, self.partial = output, output + PARTIAL_SUFFIX
+    self.earlier: dict[str, dict] = {}
+    self.done: dict[str, dict] = {}
+    for path in (self.output, self.partial):
+      if paths.path(path).exists():
+        for number, record in jsonl.read_objects(path):
+          self._check(record, f"{path}:{number}", kind, judge_model)
+          self.earlier[str(record.get("id"))] = record
+
+  @staticmethod
+  def _check(record: dict, where: str, kind: str, judge_model: str) -> None:
+    expected = {"kind": kind, "judge_model": judge_model, "prompt_version": prompts.VERSIONS[kind]}
+    for field, value in expected.items():
+      if record.get(field) != value:
+        raise errors.InputError(
+            f"{where}: judged with {field}={json.dumps(record.get(field))}, this run has {field}="
+            f"{json.dumps(value)}; choose another --output (or delete this file) rather than mix judges")
+
+  def reusable(self, task: Task) -> dict | None:
+    record = self.earlier.get(task.id)
+    return record if record is not None and record.get("key") == task.key else None
+
+  def add(self, record: dict, save: bool) -> None:
+    self.done[str(record["id"])] = record
+    if save:  # Whole, not appended: gs:// objects cannot grow, and a crash leaves the previous version.
+      paths.write_text_atomic(self.partial, jsonl.dumps(self.done.values()))
+
+  def finish(self, order: Sequence[str]) -> list[dict]:
+    records = [self.done[pid] for pid in order]
+    paths.write_text_atomic(self.output, jsonl.dumps(records))
+    partial = paths.path(self.partial)
+    if partial.exists():
+      partial.unlink()
+    return records
+
+
+def judge_all(tasks: Sequence[Task], log: JudgementLog, tally: Tally, parallel: int,
+              progress: Callable[[str], None]) -> list[dict]:
+  """Reuses what earlier runs judged, asks the rest `parallel` at a time, writes OUTPUT."""
+  todo = []
+  for task in tasks:
+    record = log.reusable(task)
+    if record is None:
+      todo.append(task)
+    else:
+      log.add(record, save=False)
+  tally.prompts, tally.reused = len(tasks), len(tasks) - len(todo)
+  if tally.reused:
+    progress(f"resuming: {tally.reused} of {len(tasks)} prompts already judged in {log.output} or {log.partial}")
+  step = max(1, len(todo) // 10)
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+  try:
+    futures = [pool.submit(task.ask) for task in todo]
+    for finished, future in enumerate(concurrent.futures.as_completed(futures), 1):
+      log.add(future.result(), save=True)
+      if finished % step == 0 or finished == len(todo):
+        progress(f"judged {finished}/{len(todo)}")
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+  records = log.finish([task.id for task in tasks])
+  tally.unparsed_prompts = sum(bool(r.get("unparsed")) for r in records)
+  return records
