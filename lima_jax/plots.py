@@ -21,6 +21,7 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wron
 from lima_jax import paths  # pylint: disable=wrong-import-position
 
 PAIRWISE_COLOURS = {"a": "#2b6cb0", "tie": "#bfc5cc", "b": "#d9822b"}
+BAR_HEIGHT = 0.6
 ABSOLUTE_COLOURS = {"fail": "#c0392b", "pass": "#e0b341", "excellent": "#2e8b57"}
 
 
@@ -34,25 +35,24 @@ def _save(figure, output: str) -> None:
 
 def _stacked_bars(rows, categories: Sequence[str], names: dict[str, str], colours: dict[str, str],
                   title: str, output: str) -> None:
-  figure, axes = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
+  figure, axes = plt.subplots(figsize=(8, 0.7 * len(rows) + 1.4))
   labels = [name for name, _ in rows]
   for y, (_, shares) in enumerate(rows):
     left = 0.0
     for c in categories:
       width = 100 * shares[c]["share"]
-      axes.barh(y, width, left=left, color=colours[c], label=names[c] if y == 0 else None,
+      axes.barh(y, width, left=left, height=BAR_HEIGHT, color=colours[c], label=names[c] if y == 0 else None,
                 edgecolor="white")
       if width >= 6:
-        axes.text(left + width / 2, y, f"{width:.0f}%", ha="center", va="center", fontsize=9)
+        axes.text(left + width / 2, y - BAR_HEIGHT / 8, f"{width:.0f}%", ha="center", va="center", fontsize=9)
       left += width
-    _interval_marks(axes, y, shares, categories)
+    _interval_marks(axes, y + BAR_HEIGHT / 4, shares, categories)
   axes.set_yticks(range(len(rows)), labels)
-  axes.invert_yaxis()
+  axes.set_ylim(len(rows) - 0.5, -0.5)  # The first row on top.
   axes.set_xlim(0, 100)
   axes.set_xlabel("share of prompts (%)")
   axes.set_title(title)
-  axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 3 else -0.15),
-              ncol=len(categories), frameon=False)
+  axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
   _save(figure, output)
 
 
