@@ -314,3 +314,28 @@ def test_resume_after_kill_asks_nothing_twice(tmp_path):
   asked = [json.dumps(body["messages"]) for body in s.answered]
   assert len(asked) == 10 and len(set(asked)) == 10  # Every question answered exactly once.
   assert [json.loads(l)["winner"] for l in out.read_text().splitlines()] == ["a"] * 5
+
+
+def test_a_prompt_that_gives_up_keeps_the_others(tmp_path, capsys):
+  failing = {"on": True}
+
+  def reply(body, n):
+    if failing["on"] and "(broken)" in body["messages"][-1]["content"]:
+      return judge_server.Response(status=502)
+    return scripted_reply(body, n)
+
+  s = judge_server.ScriptedJudge(reply)
+  r = _answers(tmp_path / "r.jsonl", ["(pass) a", "(broken) (fail) b", "(pass) c", "(excellent) d"], "lima")
+  out = tmp_path / "l.jsonl"
+  try:
+    assert judge_cli.main(["absolute", r, *_flags(s, out, "--max_retries", "1", "--parallel", "1")]) == 1
+    kept = [json.loads(l)["id"] for l in (tmp_path / "l.jsonl.partial").read_text().splitlines()]
+    assert "p0" in kept and "p1" not in kept and not out.exists()
+    failing["on"] = False
+    assert judge_cli.main(["absolute", r, *_flags(s, out)]) == 0
+  finally:
+    s.stop()
+  assert f"resuming: {len(kept)} of 4" in capsys.readouterr().err
+  asked = [json.dumps(b["messages"]) for b in s.answered]
+  assert len(asked) == 4 and len(set(asked)) == 4
+  assert [json.loads(l)["label"] for l in out.read_text().splitlines()] == ["pass", "fail", "pass", "excellent"]

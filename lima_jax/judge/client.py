@@ -125,13 +125,15 @@ def _refusal(response: httpx.Response, url: str, model: str) -> errors.InputErro
 
 
 class ChatCompletionsClient:
-  """`POST {base_url}/chat/completions`, as the `openai` package's `base_url` (e.g. .../v1)."""
+  """`POST {base_url}/chat/completions`, as the `openai` package's `base_url` (e.g. .../v1; a URL
+  that already ends in /chat/completions is taken as it is)."""
 
   def __init__(self, base_url: str, model: str, *, api_key: str | None = None, temperature: float = 0.0,
                max_tokens: int = 1024, timeout_seconds: float = 120.0, retry: RetryPolicy = RetryPolicy(),
                counter: RequestCounter | None = None):
     self.model = model
-    self.url = base_url.rstrip("/") + "/chat/completions"
+    base = base_url.rstrip("/")
+    self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
     self._settings = {"temperature": temperature, "max_tokens": max_tokens}
     self._retry = retry
     self.counter = counter or RequestCounter()

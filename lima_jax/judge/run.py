@@ -173,10 +173,13 @@ class JudgementLog:
     record = self.earlier.get(task.id)
     return record if record is not None and record.get("key") == task.key else None
 
-  def add(self, record: dict, save: bool) -> None:
+  def add(self, record: dict) -> None:
     self.done[str(record["id"])] = record
-    if save:  # Whole, not appended: gs:// objects cannot grow, and a crash leaves the previous version.
-      paths.write_text_atomic(self.partial, jsonl.dumps(self.done.values()))
+
+  def save(self) -> None:
+    """OUTPUT.partial rewritten whole, not appended: gs:// objects cannot grow, and a crash leaves
+    the previous version."""
+    paths.write_text_atomic(self.partial, jsonl.dumps(self.done.values()))
 
   def finish(self, order: Sequence[str]) -> list[dict]:
     records = [self.done[pid] for pid in order]
@@ -185,6 +188,14 @@ class JudgementLog:
     if partial.exists():
       partial.unlink()
     return records
+
+
+def _save_finished(futures, log: JudgementLog) -> None:
+  finished = [f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None]
+  for record in finished:
+    log.add(record)
+  if finished:
+    log.save()
 
 
 def judge_all(tasks: Sequence[Task], log: JudgementLog, tally: Tally, parallel: int,
@@ -196,20 +207,24 @@ def judge_all(tasks: Sequence[Task], log: JudgementLog, tally: Tally, parallel: 
     if record is None:
       todo.append(task)
     else:
-      log.add(record, save=False)
+      log.add(record)
   tally.prompts, tally.reused = len(tasks), len(tasks) - len(todo)
   if tally.reused:
     progress(f"resuming: {tally.reused} of {len(tasks)} prompts already judged in {log.output} or {log.partial}")
   step = max(1, len(todo) // 10)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+  futures = [pool.submit(task.ask) for task in todo]
   try:
-    futures = [pool.submit(task.ask) for task in todo]
     for finished, future in enumerate(concurrent.futures.as_completed(futures), 1):
-      log.add(future.result(), save=True)
+      log.add(future.result())
+      log.save()
       if finished % step == 0 or finished == len(todo):
         progress(f"judged {finished}/{len(todo)}")
-  finally:
+  except BaseException:
     pool.shutdown(wait=True, cancel_futures=True)
+    _save_finished(futures, log)  # What the other threads finished is paid for: keep it.
+    raise
+  pool.shutdown()
   records = log.finish([task.id for task in tasks])
   tally.unparsed_prompts = sum(bool(r.get("unparsed")) for r in records)
   return records
