@@ -339,3 +339,15 @@ def test_a_prompt_that_gives_up_keeps_the_others(tmp_path, capsys):
   asked = [json.dumps(b["messages"]) for b in s.answered]
   assert len(asked) == 4 and len(set(asked)) == 4
   assert [json.loads(l)["label"] for l in out.read_text().splitlines()] == ["pass", "fail", "pass", "excellent"]
+
+
+def test_likert_samples_from_several_runs(tmp_path, server, capsys):
+  runs = [_answers(tmp_path / f"seed{k}.jsonl", [f"(score {2 + k}) x", f"(score {6 - k}) y"], "lima")
+          for k in range(3)]
+  out = tmp_path / "s.jsonl"
+  assert judge_cli.main(["likert", ",".join(runs), *_flags(server, out)]) == 0
+  records = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["score"] for r in records] == [3.0, 5.0] and [s["sample"] for s in records[0]["samples"]] == [0, 1, 2]
+  _answers(tmp_path / "seed2.jsonl", ["(score 4) x"], "lima")
+  assert judge_cli.main(["likert", ",".join(runs), *_flags(server, tmp_path / "t.jsonl")]) == 2
+  assert "id 'p1' is answered in 2 of the files" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 One JSON object a line: `id`, `conversation` (the turns, ending on the user turn answered),
 `response`, and optionally `generator` and `sample`. A prompt answered several times (sampled
 answers, as the paper's ablations score 5 a prompt) has one line per answer, the same `id` and a
-distinct integer `sample` (0, 1, ...); a line without `sample` is sample 0. Any problem (invalid
+distinct integer `sample` (0, 1, ...); a line without `sample` is sample 0. Several files given
+as one comma-separated list are one sample each (N runs of `lima-evaluate` with N seeds). Any problem (invalid
 JSON, a missing or empty field, a repeated id and sample, two files that answer different
 prompts) is an `InputError` naming the file and line.
 """
@@ -30,7 +31,7 @@ def _field(record: dict, name: str, where: str):
   return record[name]
 
 
-def _answer(record: dict, where: str) -> Answer:
+def _answer(record: dict, where: str, sample: int | None = None) -> Answer:
   pid = _field(record, "id", where)
   conversation = _field(record, "conversation", where)
   if (not isinstance(conversation, list) or not conversation
@@ -39,17 +40,30 @@ def _answer(record: dict, where: str) -> Answer:
   response = _field(record, "response", where)
   if not isinstance(response, str):
     raise errors.InputError(f"{where}: 'response' must be a string, got {type(response).__name__}")
-  sample = record.get("sample", 0)
+  if sample is not None and "sample" in record:
+    raise errors.InputError(f"{where}: a 'sample' field in one of several files; each file of the list "
+                            "is one sample, or give one file whose lines carry 'sample'")
+  sample = record.get("sample", 0) if sample is None else sample
   if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
     raise errors.InputError(f"{where}: 'sample' must be an integer >= 0, got {sample!r}")
   return Answer(str(pid), tuple(conversation), response, str(record.get("generator", "")), sample, where)
 
 
-def read_answers(path: str) -> dict[str, list[Answer]]:
-  """id -> its answers ordered by sample, ids in file order."""
+def _records(spec: str):
+  """(record, file:line, sample or None) of one answer file, or of several (comma-separated), the
+  k-th file's lines being sample k: N runs of lima-evaluate with N seeds are N samples."""
+  files = [part for part in spec.split(",") if part]
+  for k, path in enumerate(files):
+    for number, record in jsonl.read_objects(path):
+      yield record, f"{path}:{number}", k if len(files) > 1 else None
+
+
+def read_answers(spec: str) -> dict[str, list[Answer]]:
+  """id -> its answers ordered by sample, ids in file order; `spec` is a file, or several files
+  separated by commas (one sample each: they must answer the same prompts)."""
   by_id: dict[str, dict[int, Answer]] = {}
-  for number, record in jsonl.read_objects(path):
-    answer = _answer(record, f"{path}:{number}")
+  for record, where, file_sample in _records(spec):
+    answer = _answer(record, where, file_sample)
     samples = by_id.setdefault(answer.id, {})
     if answer.sample in samples:
       raise errors.InputError(f"{answer.where}: duplicate id {answer.id!r} sample {answer.sample} "
@@ -60,7 +74,13 @@ def read_answers(path: str) -> dict[str, list[Answer]]:
       raise errors.InputError(f"{answer.where}: id {answer.id!r} has another conversation than on {first.where}")
     samples[answer.sample] = answer
   if not by_id:
-    raise errors.InputError(f"{path}: no answers")
+    raise errors.InputError(f"{spec}: no answers")
+  counts = {len(samples) for samples in by_id.values()}
+  if "," in spec and len(counts) > 1:
+    short = next(s for s in by_id.values() if len(s) < max(counts))
+    first = next(iter(short.values()))
+    raise errors.InputError(f"{first.where}: id {first.id!r} is answered in {len(short)} of the files "
+                            f"{spec}; each file must answer every prompt")
   return {pid: [samples[s] for s in sorted(samples)] for pid, samples in by_id.items()}
 
 
