@@ -5,6 +5,8 @@ marked "(rambling)" makes the judge forget its verdict line, "(first-biased)" ma
 whichever answer it saw first, so both orders disagree.
 """
 
+import datetime
+import email.utils
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import pytest
 import judge_server
 from lima_jax.cli import compare
 from lima_jax.cli import judge as judge_cli
+from lima_jax.judge import client as client_lib
 from lima_jax.judge import verdicts
 
 # -- Parsing recorded replies -----------------------------------------------------------------
@@ -351,3 +354,13 @@ def test_likert_samples_from_several_runs(tmp_path, server, capsys):
   _answers(tmp_path / "seed2.jsonl", ["(score 4) x"], "lima")
   assert judge_cli.main(["likert", ",".join(runs), *_flags(server, tmp_path / "t.jsonl")]) == 2
   assert "id 'p1' is answered in 2 of the files" in capsys.readouterr().err
+
+
+def test_retry_after_as_seconds_or_http_date():
+  assert client_lib.parse_retry_after("2") == 2.0 and client_lib.parse_retry_after(None) is None
+  soon = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=30),
+                                     usegmt=True)
+  assert 25 < client_lib.parse_retry_after(soon) <= 30
+  assert client_lib.parse_retry_after("soon") is None
+  policy = client_lib.RetryPolicy(backoff_seconds=1.0, max_backoff_seconds=60.0)
+  assert policy.wait(0, 300.0) == 60.0 and 4.0 <= policy.wait(3, None) <= 8.0

@@ -37,15 +37,6 @@ class JudgeClient(Protocol):
 
   model: str
 
-  def _reply(self, response: httpx.Response) -> Reply | None:
-    try:
-      body = response.json()
-    except ValueError:
-      return None  # Cut short or not JSON: asked again like a 5xx.
-    reply = Reply(_reply_text(body, self.url), _usage(body))
-    self.counter.tokens(reply.usage)
-    return reply
-
   def complete(self, messages: Sequence[dict]) -> Reply:
     """The judge's reply to `messages`; raises `JudgeUnavailable` once it gives up."""
 

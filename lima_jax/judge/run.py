@@ -79,18 +79,21 @@ class Asker:
       self.tally.unparsed_reply()
     return {"verdict": verdict, "raw": texts, "attempts": len(texts), "usage": _summed(usages)}
 
+  def key(self, *judged) -> str:
+    """The resume key of a prompt: this judge, this question's version, the texts judged."""
+    return _digest(self.kind, self.judge.model, prompts.VERSIONS[self.kind], *judged)
 
-def _header(kind: str, judge_model: str, pid: str, key: str) -> dict:
-  return {"id": pid, "judge_model": judge_model, "prompt_version": prompts.VERSIONS[kind], "kind": kind,
-          "key": key}
+  def header(self, pid: str, key: str) -> dict:
+    """The fields every record starts with: which prompt, judged by whom, with which question."""
+    return {"id": pid, "judge_model": self.judge.model, "prompt_version": prompts.VERSIONS[self.kind],
+            "kind": self.kind, "key": key}
 
 
 def pairwise_tasks(pairs, ask: Asker) -> list[Task]:
   """Each pair asked in both orders; FastChat's rule makes the winner, both verdicts kept."""
   tasks = []
   for a, b in pairs:
-    key = _digest(prompts.PAIRWISE, ask.judge.model, prompts.VERSIONS[prompts.PAIRWISE], a.conversation,
-                  a.response, b.response)
+    key = ask.key(a.conversation, a.response, b.response)
 
     def judge_pair(a=a, b=b, key=key):
       orders = []
@@ -101,7 +104,7 @@ def pairwise_tasks(pairs, ask: Asker) -> list[Task]:
                        "verdict": verdicts.unswap(shown, first_shown) if shown else None, **asked})
       unparsed = any(o["verdict"] is None for o in orders)
       winner = None if unparsed else verdicts.combine_orders(orders[0]["verdict"], orders[1]["verdict"])
-      return {**_header(prompts.PAIRWISE, ask.judge.model, a.id, key), "winner": winner, "unparsed": unparsed,
+      return {**ask.header(a.id, key), "winner": winner, "unparsed": unparsed,
               "a_generator": a.generator, "b_generator": b.generator, "orders": orders,
               "usage": _summed([o["usage"] for o in orders])}
 
@@ -112,13 +115,12 @@ def pairwise_tasks(pairs, ask: Asker) -> list[Task]:
 def absolute_tasks(answers: dict, ask: Asker) -> list[Task]:
   tasks = []
   for answer in answers.values():
-    key = _digest(prompts.ABSOLUTE, ask.judge.model, prompts.VERSIONS[prompts.ABSOLUTE], answer.conversation,
-                  answer.response)
+    key = ask.key(answer.conversation, answer.response)
 
     def label(answer=answer, key=key):
       asked = ask(prompts.messages(prompts.ABSOLUTE, answer.conversation, answer.response))
       verdict = asked.pop("verdict")
-      return {**_header(prompts.ABSOLUTE, ask.judge.model, answer.id, key), "label": verdict,
+      return {**ask.header(answer.id, key), "label": verdict,
               "unparsed": verdict is None, "generator": answer.generator, **asked}
 
     tasks.append(Task(answer.id, key, label))
@@ -129,8 +131,7 @@ def likert_tasks(answers: dict[str, list], ask: Asker) -> list[Task]:
   """Every sample scored; the prompt's score is the mean of its parsed samples."""
   tasks = []
   for pid, samples in answers.items():
-    key = _digest(prompts.LIKERT, ask.judge.model, prompts.VERSIONS[prompts.LIKERT], samples[0].conversation,
-                  [(s.sample, s.response) for s in samples])
+    key = ask.key(samples[0].conversation, [(s.sample, s.response) for s in samples])
 
     def score(pid=pid, samples=samples, key=key):
       scored = []
@@ -138,7 +139,7 @@ def likert_tasks(answers: dict[str, list], ask: Asker) -> list[Task]:
         asked = ask(prompts.messages(prompts.LIKERT, s.conversation, s.response))
         scored.append({"sample": s.sample, "score": asked.pop("verdict"), **asked})
       parsed = [s["score"] for s in scored if s["score"] is not None]
-      return {**_header(prompts.LIKERT, ask.judge.model, pid, key),
+      return {**ask.header(pid, key),
               "score": sum(parsed) / len(parsed) if parsed else None, "unparsed": not parsed,
               "unparsed_samples": len(scored) - len(parsed), "generator": samples[0].generator,
               "samples": scored, "usage": _summed([s["usage"] for s in scored])}
