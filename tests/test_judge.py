@@ -9,6 +9,7 @@ import datetime
 import email.utils
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -364,3 +365,17 @@ def test_retry_after_as_seconds_or_http_date():
   assert client_lib.parse_retry_after("soon") is None
   policy = client_lib.RetryPolicy(backoff_seconds=1.0, max_backoff_seconds=60.0)
   assert policy.wait(0, 300.0) == 60.0 and 4.0 <= policy.wait(3, None) <= 8.0
+
+
+def test_answers_and_judgements_on_gcs(gcs, tmp_path, server, capsys):
+  from lima_jax import paths  # pylint: disable=g-import-not-at-top
+  local = _answers(tmp_path / "r.jsonl", ["(pass) x", "(fail) y"], "lima")
+  answers = gcs.uri("judge", "r.jsonl")
+  paths.write_text_atomic(answers, pathlib.Path(local).read_text())
+  out = gcs.uri("judge", "labels.jsonl")
+  assert judge_cli.main(["absolute", answers, *_flags(server, out)]) == 0
+  assert judge_cli.main(["absolute", answers, *_flags(server, out)]) == 0  # Resumed from gs://.
+  assert len(server.requests) == 2 and not paths.path(out + ".partial").exists()
+  png = tmp_path / "figure3.png"
+  assert compare.main(["absolute", gcs.uri("judge", "label*.jsonl"), "--plot", str(png)]) == 0
+  assert re.search(r"fail\s+50\.0%", capsys.readouterr().out) and png.stat().st_size > 0
