@@ -24,6 +24,8 @@ from lima_jax.cli import judge as judge_cli
 from lima_jax.judge import client as client_lib
 from lima_jax.judge import verdicts
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 # -- Parsing recorded replies -----------------------------------------------------------------
 
 PAIRWISE_REPLIES = [
@@ -185,7 +187,7 @@ def test_another_judge_does_not_mix_into_a_file(tmp_path, server, capsys):
 
 def test_absolute_labels(tmp_path, server, capsys):
   a = _answers(tmp_path / "r.jsonl", ["(pass) x", "(excellent) y", "(fail) z", "(pass) w"], "lima")
-  out = tmp_path / "labels.jsonl"
+  out = tmp_path / "new" / "labels.jsonl"  # Its directory is made.
   assert judge_cli.main(["absolute", a, *_flags(server, out)]) == 0
   assert [json.loads(l)["label"] for l in out.read_text().splitlines()] == ["pass", "excellent", "fail", "pass"]
   assert compare.main(["absolute", str(out)]) == 0
@@ -379,3 +381,31 @@ def test_answers_and_judgements_on_gcs(gcs, tmp_path, server, capsys):
   png = tmp_path / "figure3.png"
   assert compare.main(["absolute", gcs.uri("judge", "label*.jsonl"), "--plot", str(png)]) == 0
   assert re.search(r"fail\s+50\.0%", capsys.readouterr().out) and png.stat().st_size > 0
+
+
+def _length_score(body, n):
+  """A judge whose score follows the answer's length: any text gets a score."""
+  answer = _section(body["messages"][-1]["content"], "Answer")
+  return f"The answer has {len(answer)} characters.\nScore: {1 + len(answer) % 6}"
+
+
+@pytest.mark.slow
+def test_quantity_ablation_script_end_to_end(tmp_path):
+  """tools/quantity_ablation.py on the tiny preset: trains twice, answers, judges, draws figure 6."""
+  s = judge_server.ScriptedJudge(_length_score)
+  out = tmp_path / "quantity"
+  try:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "quantity_ablation.py"), "--output_dir", str(out), "--sizes",
+         "8,16", "--samples", "2", "--judge_url", s.url, "--judge_model", "judge-1",
+         "--train_args=--config.train.epochs=1", "--evaluate_args=--max_new_tokens=8"],
+        capture_output=True, text=True, timeout=900, check=False)
+  finally:
+    s.stop()
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  logs = proc.stdout + proc.stderr
+  assert "8 kept" in logs and "16 kept" in logs  # data.max_examples reached training.
+  figures = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{"mode"')]
+  assert [f["examples"] for f in figures] == [8, 16] and all(f["n"] == 10 for f in figures)
+  assert len(s.requests) == 2 * 2 * 10  # Two sizes, two samples, ten dev prompts.
+  assert (out / "figure6.png").stat().st_size > 0

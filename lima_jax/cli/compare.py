@@ -143,7 +143,8 @@ def define_flags(values) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("prompts", None, "prompts JSONL: judged ids must be among its ids", flag_values=values)
   flags.DEFINE_string("a_name", "A", "pairwise: name of system a", flag_values=values)
-  flags.DEFINE_string("b_name", "B", "pairwise: name of system b (of each file: its b_generator)",
+  flags.DEFINE_string("b_name", "B", "pairwise: name of system b (unset: the records' b_generator; with "
+                      "several files, each file's b_generator or file name)",
                       flag_values=values)
   flags.DEFINE_integer("resamples", 10000, "bootstrap resamples", lower_bound=1, flag_values=values)
   flags.DEFINE_integer("seed", 0, "bootstrap seed", flag_values=values)
@@ -159,7 +160,8 @@ def _summarise_shares(path: str, mode: str, known, args, several: bool) -> dict:
   labels = read_judgements(path, mode, known, unparsed)
   if mode == "pairwise":
     categories = PAIRWISE_LABELS
-    b_name = summaries.system_name(path, "b_generator") if several else args.b_name
+    b_name = args.b_name if args["b_name"].present and not several else summaries.system_name(
+        path, "b_generator", None if several else args.b_name)
     names = {"a": f"{args.a_name} wins", "tie": "tie", "b": f"{b_name} wins"}
   else:
     categories, b_name = ABSOLUTE_LABELS, summaries.system_name(path, "generator")

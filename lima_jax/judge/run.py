@@ -153,6 +153,8 @@ class JudgementLog:
 
   def __init__(self, output: str, kind: str, judge_model: str):
     self.output, self.partial = output, output + PARTIAL_SUFFIX
+    if not paths.is_remote(output):  # Object stores have no directories to make.
+      paths.path(output).parent.mkdir(parents=True, exist_ok=True)
     self.earlier: dict[str, dict] = {}
     self.done: dict[str, dict] = {}
     for path in (self.output, self.partial):

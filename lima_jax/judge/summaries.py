@@ -75,9 +75,9 @@ def examples_of(path: str) -> int | None:
   return int(numbers[-1]) if numbers else None
 
 
-def system_name(path: str, field: str) -> str:
-  """The system a file judges: its records' `field` (e.g. b_generator) if they agree, else the file's name."""
+def system_name(path: str, field: str, default: str | None = None) -> str:
+  """The system a file judges: its records' `field` (e.g. b_generator) if they agree, else
+  `default`, else the file's name."""
   names = {record.get(field) for _, record in jsonl.read_objects(path)}
   name = names.pop() if len(names) == 1 else None
-  return name if isinstance(name, str) and name else pathlib.PurePath(path).stem
-
+  return name if isinstance(name, str) and name else default or pathlib.PurePath(path).stem
