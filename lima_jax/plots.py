@@ -1,8 +1,12 @@
-"""The LIMA paper's figures from judgement summaries, as PNG files (matplotlib, Agg: no display).
+"""The LIMA paper's figures from judgement summaries, as PNG files.
+
+matplotlib's `Figure` is used directly, never pyplot: it renders with Agg, needs no display and
+leaves matplotlib's global state (backend, open figures) as the importer had it.
 
 pairwise  figure 1: one stacked horizontal bar a baseline, "A wins / tie / baseline wins", with
           the bootstrap interval of each win share drawn at its end of the bar.
-absolute  figure 3: one stacked bar a system, fail / pass / excellent, with each share's interval.
+absolute  figure 3: one stacked bar a system, fail / pass / excellent, with the intervals of the
+          fail and excellent shares.
 likert    figures 5 and 6: the mean helpfulness (1-6) with its interval, against the number of
           training examples (log scale) when every file has one, else one bar a file.
 
@@ -13,12 +17,9 @@ Inputs are plain: (name, {category: {"share", "low", "high"}}) rows, or (name, e
 import io
 from typing import Sequence
 
-import matplotlib
+from matplotlib import figure as figure_lib
 
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from lima_jax import paths  # pylint: disable=wrong-import-position
+from lima_jax import paths
 
 PAIRWISE_COLOURS = {"a": "#2b6cb0", "tie": "#bfc5cc", "b": "#d9822b"}
 BAR_HEIGHT = 0.6
@@ -29,13 +30,13 @@ def _save(figure, output: str) -> None:
   """Rendered in memory, then written atomically (output may be gs://)."""
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-  plt.close(figure)
   paths.write_bytes_atomic(output, buffer.getvalue())
 
 
 def _stacked_bars(rows, categories: Sequence[str], names: dict[str, str], colours: dict[str, str],
                   title: str, output: str) -> None:
-  figure, axes = plt.subplots(figsize=(8, 0.7 * len(rows) + 1.4))
+  figure = figure_lib.Figure(figsize=(8, 0.7 * len(rows) + 1.4))
+  axes = figure.subplots()
   labels = [name for name, _ in rows]
   for y, (_, shares) in enumerate(rows):
     left = 0.0
@@ -81,7 +82,8 @@ def absolute(rows, output: str) -> None:
 
 def likert(rows, output: str, level: float = 0.95) -> None:
   """Figures 5/6: rows are (name, examples or None, {"mean", "low", "high"})."""
-  figure, axes = plt.subplots(figsize=(6.5, 4))
+  figure = figure_lib.Figure(figsize=(6.5, 4))
+  axes = figure.subplots()
   means = [r[2]["mean"] for r in rows]
   errors = [[r[2]["mean"] - r[2]["low"] for r in rows], [r[2]["high"] - r[2]["mean"] for r in rows]]
   if all(r[1] is not None for r in rows):
