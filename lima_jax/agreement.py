@@ -10,7 +10,7 @@ with p_e from each rater's own label shares; it is undefined (None) when both al
 the same label.
 
 A rater is a human annotator (`annotator` field of a line, as lima-annotate writes) or a model
-judge (`judge` field); a file without either is one rater, named by its path. Intervals are
+judge (`judge` or `judge_model` field, as lima-judge writes); a file without either is one rater, named by its path. Intervals are
 percentile bootstraps over items: a resample draws items with replacement and keeps every rater
 pair's judgements of each drawn item. Pooled rows (every pair of people; a judge against every
 person) add up the pairs' tables of (label, label) counts.
@@ -31,6 +31,12 @@ HUMAN, JUDGE = "human", "judge"
 _POINTS = np.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]])
 
 
+def rater_of(record: dict):
+  """Who made a judgement line: its `annotator` (a person), else its `judge` or `judge_model`
+  (a model judge, as lima-judge writes); None when it names neither."""
+  return record.get("annotator", record.get("judge", record.get("judge_model")))
+
+
 @dataclasses.dataclass
 class Ratings:
   """rater -> {item id: label}, each rater's kind, and where each judgement was read."""
@@ -42,8 +48,9 @@ class Ratings:
     """One judgement line; a rater judging an item twice is an InputError naming both lines."""
     if label not in LABELS:
       raise errors.InputError(f"{where}: label {label!r} is not one of {', '.join(LABELS)}")
-    kind = HUMAN if "annotator" in record else JUDGE if "judge" in record else HUMAN
-    rater = str(record.get("annotator", record.get("judge", default_rater)))
+    rater = rater_of(record)
+    kind = JUDGE if rater is not None and "annotator" not in record else HUMAN
+    rater = str(default_rater if rater is None else rater)
     if self.kinds.setdefault(rater, kind) != kind:
       raise errors.InputError(f"{where}: {rater!r} is a {self.kinds[rater]} elsewhere and a {kind} here")
     item_id = str(record["id"])

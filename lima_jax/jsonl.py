@@ -1,4 +1,8 @@
-"""JSON Lines input, local or gs://: one object a line, a bad line an InputError naming file:line."""
+"""JSON-lines files of objects (answers, judgements, annotations, prompts), local or gs://.
+
+A bad line is bad input: the `errors.InputError` names the file and line, so commands that read
+these files stop with one line (exit status 2) instead of a traceback.
+"""
 
 import json
 from typing import Iterator
@@ -7,7 +11,7 @@ from lima_jax import errors
 from lima_jax import paths
 
 
-def objects(path: str, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+def read_objects(path: str, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
   """(1-based line number, object) of every non-blank line; `what` names a line in errors."""
   try:
     text = paths.path(path).read_text(encoding="utf-8")
@@ -23,3 +27,8 @@ def objects(path: str, what: str = "a JSON object") -> Iterator[tuple[int, dict]
     if not isinstance(record, dict):
       raise errors.InputError(f"{path}:{number}: expected {what}, got {type(record).__name__}")
     yield number, record
+
+
+def dumps(records) -> str:
+  """Records as JSONL text, one object a line, non-ASCII kept as is."""
+  return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

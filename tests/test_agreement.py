@@ -107,4 +107,19 @@ def test_compare_agreement_bad_inputs(tmp_path, capsys):
   assert "people.jsonl:2: id 'p1' is not in the prompts file" in capsys.readouterr().err
   with pytest.raises(SystemExit) as exit_info:
     compare.main(["agreemnt", people])
-  assert exit_info.value.code == 2 and "expected one of pairwise, absolute, agreement" in capsys.readouterr().err
+  assert exit_info.value.code == 2 and "expected one of pairwise, absolute, likert, agreement" in capsys.readouterr().err
+
+
+def test_a_lima_judge_file_is_one_model_judge_and_its_unparsed_lines_are_left_out(tmp_path, capsys):
+  people = write_jsonl(tmp_path / "people.jsonl", [
+      {"id": "p1", "winner": "a", "annotator": "ann"}, {"id": "p2", "winner": "b", "annotator": "ann"},
+      {"id": "p3", "winner": "tie", "annotator": "ann"}])
+  judged = write_jsonl(tmp_path / "judged.jsonl", [  # As lima-judge pairwise writes them.
+      {"id": "p1", "judge_model": "gpt-4", "winner": "a", "unparsed": False},
+      {"id": "p2", "judge_model": "gpt-4", "winner": "a", "unparsed": False},
+      {"id": "p3", "judge_model": "gpt-4", "winner": None, "unparsed": True}])
+  assert compare.main(["agreement", people, judged, "--json"]) == 0
+  figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert figures["raters"]["gpt-4"] == {"kind": "judge", "items": 2}
+  (pair,) = figures["pairs"]
+  assert pair["items"] == 2 and pair["accuracy"] == pytest.approx(0.5)

@@ -50,7 +50,7 @@ class AnnotationLog:
       self._read(set(known_ids))
 
   def _read(self, known_ids: set[str]) -> None:
-    for number, record in jsonl.objects(self.output, "an annotation line (id, annotator, winner)"):
+    for number, record in jsonl.read_objects(self.output, "an annotation line (id, annotator, winner)"):
       where = f"{self.output}:{number}"
       if not {"id", "annotator", "winner"} <= set(record):
         raise errors.InputError(f"{where}: not an annotation line (id, annotator, winner)")

@@ -52,7 +52,7 @@ def _strings(value) -> bool:
 def read_answers(path: str) -> dict[str, _Answer]:
   """id -> answer of one `lima-evaluate` output file, in file order; bad lines -> InputError."""
   answers: dict[str, _Answer] = {}
-  for number, record in jsonl.objects(path, "an answer (lima-evaluate's output)"):
+  for number, record in jsonl.read_objects(path, "an answer (lima-evaluate's output)"):
     where = f"{path}:{number}"
     for field in ("id", "conversation", "response"):
       if field not in record:
