@@ -20,7 +20,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 
 from lima_jax import checkpoint as ckpt_lib
-from lima_jax import convert
 from lima_jax import data as data_lib
 from lima_jax import distributed
 from lima_jax import errors
@@ -32,7 +31,7 @@ from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import sharding
-from lima_jax import tokenizer as tokenizer_lib
+from lima_jax import source as source_lib
 from lima_jax import train_step
 
 
@@ -41,13 +40,20 @@ def load_run_tokenizer(config):
   init_from = config.model.init_from
   if config.data.tokenizer_path or not init_from:
     return data_lib.tokenizer_from_config(config.data)
-  if ckpt_lib.is_hf_dir(init_from):
-    return tokenizer_lib.load_tokenizer(init_from, eot=config.data.eot_token)
-  blob = ckpt_lib.read_tokenizer_blob(init_from)
-  if blob is None:
+  try:
+    return open_init_from(config).tokenizer
+  except ValueError as e:  # A checkpoint that carries no tokenizer.
     raise FileNotFoundError(f"model.init_from={init_from} carries no tokenizer; set "
-                            f"--config.data.tokenizer_path")
-  return tokenizer_lib.load_tokenizer_from_blob(blob)
+                            f"--config.data.tokenizer_path") from e
+
+
+def open_init_from(config, tokenizer=None) -> source_lib.ModelSource:
+  """`model.init_from`, opened (no weights read yet); `tokenizer` overrides its own."""
+  init_from = config.model.init_from
+  try:
+    return source_lib.open_model(init_from, tokenizer=tokenizer, eot=config.data.eot_token)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"model.init_from={init_from}: {e}") from None
 
 
 class RunData:
@@ -104,8 +110,7 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   fields = dict(config.model)
   init_from = config.model.init_from
   if init_from:
-    base = (convert.hf_config_to_model_config(init_from) if ckpt_lib.is_hf_dir(init_from)
-            else lora_lib.base_config(ckpt_lib.read_model_config(init_from)))
+    base = open_init_from(config, tokenizer).model_config
     runtime = ("param_dtype", "dtype", "scan_layers", "remat_policy", "residual_dropout", "attention")
     fields = {**base.to_dict(), **{k: fields[k] for k in runtime}}
     fields["vocab_size"] = max(base.vocab_size, tokenizer.vocab_size)
@@ -140,79 +145,20 @@ def _absolute(path: str) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
-def _declares_eot(init_from: str, tokenizer) -> bool:
-  """True where a Hugging Face directory's tokenizer_config.json names the EOT text at its id,
-  as a lima_jax export (tools/convert_weights.py orbax-to-hf) writes it: the row is trained."""
-  config_file = paths.path(init_from) / tokenizer_lib.HF_CONFIG_FILE
-  if not config_file.is_file():
-    return False
-  try:
-    decoder = json.loads(config_file.read_text()).get("added_tokens_decoder") or {}
-  except (OSError, ValueError):
-    return False
-  entry = decoder.get(str(tokenizer.eot_id)) or {}
-  return entry.get("content") == tokenizer.eot_text
-
-
-def needs_fresh_eot_row(init_from: str, base_vocab_size: int, tokenizer) -> bool:
-  """True where the pretrained rows already cover the EOT id but none of them is EOT's own.
-
-  Models that pad their embedding past the tokenizer (e.g. 32064 rows for 32000 pieces) put
-  EOT's id (the tokenizer's size) on a padding row. A lima_jax training checkpoint, or a model
-  whose rows end exactly at EOT, or an export that declares EOT, already trained that row.
-  """
-  eot = tokenizer.eot_id
-  if base_vocab_size <= eot or base_vocab_size == tokenizer.vocab_size:
-    return False
-  if ckpt_lib.is_hf_dir(init_from):
-    return not _declares_eot(init_from, tokenizer)
-  return not (ckpt_lib.resolve(init_from) / ckpt_lib.TRAIN_STATE).is_dir()
-
-
 def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Mesh, tokenizer=None):
-  """Pretrained weights read straight into their shards, with a row for EOT at the mean.
-
-  EOT gets a fresh row: appended where the embedding ends before its id, or, where the
-  embedding is padded past the tokenizer (`needs_fresh_eot_row`; needs `tokenizer`), the
-  padding row at its id overwritten with the mean of the tokenizer's rows.
-  """
-  init_from = config.model.init_from
-  if ckpt_lib.is_hf_dir(init_from):
-    base = convert.hf_config_to_model_config(init_from)
-  else:
-    base = ckpt_lib.read_model_config(init_from)
-  saved_lora = base.lora
-  base = lora_lib.base_config(base).replace(param_dtype=model_config.param_dtype)
-  base_shards = model_lib.param_shardings(base, mesh)
-  if ckpt_lib.is_hf_dir(init_from):
-    params, _ = convert.load_hf_params(init_from, base_shards, dtype=model_config.param_dtype)
-  elif saved_lora is not None:  # An adapter checkpoint: its base with the adapters merged in.
-    params = convert.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
-  else:
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          model_lib.abstract_params(base), base_shards)
-    params = ckpt_lib.restore_params(init_from, target)
-  if base.vocab_size == model_config.vocab_size:
-    if tokenizer is None or not needs_fresh_eot_row(init_from, base.vocab_size, tokenizer):
-      return params
-    metrics_lib.log("model.init_from has %d rows for %d tokenizer ids: EOT (id %d) gets a fresh row at the "
-         "mean of the first %d, over the padding row there", base.vocab_size, tokenizer.vocab_size,
-         tokenizer.eot_id, tokenizer.base_vocab_size)
-    fresh = lambda p: convert.set_rows_to_mean(p, (tokenizer.eot_id,), tokenizer.base_vocab_size)
-    return jax.jit(fresh, out_shardings=model_lib.param_shardings(lora_lib.base_config(model_config), mesh),
-                   donate_argnums=0)(params)
-  grow = lambda p: convert.add_eot_row(p, base, model_config.vocab_size)[0]
-  out_shards = model_lib.param_shardings(lora_lib.base_config(model_config), mesh)
-  return jax.jit(grow, out_shardings=out_shards, donate_argnums=0)(params)
+  """`model.init_from`'s weights read straight into their shards, with a row for EOT at the mean
+  (`source.ModelSource.read_params_for_training`); `tokenizer` defaults to the run's."""
+  opened = open_init_from(config, tokenizer or load_run_tokenizer(config))
+  return opened.read_params_for_training(model_config, mesh)
 
 
-def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh):
+def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh, tokenizer):
   """A LoRA run's frozen base, re-read on resume (the checkpoints hold only the adapters); None
   for full fine-tuning."""
   if not lora_lib.enabled(model_config):
     return None
   if config.model.init_from:
-    return load_pretrained_params(config, model_config, mesh)
+    return load_pretrained_params(config, model_config, mesh, tokenizer)
   base = lora_lib.base_config(model_config)
   return jax.jit(lambda: model_lib.lora_base_params(model_config, model_config.lora.base_seed),
                  out_shardings=model_lib.param_shardings(base, mesh))()
@@ -341,7 +287,7 @@ def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
   rng = np.asarray(meta["rng"], train_step.key_data_struct().dtype)
   state = train_step.TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
                      opt_state=opt_state, rng=_host_array(rng, rep),
-                     frozen=_lora_base(config, model_config, mesh))
+                     frozen=_lora_base(config, model_config, mesh, run_data.tokenizer))
   run_data.train.set_state(meta["data"])
   differences = _config_differences(meta.get("config", {}), _json_config(config))
   metrics_lib.log("resumed from %s at step %d", manager.directory / str(step), meta["step"])
