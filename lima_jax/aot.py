@@ -23,10 +23,7 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import mesh_utils
 from jax.experimental import topologies
-from jax.sharding import Mesh
 
 from lima_jax import flops as flops_lib
 from lima_jax import hardware
@@ -59,21 +56,6 @@ def slice_devices(tpu_slice: hardware.Slice) -> list:
                                 tpu_slice.wrap))
 
 
-def make_mesh(mesh_config, tpu_slice: hardware.Slice, devices):
-  """The training mesh over compile-only devices; the data axis spans slices over DCN."""
-  if tpu_slice.num_slices == 1:
-    return sharding.make_mesh(mesh_config, devices)
-  shape = sharding.mesh_shape(mesh_config, len(devices))
-  data = shape[0]
-  if data % tpu_slice.num_slices:
-    raise ValueError(f"config.mesh.data={data} must be a multiple of --num_slices="
-                     f"{tpu_slice.num_slices}: the data axis is the one that crosses slices")
-  dcn = (tpu_slice.num_slices,) + (1,) * (len(shape) - 1)
-  ici = (data // tpu_slice.num_slices,) + tuple(shape[1:])
-  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-  return Mesh(np.asarray(array), sharding.MESH_AXES)
-
-
 # ---------------------------------------------------------------------------------------------
 # Defaults per slice.
 
@@ -87,10 +69,10 @@ def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
   """
   flags = []
   batch, seq = int(config.train.batch_size), int(config.data.max_len)
-  chosen = hardware.mesh_for(config.mesh, tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
+  chosen = sharding.mesh_for(config.mesh, tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
   for axis, size in chosen.items():
     config.mesh[axis] = size
-  flags += [f"--config.mesh.{axis}={int(config.mesh[axis])}" for axis in hardware.DEFAULT_MESH]
+  flags += [f"--config.mesh.{axis}={int(config.mesh[axis])}" for axis in sharding.DEFAULT_MESH]
   if int(config.train.micro_batches) == 1:
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
     model_config = _tpu_model_config(config)
@@ -231,7 +213,7 @@ def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
   log_dir = hardware.prepare_libtpu_environment(log_dir)
   devices = slice_devices(tpu_slice)
   flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
-  mesh = make_mesh(config.mesh, tpu_slice, devices)
+  mesh = sharding.make_mesh(config.mesh, devices, tpu_slice.num_slices)
   hbm = tpu_slice.usable_hbm_bytes()
   report: dict[str, Any] = {
       "program": program, "preset": config.get("preset", ""), "topology": tpu_slice.name,

@@ -3,7 +3,7 @@
 The AOT compile tool (`tools/aot_compile.py`), the README's fit table and the training log's
 MFU all read the chip facts below, so a corrected number changes them together. Beside them, the
 process set-up the entry points run before jax loads (the CPU over an absent TPU, the CPU
-allocator, libtpu's environment for compile-only runs) and the default mesh for a slice: all
+allocator, libtpu's environment for compile-only runs): all
 stdlib at import time, which is why the commands can import this module first.
 
 Usable HBM is what libtpu's compiler itself allows a program ("exceeds available HBM (X)" in
@@ -317,43 +317,3 @@ def restart_with_cpu_allocator(log: bool = False) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + argv[1:], {**os.environ, **CPU_ALLOCATOR_ENV})
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-slice defaults: the mesh, micro-batching and remat a preset uses when the user sets none.
-
-DEFAULT_MESH = {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
-
-
-def default_mesh(num_devices: int, batch_size: int, seq_len: int, num_slices: int = 1) -> dict:
-  """Mesh axis sizes for `num_devices` that keep every device busy on a `batch_size` batch.
-
-  Fully sharded data parallelism over as many devices as there are rows (each device holds
-  1/fsdp of the state and computes its own rows); one replica per slice across the data-center
-  network (`data` = num_slices); where a slice has more devices than rows, the rest split each
-  row's tokens (`sequence`) when the length allows 128-token pieces, else the heads (`tensor`).
-  Plain FSDP would instead leave the batch unsplit there, every device repeating the whole
-  batch's activations (MaxText refuses such a mesh outright).
-  """
-  if num_devices % num_slices:
-    raise ValueError(f"{num_devices} devices do not split into {num_slices} slices")
-  per_slice = num_devices // num_slices
-  rows = batch_size // num_slices if batch_size % num_slices == 0 else batch_size
-  fsdp = math.gcd(per_slice, max(rows, 1))
-  rest = per_slice // fsdp
-  mesh = {"data": num_slices, "fsdp": fsdp, "sequence": 1, "tensor": 1}
-  if rest > 1:
-    mesh["sequence" if seq_len % (rest * 128) == 0 else "tensor"] = rest
-  return mesh
-
-
-def mesh_for(mesh_config, num_devices: int, batch_size: int, seq_len: int,
-             num_slices: int = 1) -> dict:
-  """The mesh to use: `mesh_config` as given, unless it is the untouched default, then `default_mesh`.
-
-  Training and the AOT compiler both call this, so the mesh compiled is the mesh trained.
-  """
-  given = {axis: int(mesh_config.get(axis, 1)) for axis in DEFAULT_MESH}
-  if given != DEFAULT_MESH:
-    return given
-  return default_mesh(num_devices, batch_size, seq_len, num_slices)

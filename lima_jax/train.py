@@ -16,7 +16,6 @@ import jax
 import numpy as np
 from absl import flags
 from absl import logging
-from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 
 from lima_jax import checkpoint as ckpt_lib
@@ -24,7 +23,6 @@ from lima_jax import data as data_lib
 from lima_jax import distributed
 from lima_jax import errors
 from lima_jax import flops as flops_lib
-from lima_jax import hardware
 from lima_jax import lora as lora_lib
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
@@ -76,27 +74,6 @@ class RunData:
                                for turns in self.dev_prompts]
     except (FileNotFoundError, ValueError) as e:  # records.DataError is a ValueError.
       raise errors.InputError(str(e)) from e
-
-
-def run_mesh(config, devices=None) -> Mesh:
-  """The training mesh: `config.mesh` as given, or (left at its default) the one that
-  `hardware.mesh_for` picks for the batch, which is also the mesh `tools/aot_compile.py`
-  compiles. Across several TPU slices the data axis spans the slices (data-center network).
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  sizes = hardware.mesh_for(config.mesh, len(devices), int(config.train.batch_size),
-                            int(config.data.max_len), num_slices)
-  if num_slices == 1:
-    return sharding.make_mesh(sizes, devices)
-  shape = sharding.mesh_shape(sizes, len(devices))
-  if shape[0] % num_slices:
-    raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of the {num_slices} slices: "
-                     f"the data axis is the one that crosses slices")
-  ici = (shape[0] // num_slices,) + tuple(shape[1:])
-  dcn = (num_slices,) + (1,) * (len(shape) - 1)
-  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-  return Mesh(np.asarray(array), sharding.MESH_AXES)
 
 
 def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
@@ -331,7 +308,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return {"start_step": done, "total_steps": total_steps, "losses": [], "final_step": done,
             "ended": "finished"}
 
-  mesh = run_mesh(config)
+  mesh = sharding.training_mesh(config)
   model_config = build_model_config(config, run_data.tokenizer)
   metrics_lib.log("mesh %s over %d devices (%d processes); model %.1fM parameters",
        dict(mesh.shape), mesh.size, jax.process_count(), model_config.num_params() / 1e6)

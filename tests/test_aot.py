@@ -21,6 +21,7 @@ from lima_jax import aot
 from lima_jax import flops
 from lima_jax import hardware
 from lima_jax import model as model_lib
+from lima_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = hardware.GiB
@@ -56,9 +57,9 @@ def test_slice_names():
 
 
 def test_default_mesh_splits_sequence_when_chips_outnumber_rows():
-  assert hardware.default_mesh(16, 32, 2048) == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
-  assert hardware.default_mesh(64, 32, 2048) == {"data": 1, "fsdp": 32, "sequence": 2, "tensor": 1}
-  assert hardware.default_mesh(256, 64, 2048, num_slices=2) == {
+  assert sharding.default_mesh(16, 32, 2048) == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
+  assert sharding.default_mesh(64, 32, 2048) == {"data": 1, "fsdp": 32, "sequence": 2, "tensor": 1}
+  assert sharding.default_mesh(256, 64, 2048, num_slices=2) == {
       "data": 2, "fsdp": 32, "sequence": 4, "tensor": 1}
 
 
