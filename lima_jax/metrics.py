@@ -9,6 +9,7 @@ as one uninterrupted run. TensorBoard event files on gs:// go through google-clo
 
 import json
 import math
+import sys
 import time
 from typing import Any, Mapping
 
@@ -41,6 +42,11 @@ def log(message: str, *args) -> None:
   logging.info(message, *args)
   if jax.process_index() == 0:
     tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} {message % args if args else message}")
+
+
+def info(message: str, *args) -> None:
+  """A detail for the log file only (absl INFO; shown with --verbosity=0), not for the terminal."""
+  logging.info(message, *args)
 
 
 def warn(message: str, *args) -> None:
@@ -112,19 +118,37 @@ class MetricWriter:
 
 
 class ProgressBar:
-  """tqdm over optimizer steps with an ETA, on process 0 only."""
+  """Progress over optimizer steps with an ETA, on process 0 only: a tqdm bar when stderr is a
+  terminal; otherwise (a redirected log) one plain line every `every` steps and at the last."""
 
-  def __init__(self, total_steps: int, initial_step: int):
+  def __init__(self, total_steps: int, initial_step: int, every: int = 1):
     self._bar = None
-    if jax.process_index() == 0:
+    self._total, self._step, self._every = total_steps, initial_step, max(int(every), 1)
+    self._active = jax.process_index() == 0
+    self._start, self._start_step = time.monotonic(), initial_step
+    if self._active and sys.stderr.isatty():
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
                             dynamic_ncols=True, smoothing=0.1)
 
   def update(self, postfix: Mapping[str, str]) -> None:
+    self._step += 1
     if self._bar is not None:
       self._bar.set_postfix(postfix, refresh=False)
       self._bar.update(1)
+    elif self._active and (self._step % self._every == 0 or self._step == self._total):
+      elapsed = time.monotonic() - self._start
+      per_step = elapsed / max(self._step - self._start_step, 1)
+      eta = per_step * (self._total - self._step)
+      fields = ", ".join(f"{k} {v}" for k, v in postfix.items())
+      print(f"{time.strftime('%H:%M:%S')} step {self._step}/{self._total}: {fields}; "
+            f"{per_step:.2f} s/step, ETA {_duration(eta)}", file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
