@@ -17,10 +17,10 @@ import statistics
 import sys
 import time
 
-from lima_jax import hardware
+from lima_jax import process
 
-hardware.default_to_cpu_without_tpu()
-hardware.restart_with_cpu_allocator()
+process.default_to_cpu_without_tpu()
+process.restart_with_cpu_allocator()
 
 import jax  # pylint: disable=wrong-import-position
 

@@ -20,10 +20,10 @@ import statistics
 import sys
 import time
 
-from lima_jax import hardware
+from lima_jax import process
 
-hardware.default_to_cpu_without_tpu(log=True)
-hardware.restart_with_cpu_allocator(log=True)  # Keeps XLA's per-step buffers mapped, as training does.
+process.default_to_cpu_without_tpu(log=True)
+process.restart_with_cpu_allocator(log=True)  # Keeps XLA's per-step buffers mapped, as training does.
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -154,7 +154,7 @@ def main():
       "fraction_of_matmul_per_cpu_second": step_flops / min(cpu_times) / max(per_cpu_before, per_cpu_after),
       "load_average_1min": load,
       "page_faults_per_step": page_faults_per_step,
-      "malloc_env": {k: os.environ.get(k) for k in hardware.CPU_ALLOCATOR_ENV},
+      "malloc_env": {k: os.environ.get(k) for k in process.CPU_ALLOCATOR_ENV},
       "losses": losses,
       "vs_maxtext": {"maxtext_tokens_per_s": MAXTEXT_TOKENS_PER_S,
                      "speedup": tokens / step_s / MAXTEXT_TOKENS_PER_S,

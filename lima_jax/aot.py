@@ -26,7 +26,8 @@ import jax
 from jax.experimental import topologies
 
 from lima_jax import flops as flops_lib
-from lima_jax import hardware
+from lima_jax import chips
+from lima_jax import process
 from lima_jax import lora as lora_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
@@ -34,22 +35,22 @@ from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import train_step
 
-GiB = hardware.GiB
+GiB = chips.GiB
 
 
 @functools.lru_cache(maxsize=None)
 def _topology_devices(topology_name: str, chip_config_name: str, bounds: tuple, num_slices: int,
                       wrap: tuple) -> tuple:
-  hardware.prepare_libtpu_environment()
+  process.prepare_libtpu_environment()
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=topology_name, chip_config_name=chip_config_name,
       chips_per_host_bounds=bounds, num_slices=num_slices, wrap=wrap)
   return tuple(topo.devices)
 
 
-def slice_devices(tpu_slice: hardware.Slice) -> list:
+def slice_devices(tpu_slice: chips.Slice) -> list:
   """Compile-only TPU devices of the slice(s): one per chip."""
-  if not hardware.libtpu_available():
+  if not process.libtpu_available():
     raise RuntimeError("libtpu is not installed: pip install -r requirements-tpu.txt")
   return list(_topology_devices(tpu_slice.topology_name, tpu_slice.chip.chip_config_name,
                                 tpu_slice.chips_per_host_bounds, tpu_slice.num_slices,
@@ -60,7 +61,7 @@ def slice_devices(tpu_slice: hardware.Slice) -> list:
 # Defaults per slice.
 
 
-def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
+def apply_slice_defaults(config, tpu_slice: chips.Slice) -> list[str]:
   """Fills in what the preset leaves to the slice; returns the equivalent command-line flags.
 
   The mesh is chosen only when `config.mesh` is untouched (data=1, fsdp=-1, sequence=1,
@@ -202,15 +203,15 @@ def _advice(config, program: str, needed: int, hbm: int, tpu_slice) -> list[str]
   return tips
 
 
-def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
-                    mfu: float = hardware.DEFAULT_MFU, log_dir: str | None = None,
+def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
+                    mfu: float = chips.DEFAULT_MFU, log_dir: str | None = None,
                     hlo_path: str | None = None) -> dict:
   """Compiles `program` ("train" or "decode") for the slice; returns the report dict.
 
   Raises DoesNotFit (its `.report` filled in) when the compiler or the memory analysis says
   the program needs more than the chip's usable HBM. `hlo_path` saves the optimised HLO.
   """
-  log_dir = hardware.prepare_libtpu_environment(log_dir)
+  log_dir = process.prepare_libtpu_environment(log_dir)
   devices = slice_devices(tpu_slice)
   flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
   mesh = sharding.make_mesh(config.mesh, devices, tpu_slice.num_slices)

@@ -1,4 +1,5 @@
-"""What a user watches during training: `metrics.jsonl`, TensorBoard, a progress bar, log lines.
+"""What a user watches during training: `metrics.jsonl`, TensorBoard, a progress bar, log lines,
+and the peak FLOP/s behind MFU.
 
 Only process 0 writes (every writer here is a no-op elsewhere), so a pod slice produces one
 log. `metrics.jsonl` is rewritten whole and atomically (`paths.write_text_atomic`: temporary
@@ -7,6 +8,7 @@ file + rename locally, one object upload on GCS) rather than appended, because o
 as one uninterrupted run. TensorBoard event files on gs:// go through google-cloud-storage.
 """
 
+import functools
 import json
 import math
 import sys
@@ -14,14 +16,45 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import tqdm
 from absl import logging
 
-from lima_jax import hardware
+from lima_jax import chips
 from lima_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted float32 n^3 matmul on the default device: the CPU's practical peak."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def peak_flops_per_device(device=None, measure_cpu: bool = True) -> float:
+  """Peak FLOP/s of one JAX device, the denominator of MFU.
+
+  TPU: the chip table's bf16 peak. Elsewhere there is no spec sheet to trust, so (with
+  `measure_cpu`) a jitted float32 2048^3 matmul is timed once per process and its rate used;
+  returns 0.0 when unknown.
+  """
+  device = device or jax.devices()[0]
+  if device.platform == "tpu":
+    chip = chips.chip_for_device_kind(device.device_kind)
+    return 0.0 if chip is None else chip.bf16_flops
+  if device.platform == "cpu" and measure_cpu:
+    return _measured_matmul_flops()
+  return 0.0
 
 
 def peak_flops(config_peak: float) -> tuple[float, str]:
@@ -29,7 +62,7 @@ def peak_flops(config_peak: float) -> tuple[float, str]:
   if config_peak and config_peak > 0:
     return float(config_peak), "config.train.peak_flops_per_device"
   device = jax.devices()[0]
-  peak = hardware.peak_flops_per_device(device)
+  peak = peak_flops_per_device(device)
   if device.platform == "tpu":
     return peak, f"chip table ({device.device_kind}, bf16)"
   if device.platform == "cpu":
