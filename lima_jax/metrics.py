@@ -70,6 +70,12 @@ def peak_flops(config_peak: float) -> tuple[float, str]:
   return peak, "unknown (set config.train.peak_flops_per_device)"
 
 
+# The library's one way to say something (training, data, conversion, loading): `log` for a line
+# the user sees, `warn` for one that needs their attention, `info` for the log file only. Each
+# goes to absl's log (so --verbosity and --log_dir work, as for Orbax) and, on process 0, to the
+# terminal above any progress bar. What a command prints as its result stays the command's.
+
+
 def log(message: str, *args) -> None:
   """A line for the user on process 0 (above the progress bar), also in the absl log."""
   logging.info(message, *args)
@@ -86,7 +92,8 @@ def warn(message: str, *args) -> None:
   """A warning every process logs, and process 0 also prints."""
   logging.warning(message, *args)
   if jax.process_index() == 0:
-    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} warning: {message % args if args else message}")
+    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} warning: {message % args if args else message}",
+                    file=sys.stderr)
 
 
 class MetricWriter:
@@ -115,7 +122,7 @@ class MetricWriter:
       self._tb = tensorboardX.SummaryWriter(logdir=str(paths.path(workdir) / TENSORBOARD_DIR),
                                             purge_step=resume_step + 1 if resume_step else None)
     except ImportError as e:  # gs:// event files need google-cloud-storage.
-      logging.warning("TensorBoard events are off (%s); metrics still go to %s", e, self._path)
+      warn("TensorBoard events are off (%s); metrics still go to %s", e, self._path)
 
   def write(self, step: int, scalars: Mapping[str, Any], *, flush: bool = False) -> None:
     """Records scalars for `step` (the number of optimizer steps done)."""

@@ -3,13 +3,13 @@
 import json
 import math
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
 from lima_jax import checkpoint
+from lima_jax import metrics
 from lima_jax import paths
 from lima_jax import safetensors_io
 from lima_jax import tokenizer as tokenizer_lib
@@ -90,8 +90,8 @@ def _special_tokens(ckpt, config_json, config: ModelConfig, blob):
               "pad_token_id": tokenizer.pad_id}
     eot_id = tokenizer.eot_id
     if eot_id >= config.vocab_size:  # A base model converted before its EOT row was added.
-      print(f"warning: {ckpt}: the model has {config.vocab_size} rows, no row for EOT (id "
-            f"{eot_id}); generation_config.json stops at EOS only", file=sys.stderr)
+      metrics.warn("%s: the model has %d rows, no row for EOT (id %d); generation_config.json stops "
+                   "at EOS only", ckpt, config.vocab_size, eot_id)
       eot_id = None
   return tokens, tokenizer, eot_id
 
