@@ -1,10 +1,8 @@
 """A model ready to answer prompts: parameters on the mesh, its tokenizer, its stop ids and prompt layout.
 
-Shared by tools/evaluate.py and tools/chat.py. Two kinds of source:
-
-* a lima_jax checkpoint (training step, workdir or `convert_weights.py hf-to-orbax` output): the
-  tokenizer is the blob stored with it;
-* a Hugging Face directory (config.json + safetensors): the tokenizer files inside it.
+Shared by tools/evaluate.py and tools/chat.py. The path is opened by `lima_jax.source` (a
+Hugging Face directory, a lima_jax checkpoint or workdir, a LoRA checkpoint merged onto its base),
+which also says whether the model's EOT row is trained.
 
 LIMA prompts are `[BOS] + enc(turn 1) + [EOT] + ... + enc(last user turn) + [EOT]`, and the
 answer ends at EOT (or EOS). A base model that was never fine-tuned has no EOT row: its vocabulary

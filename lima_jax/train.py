@@ -1,9 +1,11 @@
 """LIMA fine-tuning: `python -m lima_jax.train --config=configs/lima.py:PRESET --workdir=DIR`.
 
-The run's set-up (tokenizer and data first, so bad input stops it before any compile; the mesh;
-the model config; pretrained weights; the resume point; which checkpoints to keep) and its loop
-(steps, metrics, saves, dev evaluation). The step itself is `lima_jax.train_step`; what differs
-on several hosts, `lima_jax.distributed`.
+`train_and_evaluate` is the run's set-up as a list of single calls (`RunPlan`: what to keep, the
+tokenizer and data first, so bad input stops it before any compile; `Trainer`: the mesh, the
+model config, pretrained weights or the resume point, the compiled step) and then
+`Trainer.run`, the loop of named steps (a step, its metrics, a save when due, the end of an
+epoch with dev evaluation, a stop when asked). The step itself is `lima_jax.train_step`; a model
+on disk, `lima_jax.source`; what differs on several hosts, `lima_jax.distributed`.
 """
 
 import json
