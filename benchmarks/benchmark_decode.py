@@ -34,6 +34,9 @@ from lima_jax import sampling
 
 SMOL = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, mlp_dim=1536,
             tie_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+# --smoke: the same architecture, a few rows of it.
+SMOKE_MODEL = {**SMOL, "vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+               "mlp_dim": 128}
 
 
 def hf_model(cfg: model_lib.ModelConfig, seed: int):
@@ -134,11 +137,14 @@ def main():
   parser.add_argument("--recompute_new_tokens", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=2, help="timed runs (best taken) per figure")
   parser.add_argument("--skip_hf", action="store_true")
-  parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
+  parser.add_argument("--out", "--output", dest="output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results", "decode.json"))
   args = parser.parse_args()
+  if args.smoke:
+    args.new_tokens, args.prompt_len, args.batch_sizes, args.recompute_new_tokens, args.repeats = 4, 8, "2", 4, 1
 
-  cfg = model_lib.ModelConfig(**SMOL)
+  cfg = model_lib.ModelConfig(**(SMOKE_MODEL if args.smoke else SMOL))
   rng = np.random.default_rng(0)
   report = {"command": "python " + " ".join(sys.argv), "model": cfg.to_dict(),
             "params": cfg.num_params(), "dtype": "float32", "decoding": "greedy",

@@ -17,10 +17,10 @@ import statistics
 import sys
 import time
 
-from lima_jax import hardware
+from lima_jax import process
 
-hardware.default_to_cpu_without_tpu()
-hardware.restart_with_cpu_allocator()
+process.default_to_cpu_without_tpu()
+process.restart_with_cpu_allocator()
 
 import jax  # pylint: disable=wrong-import-position
 
@@ -59,8 +59,13 @@ def main():
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results", "lora.json"))
+  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
   args = parser.parse_args()
-  bench_args = argparse.Namespace(seq_len=512, batch_size=4, remat="none", unroll=False, dropout=0.0)
+  bench_args = argparse.Namespace(seq_len=512, batch_size=4, remat="none", unroll=False, dropout=0.0,
+                                  smoke=args.smoke)
+  if args.smoke:
+    args.rank, args.steps, args.warmup = 2, 1, 1
+    bench_args.seq_len, bench_args.batch_size = 32, 2
   config = benchmark_train.reference_config(bench_args)
   full_config = model_lib.ModelConfig.from_dict(config.model)
   lora_config = full_config.replace(
@@ -100,9 +105,9 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   for name, run in runs.items():
     median = statistics.median(run["times"])
-    flops = flops.train_flops(run["model_config"], config.train.batch_size, config.data.max_len)
+    step_flops = flops.train_flops(run["model_config"], config.train.batch_size, config.data.max_len)
     result[name] = {"step_time_s": {"median": median, "all": run["times"]},
-                    "tokens_per_s": tokens / median, "model_flops_per_step": flops["model"],
+                    "tokens_per_s": tokens / median, "model_flops_per_step": step_flops["model"],
                     "memory": run["memory"], "losses": run["losses"],
                     "compile_and_warmup_s": run["compile_and_warmup_s"]}
   full, lora = result["full"], result["lora"]

@@ -20,10 +20,10 @@ import statistics
 import sys
 import time
 
-from lima_jax import hardware
+from lima_jax import process
 
-hardware.default_to_cpu_without_tpu(log=True)
-hardware.restart_with_cpu_allocator(log=True)  # Keeps XLA's per-step buffers mapped, as training does.
+process.default_to_cpu_without_tpu(log=True)
+process.restart_with_cpu_allocator(log=True)  # Keeps XLA's per-step buffers mapped, as training does.
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -47,6 +47,8 @@ def reference_config(args):
       vocab_size=32000, d_model=512, n_layers=8, n_heads=8, head_dim=64, mlp_dim=1408,
       max_seq_len=args.seq_len, dtype="float32", param_dtype="float32",
       remat_policy=args.remat, scan_layers=not args.unroll, residual_dropout=args.dropout))
+  if getattr(args, "smoke", False):  # The smallest run that exercises every line.
+    config.model.update(dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128))
   config.data.max_len = args.seq_len
   config.train.batch_size = args.batch_size
   config.train.micro_batches = 1
@@ -92,7 +94,10 @@ def main():
   parser.add_argument("--unroll", action="store_true", help="scan_layers=False")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results", "train.json"))
+  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
   args = parser.parse_args()
+  if args.smoke:
+    args.steps, args.warmup, args.batch_size, args.seq_len = 1, 1, 2, 32
 
   config = reference_config(args)
   model_config = model_lib.ModelConfig.from_dict(config.model)
@@ -149,7 +154,7 @@ def main():
       "fraction_of_matmul_per_cpu_second": step_flops / min(cpu_times) / max(per_cpu_before, per_cpu_after),
       "load_average_1min": load,
       "page_faults_per_step": page_faults_per_step,
-      "malloc_env": {k: os.environ.get(k) for k in hardware.CPU_ALLOCATOR_ENV},
+      "malloc_env": {k: os.environ.get(k) for k in process.CPU_ALLOCATOR_ENV},
       "losses": losses,
       "vs_maxtext": {"maxtext_tokens_per_s": MAXTEXT_TOKENS_PER_S,
                      "speedup": tokens / step_s / MAXTEXT_TOKENS_PER_S,

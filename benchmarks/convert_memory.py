@@ -129,6 +129,7 @@ MODELS = {
     "small": dict(d_model=1024, n_layers=8, mlp_dim=2816, vocab=32000, heads=16, kv_heads=0),
     "large": dict(d_model=2048, n_layers=16, mlp_dim=5632, vocab=32000, heads=16, kv_heads=0),
 }
+SMOKE_MODEL = dict(d_model=128, n_layers=2, mlp_dim=256, vocab=1024, heads=4, kv_heads=0)
 
 
 def measure(work: pathlib.Path, name: str, shape: dict, baseline_peak: int) -> dict:
@@ -154,9 +155,12 @@ def main():
   parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
   parser.add_argument("--max_shard_size", default="200MB")
   parser.add_argument("--keep", default="", help="work here instead of a deleted temp dir")
+  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
+  parser.add_argument("--out", default=str(RESULTS), help="the JSON file to write")
   args = parser.parse_args()
-  names = [n for n in args.models.split(",") if n]
-  unknown = set(names) - set(MODELS)
+  models = {"smoke": SMOKE_MODEL} if args.smoke else MODELS
+  names = ["smoke"] if args.smoke else [n for n in args.models.split(",") if n]
+  unknown = set(names) - set(models)
   if unknown:
     parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
   common = dict(dtype=args.dtype, max_shard_bytes=safetensors_io.parse_size(args.max_shard_size))
@@ -170,8 +174,8 @@ def main():
     baseline = peak_rss_of(convert_cmd(work / "hf_tiny", work / "ckpt_tiny"))
     base = max(baseline["peak_rss_polled"], baseline["peak_rss_kernel"] or 0)
     runs = {}
-    for name in sorted(names, key=lambda n: list(MODELS).index(n)):
-      runs[name] = measure(work, name, dict(common, **MODELS[name]), base)
+    for name in sorted(names, key=lambda n: list(models).index(n)):
+      runs[name] = measure(work, name, dict(common, **models[name]), base)
       print(f"{name}: {json.dumps(runs[name])}", file=sys.stderr)
 
   result = {
@@ -184,10 +188,10 @@ def main():
                    "peak_rss_sources": {"polled": baseline["peak_rss_polled"],
                                         "kernel_ru_maxrss": baseline["peak_rss_kernel"]}},
       "runs": runs,
-      "forward": forward_throughput(),
+      "forward": forward_throughput(batch=1, seq=32, repeats=1) if args.smoke else forward_throughput(),
   }
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  paths.write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 
 

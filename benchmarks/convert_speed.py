@@ -137,7 +137,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max_shard_size", default="500MB")
   parser.add_argument("--keep", default="", help="work here instead of a deleted temp dir")
+  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
+  parser.add_argument("--out", default=str(RESULTS), help="the JSON file to write")
   args = parser.parse_args()
+  model = convert_memory.SMOKE_MODEL if args.smoke else MODEL
+  if args.smoke:
+    args.repeats = 1
   shard = safetensors_io.parse_size(args.max_shard_size)
 
   with tempfile.TemporaryDirectory(prefix="convert_speed-") as tmp:
@@ -148,7 +153,7 @@ def main():
     convert.hf_to_orbax(work / "tiny_hf", work / "tiny_ckpt")
     convert.orbax_to_hf(work / "tiny_ckpt", work / "tiny_out")
     hf_dir = work / "hf"
-    model_bytes = convert_memory.write_random_hf(hf_dir, dtype=args.dtype, max_shard_bytes=shard, **MODEL)
+    model_bytes = convert_memory.write_random_hf(hf_dir, dtype=args.dtype, max_shard_bytes=shard, **model)
     hf_dir_bytes = _bytes_under(hf_dir)
     runs = {"copy": [], "hf-to-orbax": [], "orbax-to-hf": []}
     ckpt_bytes = 0
@@ -169,7 +174,7 @@ def main():
                "load_average_1m": round(os.getloadavg()[0], 1),
       # The share of time runnable processes waited for a CPU (Linux PSI): how shared it was.
       "cpu_pressure_avg60": _cpu_pressure()},
-      "model": {**MODEL, "dtype": args.dtype, "max_shard_size": args.max_shard_size},
+      "model": {**model, "dtype": args.dtype, "max_shard_size": args.max_shard_size},
       "model_bytes": model_bytes,
       "hf_dir_bytes": hf_dir_bytes,
       "checkpoint_bytes": ckpt_bytes,
@@ -192,8 +197,8 @@ def main():
         "peak_rss_above_runtime_bytes": peak,
         "peak_rss_over_model_bytes": round(peak / model_bytes, 3),
     }
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  paths.write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 
 

@@ -96,8 +96,11 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, nargs="+", default=[64, 22, 16],
                       help="rows per step (padded mode: conversations, LIMA uses 64)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--json", default="", help="also write the results to this file")
+  parser.add_argument("--out", "--json", dest="json", default="", help="also write the results to this file")
+  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
   args = parser.parse_args(argv)
+  if args.smoke:
+    args.max_len, args.batch = 512, [8]
 
   lengths = lima_like_lengths(args.seed)
   examples = synthetic_examples(lengths, args.max_len)

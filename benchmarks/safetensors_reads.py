@@ -101,11 +101,13 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--gib", type=int, default=1, help="shard size in GiB (128 MiB tensors)")
   parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
+  parser.add_argument("--out", default=str(RESULTS), help="the JSON file to write")
   args = parser.parse_args()
   if args.child:
     _measure(args.child[0], args.child[1], int(args.child[2]))
     return
-  n_tensors = 8 * args.gib
+  n_tensors = 1 if args.smoke else 8 * args.gib
   with tempfile.TemporaryDirectory(prefix="safetensors_reads-") as tmp:
     path = pathlib.Path(tmp) / "shard.safetensors"
     _write(path, n_tensors)
@@ -119,8 +121,8 @@ def main():
       result["peak_rss_growth_bytes"][mode] = int(growth)
       result["seconds"][mode] = round(float(seconds), 3)
     result["library_numpy_bfloat16"] = _bfloat16_through_numpy(pathlib.Path(tmp))
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  paths.write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 
 

@@ -16,7 +16,7 @@ _LAZY = {
 
 
 _SUBMODULES = ("checkpoint", "convert", "data", "distributed", "errors", "flops", "inference", "lora",
-               "model", "paths", "records", "sampling", "sharding", "tokenizer", "train", "train_step")
+               "model", "paths", "records", "sampling", "sharding", "source", "tokenizer", "train", "train_step")
 
 
 def __getattr__(name):

@@ -23,13 +23,11 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import mesh_utils
 from jax.experimental import topologies
-from jax.sharding import Mesh
 
 from lima_jax import flops as flops_lib
-from lima_jax import hardware
+from lima_jax import chips
+from lima_jax import process
 from lima_jax import lora as lora_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
@@ -37,48 +35,33 @@ from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import train_step
 
-GiB = hardware.GiB
+GiB = chips.GiB
 
 
 @functools.lru_cache(maxsize=None)
 def _topology_devices(topology_name: str, chip_config_name: str, bounds: tuple, num_slices: int,
                       wrap: tuple) -> tuple:
-  hardware.prepare_libtpu_environment()
+  process.prepare_libtpu_environment()
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=topology_name, chip_config_name=chip_config_name,
       chips_per_host_bounds=bounds, num_slices=num_slices, wrap=wrap)
   return tuple(topo.devices)
 
 
-def slice_devices(tpu_slice: hardware.Slice) -> list:
+def slice_devices(tpu_slice: chips.Slice) -> list:
   """Compile-only TPU devices of the slice(s): one per chip."""
-  if not hardware.libtpu_available():
+  if not process.libtpu_available():
     raise RuntimeError("libtpu is not installed: pip install -r requirements-tpu.txt")
   return list(_topology_devices(tpu_slice.topology_name, tpu_slice.chip.chip_config_name,
                                 tpu_slice.chips_per_host_bounds, tpu_slice.num_slices,
                                 tpu_slice.wrap))
 
 
-def make_mesh(mesh_config, tpu_slice: hardware.Slice, devices):
-  """The training mesh over compile-only devices; the data axis spans slices over DCN."""
-  if tpu_slice.num_slices == 1:
-    return sharding.make_mesh(mesh_config, devices)
-  shape = sharding.mesh_shape(mesh_config, len(devices))
-  data = shape[0]
-  if data % tpu_slice.num_slices:
-    raise ValueError(f"config.mesh.data={data} must be a multiple of --num_slices="
-                     f"{tpu_slice.num_slices}: the data axis is the one that crosses slices")
-  dcn = (tpu_slice.num_slices,) + (1,) * (len(shape) - 1)
-  ici = (data // tpu_slice.num_slices,) + tuple(shape[1:])
-  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-  return Mesh(np.asarray(array), sharding.MESH_AXES)
-
-
 # ---------------------------------------------------------------------------------------------
 # Defaults per slice.
 
 
-def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
+def apply_slice_defaults(config, tpu_slice: chips.Slice) -> list[str]:
   """Fills in what the preset leaves to the slice; returns the equivalent command-line flags.
 
   The mesh is chosen only when `config.mesh` is untouched (data=1, fsdp=-1, sequence=1,
@@ -87,10 +70,10 @@ def apply_slice_defaults(config, tpu_slice: hardware.Slice) -> list[str]:
   """
   flags = []
   batch, seq = int(config.train.batch_size), int(config.data.max_len)
-  chosen = hardware.mesh_for(config.mesh, tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
+  chosen = sharding.mesh_for(config.mesh, tpu_slice.num_devices, batch, seq, tpu_slice.num_slices)
   for axis, size in chosen.items():
     config.mesh[axis] = size
-  flags += [f"--config.mesh.{axis}={int(config.mesh[axis])}" for axis in hardware.DEFAULT_MESH]
+  flags += [f"--config.mesh.{axis}={int(config.mesh[axis])}" for axis in sharding.DEFAULT_MESH]
   if int(config.train.micro_batches) == 1:
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
     model_config = _tpu_model_config(config)
@@ -220,18 +203,18 @@ def _advice(config, program: str, needed: int, hbm: int, tpu_slice) -> list[str]
   return tips
 
 
-def compile_program(config, tpu_slice: hardware.Slice, program: str = "train",
-                    mfu: float = hardware.DEFAULT_MFU, log_dir: str | None = None,
+def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
+                    mfu: float = chips.DEFAULT_MFU, log_dir: str | None = None,
                     hlo_path: str | None = None) -> dict:
   """Compiles `program` ("train" or "decode") for the slice; returns the report dict.
 
   Raises DoesNotFit (its `.report` filled in) when the compiler or the memory analysis says
   the program needs more than the chip's usable HBM. `hlo_path` saves the optimised HLO.
   """
-  log_dir = hardware.prepare_libtpu_environment(log_dir)
+  log_dir = process.prepare_libtpu_environment(log_dir)
   devices = slice_devices(tpu_slice)
   flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
-  mesh = make_mesh(config.mesh, tpu_slice, devices)
+  mesh = sharding.make_mesh(config.mesh, devices, tpu_slice.num_slices)
   hbm = tpu_slice.usable_hbm_bytes()
   report: dict[str, Any] = {
       "program": program, "preset": config.get("preset", ""), "topology": tpu_slice.name,

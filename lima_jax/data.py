@@ -34,7 +34,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-import logging
 import math
 import pathlib
 from typing import Any, Iterator, Mapping, Sequence
@@ -43,10 +42,9 @@ import grain
 import numpy as np
 
 from lima_jax import lima_tfds
+from lima_jax import metrics
 from lima_jax import records
 from lima_jax import tokenizer as tokenizer_lib
-
-_log = logging.getLogger(__name__)
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 
@@ -176,7 +174,7 @@ def tokenize_conversations(conversations: Sequence[records.Conversation], tokeni
     stats.loss_tokens += int(mask[1:].sum())
   stats.examples += len(examples)
   if stats.skipped:
-    _log.warning("%d conversations have nothing to learn from after truncation to %d tokens "
+    metrics.warn("%d conversations have nothing to learn from after truncation to %d tokens "
                  "and are skipped: %s", len(stats.skipped), max_len,
                  ", ".join(stats.skipped[:records.MAX_LISTED]))
   return examples
@@ -489,8 +487,8 @@ def make_train_loader(data_config, tokenizer, *, global_batch_size: int, seed: i
   fingerprint = {"data": _digest(examples, rows), "seed": seed, "global_rows": global_batch_size,
                  "process_index": shard.shard_index, "process_count": shard.shard_count,
                  "worker_count": worker_count, "order": ROW_ORDER}
-  _log.info("train data: %s; %d rows, %d steps per epoch", stats.summary(), len(rows),
-            steps_per_epoch)
+  metrics.info("train data: %s; %d rows, %d steps per epoch", stats.summary(), len(rows),
+               steps_per_epoch)
   return TrainData(dataset, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs,
                    local_rows=local_rows, global_rows=global_batch_size, rows=len(rows),
                    stats=stats, fingerprint=fingerprint, worker_count=worker_count)

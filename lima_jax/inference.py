@@ -1,10 +1,8 @@
 """A model ready to answer prompts: parameters on the mesh, its tokenizer, its stop ids and prompt layout.
 
-Shared by tools/evaluate.py and tools/chat.py. Two kinds of source:
-
-* a lima_jax checkpoint (training step, workdir or `convert_weights.py hf-to-orbax` output): the
-  tokenizer is the blob stored with it;
-* a Hugging Face directory (config.json + safetensors): the tokenizer files inside it.
+Shared by tools/evaluate.py and tools/chat.py. The path is opened by `lima_jax.source` (a
+Hugging Face directory, a lima_jax checkpoint or workdir, a LoRA checkpoint merged onto its base),
+which also says whether the model's EOT row is trained.
 
 LIMA prompts are `[BOS] + enc(turn 1) + [EOT] + ... + enc(last user turn) + [EOT]`, and the
 answer ends at EOT (or EOS). A base model that was never fine-tuned has no EOT row: its vocabulary
@@ -19,17 +17,15 @@ import json
 import os
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh
 
 from lima_jax import checkpoint
-from lima_jax import convert
 from lima_jax import data as data_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import sampling
+from lima_jax import source as source_lib
 from lima_jax import tokenizer as tokenizer_lib
 
 HF_CONFIG = checkpoint.HF_CONFIG
@@ -79,108 +75,42 @@ def _generation_config_eos(path: epath.Path) -> list[int]:
   return [int(e) for e in eos if isinstance(e, int)]
 
 
-def _shardings(config: model_lib.ModelConfig, mesh: Mesh | None):
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda _: device, model_lib.abstract_params(config))
-  return model_lib.param_shardings(config, mesh)
-
-
-def _with_dtype(config: model_lib.ModelConfig, dtype: str | None) -> model_lib.ModelConfig:
-  if not dtype:
-    return config
-  dtype = jnp.dtype(dtype).name
-  return config.replace(param_dtype=dtype, dtype=dtype)
-
-
 def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, tokenizer_path: str | None = None,
                eot: str = tokenizer_lib.DEFAULT_EOT, dtype: str | None = None) -> LoadedModel:
   """Loads parameters (each device reads only its shards) and the tokenizer, and picks stop ids.
 
   `tokenizer_path` overrides the source's tokenizer; `dtype` ("float32", "bfloat16") overrides
-  the parameter and compute dtype (default: the checkpoint's, float32 for Hugging Face).
+  the parameter and compute dtype (default: the checkpoint's, float32 for Hugging Face). Errors
+  name the path, not a flag: the command adds its own.
   """
-  path = paths.path(path)
+  opened = source_lib.open_model(path, dtype=dtype, tokenizer_path=tokenizer_path, eot=eot)
   notes: list[str] = []
-  extra_stops: list[int] = []
-  if checkpoint.is_hf_dir(path):
-    source = "huggingface"
-    config = _with_dtype(convert.HFCheckpoint(path).model_config, dtype or "float32")
-    params, config = convert.load_hf_params(path, _shardings(config, mesh), dtype=config.param_dtype)
-    config = _with_dtype(config, dtype or "float32")
-    tok = tokenizer_lib.load_tokenizer(tokenizer_path or path, eot=eot)
-    extra_stops = _generation_config_eos(path)
-  else:
-    source = "checkpoint"
-    try:
-      ckpt = checkpoint.resolve(path)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"--checkpoint {path}: neither a Hugging Face directory (no {HF_CONFIG}) "
-                              f"nor a lima_jax checkpoint ({e})") from None
-    if ckpt != paths.absolute(path):
-      notes.append(f"using checkpoint {ckpt}")
-    path = ckpt
-    config = _with_dtype(checkpoint.read_model_config(ckpt), dtype)
-    if config.lora is not None:  # LoRA adapters: merged into the base they name.
-      notes.append(f"merged rank-{config.lora.rank} LoRA adapters into {config.lora.base or 'their random base'}")
-      config = config.replace(lora=None)
-      params = convert.load_merged_params(ckpt, _shardings(config, mesh), dtype=config.param_dtype)
-    else:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            model_lib.abstract_params(config), _shardings(config, mesh))
-      params = checkpoint.restore_params(ckpt, target)
-    if tokenizer_path:
-      tok = tokenizer_lib.load_tokenizer(tokenizer_path, eot=eot)
-    else:
-      blob = checkpoint.read_tokenizer_blob(ckpt)
-      if blob is None:
-        raise ValueError(f"{ckpt}: the checkpoint carries no tokenizer; pass --tokenizer "
-                         f"(tokenizer.model, tokenizer.json or their directory)")
-      tok = tokenizer_lib.load_tokenizer_from_blob(blob)
-  vocab = config.vocab_size
-  # Rows past the tokenizer's ids (an embedding padded past it, e.g. 32064 rows for 32000
-  # pieces) are padding: a base model's EOT id lands on one of them, while lima_jax training
-  # (its checkpoints, or their exports, which declare EOT) trained that row as EOT.
-  padded_rows = vocab > tok.vocab_size
-  trained_eot = vocab == tok.vocab_size or (padded_rows and (
-      (path / checkpoint.TRAIN_STATE).is_dir() if source == "checkpoint" else _declares_eot(path, tok)))
-  if vocab < tok.base_vocab_size or (vocab < tok.vocab_size and vocab != tok.base_vocab_size):
-    raise ValueError(
-        f"{path}: the model's vocabulary has {vocab} ids but the tokenizer has {tok.base_vocab_size} "
-        f"(+ EOT = {tok.vocab_size}); pass the model's own tokenizer with --tokenizer")
-  if trained_eot:
-    has_eot = True
-    stops = [tok.eot_id, tok.eos_id]
-  else:
-    has_eot = False
-    stops = [tok.eos_id]
+  if opened.path != paths.absolute(path) and opened.kind != source_lib.HUGGINGFACE:
+    notes.append(f"using checkpoint {opened.path}")
+  if opened.kind == source_lib.LORA:
+    lora = opened.stored_lora
+    notes.append(f"merged rank-{lora.rank} LoRA adapters into {lora.base or 'their random base'}")
+  tok = opened.tokenizer
+  opened.check_vocabulary()
+  config, params = opened.model_config, opened.read_params(mesh)
+  vocab, has_eot = config.vocab_size, opened.eot_trained
+  stops = [tok.eot_id, tok.eos_id] if has_eot else [tok.eos_id]
+  if not has_eot:
     why = ("has no EOT row" if vocab == tok.base_vocab_size else
            f"has a spare, untrained row for EOT (id {tok.eot_id})")
     notes.append(f"the model's vocabulary ({vocab}) {why} (a base model): prompts are the "
                  f"turns joined by blank lines, and answers stop at EOS only (id {tok.eos_id})")
-  if padded_rows:
-    usable = tok.vocab_size if has_eot else tok.base_vocab_size
-    notes.append(f"the model has {vocab} rows for {usable} tokenizer ids: the rest are padding, "
-                 f"never sampled")
-    config, params = sampling.without_padding_rows(config, params, usable, mesh)
-  stops += [e for e in extra_stops if e < vocab]
+  if vocab > tok.vocab_size:
+    notes.append(f"the model has {vocab} rows for {opened.usable_rows} tokenizer ids: the rest are "
+                 f"padding, never sampled")
+    config, params = sampling.without_padding_rows(config, params, opened.usable_rows, mesh)
+  if opened.kind == source_lib.HUGGINGFACE:
+    stops += [e for e in _generation_config_eos(opened.path) if e < vocab]
   stop_ids = tuple(sorted({s for s in stops if s is not None}))
   if not stop_ids:
     notes.append("no stop id (the tokenizer has no EOS): answers run to the token limit")
-  return LoadedModel(config, params, tok, source, str(path), stop_ids, has_eot, notes, mesh)
-
-
-def _declares_eot(path: epath.Path, tok: tokenizer_lib.Tokenizer) -> bool:
-  """True where a Hugging Face directory's tokenizer_config.json names EOT at its id (a lima_jax
-  export of a fine-tuned model), so the row there is trained."""
-  file = path / tokenizer_lib.HF_CONFIG_FILE
-  if not file.is_file():
-    return False
-  try:
-    decoder = json.loads(file.read_text()).get("added_tokens_decoder") or {}
-  except (OSError, json.JSONDecodeError):
-    return False
-  return (decoder.get(str(tok.eot_id)) or {}).get("content") == tok.eot_text
+  kind = "huggingface" if opened.kind == source_lib.HUGGINGFACE else "checkpoint"
+  return LoadedModel(config, params, tok, kind, str(opened.path), stop_ids, has_eot, notes, mesh)
 
 
 def generator_name(path: str | os.PathLike) -> str:

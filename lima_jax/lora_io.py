@@ -1,6 +1,6 @@
 """LoRA adapters as Hugging Face PEFT directories: adapter_config.json + adapter_model.safetensors,
 which `peft.PeftModel.from_pretrained` loads onto the base (with the EOT row, see
-docs/training.md). Reading a LoRA checkpoint merged into its base is `lima_jax.convert.model_readers`.
+docs/training.md). Opening a LoRA checkpoint (or reading it merged into its base) is `lima_jax.source`.
 """
 
 import json
@@ -9,10 +9,10 @@ from typing import Mapping
 import numpy as np
 
 from lima_jax import checkpoint
-from lima_jax import lora as lora_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import safetensors_io
+from lima_jax import source as source_lib
 from lima_jax import tokenizer as tokenizer_lib
 from lima_jax.convert.hf_config import ConversionError
 
@@ -70,14 +70,15 @@ def save_peft(ckpt_dir, peft_dir) -> list[str]:
   renamed at the end. Returns the written file names.
   """
   try:
-    ckpt = checkpoint.resolve(ckpt_dir)
+    opened = source_lib.open_model(ckpt_dir)
   except FileNotFoundError as e:
-    raise ConversionError(str(e)) from e
-  config = checkpoint.read_model_config(ckpt)
-  if config.lora is None:
+    raise ConversionError(f"{ckpt_dir}: {e}") from e
+  ckpt = opened.path
+  if opened.kind != source_lib.LORA:
     raise ConversionError(
         f"{ckpt}: not a LoRA checkpoint (its model_config has no lora section); export a full "
         f"model with orbax-to-hf instead")
+  config = opened.model_config.replace(lora=opened.stored_lora)
   tensors = peft_tensors(config, checkpoint.restore_params(ckpt))
   base = config.lora.base
   base_name = base if base and checkpoint.is_hf_dir(base) else None
@@ -95,9 +96,3 @@ def save_peft(ckpt_dir, peft_dir) -> list[str]:
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(config, base_name), indent=2) + "\n")
     written.append(ADAPTER_CONFIG)
   return written
-
-
-def adapter_bytes(model_config: model_lib.ModelConfig) -> int:
-  """Bytes of a LoRA checkpoint's trainable tree (float32)."""
-  return 4 * lora_lib.num_trainable(model_config)
-

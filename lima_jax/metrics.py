@@ -1,4 +1,5 @@
-"""What a user watches during training: `metrics.jsonl`, TensorBoard, a progress bar, log lines.
+"""What a user watches during training: `metrics.jsonl`, TensorBoard, a progress bar, log lines,
+and the peak FLOP/s behind MFU.
 
 Only process 0 writes (every writer here is a no-op elsewhere), so a pod slice produces one
 log. `metrics.jsonl` is rewritten whole and atomically (`paths.write_text_atomic`: temporary
@@ -7,20 +8,53 @@ file + rename locally, one object upload on GCS) rather than appended, because o
 as one uninterrupted run. TensorBoard event files on gs:// go through google-cloud-storage.
 """
 
+import functools
 import json
 import math
+import sys
 import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import tqdm
 from absl import logging
 
-from lima_jax import hardware
+from lima_jax import chips
 from lima_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted float32 n^3 matmul on the default device: the CPU's practical peak."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def peak_flops_per_device(device=None, measure_cpu: bool = True) -> float:
+  """Peak FLOP/s of one JAX device, the denominator of MFU.
+
+  TPU: the chip table's bf16 peak. Elsewhere there is no spec sheet to trust, so (with
+  `measure_cpu`) a jitted float32 2048^3 matmul is timed once per process and its rate used;
+  returns 0.0 when unknown.
+  """
+  device = device or jax.devices()[0]
+  if device.platform == "tpu":
+    chip = chips.chip_for_device_kind(device.device_kind)
+    return 0.0 if chip is None else chip.bf16_flops
+  if device.platform == "cpu" and measure_cpu:
+    return _measured_matmul_flops()
+  return 0.0
 
 
 def peak_flops(config_peak: float) -> tuple[float, str]:
@@ -28,12 +62,18 @@ def peak_flops(config_peak: float) -> tuple[float, str]:
   if config_peak and config_peak > 0:
     return float(config_peak), "config.train.peak_flops_per_device"
   device = jax.devices()[0]
-  peak = hardware.peak_flops_per_device(device)
+  peak = peak_flops_per_device(device)
   if device.platform == "tpu":
     return peak, f"chip table ({device.device_kind}, bf16)"
   if device.platform == "cpu":
     return peak, "measured: jitted float32 2048^3 matmul on this CPU"
   return peak, "unknown (set config.train.peak_flops_per_device)"
+
+
+# The library's one way to say something (training, data, conversion, loading): `log` for a line
+# the user sees, `warn` for one that needs their attention, `info` for the log file only. Each
+# goes to absl's log (so --verbosity and --log_dir work, as for Orbax) and, on process 0, to the
+# terminal above any progress bar. What a command prints as its result stays the command's.
 
 
 def log(message: str, *args) -> None:
@@ -43,11 +83,17 @@ def log(message: str, *args) -> None:
     tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} {message % args if args else message}")
 
 
+def info(message: str, *args) -> None:
+  """A detail for the log file only (absl INFO; shown with --verbosity=0), not for the terminal."""
+  logging.info(message, *args)
+
+
 def warn(message: str, *args) -> None:
   """A warning every process logs, and process 0 also prints."""
   logging.warning(message, *args)
   if jax.process_index() == 0:
-    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} warning: {message % args if args else message}")
+    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} warning: {message % args if args else message}",
+                    file=sys.stderr)
 
 
 class MetricWriter:
@@ -76,7 +122,7 @@ class MetricWriter:
       self._tb = tensorboardX.SummaryWriter(logdir=str(paths.path(workdir) / TENSORBOARD_DIR),
                                             purge_step=resume_step + 1 if resume_step else None)
     except ImportError as e:  # gs:// event files need google-cloud-storage.
-      logging.warning("TensorBoard events are off (%s); metrics still go to %s", e, self._path)
+      warn("TensorBoard events are off (%s); metrics still go to %s", e, self._path)
 
   def write(self, step: int, scalars: Mapping[str, Any], *, flush: bool = False) -> None:
     """Records scalars for `step` (the number of optimizer steps done)."""
@@ -112,19 +158,37 @@ class MetricWriter:
 
 
 class ProgressBar:
-  """tqdm over optimizer steps with an ETA, on process 0 only."""
+  """Progress over optimizer steps with an ETA, on process 0 only: a tqdm bar when stderr is a
+  terminal; otherwise (a redirected log) one plain line every `every` steps and at the last."""
 
-  def __init__(self, total_steps: int, initial_step: int):
+  def __init__(self, total_steps: int, initial_step: int, every: int = 1):
     self._bar = None
-    if jax.process_index() == 0:
+    self._total, self._step, self._every = total_steps, initial_step, max(int(every), 1)
+    self._active = jax.process_index() == 0
+    self._start, self._start_step = time.monotonic(), initial_step
+    if self._active and sys.stderr.isatty():
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
                             dynamic_ncols=True, smoothing=0.1)
 
   def update(self, postfix: Mapping[str, str]) -> None:
+    self._step += 1
     if self._bar is not None:
       self._bar.set_postfix(postfix, refresh=False)
       self._bar.update(1)
+    elif self._active and (self._step % self._every == 0 or self._step == self._total):
+      elapsed = time.monotonic() - self._start
+      per_step = elapsed / max(self._step - self._start_step, 1)
+      eta = per_step * (self._total - self._step)
+      fields = ", ".join(f"{k} {v}" for k, v in postfix.items())
+      print(f"{time.strftime('%H:%M:%S')} step {self._step}/{self._total}: {fields}; "
+            f"{per_step:.2f} s/step, ETA {_duration(eta)}", file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"

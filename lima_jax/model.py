@@ -307,9 +307,6 @@ class Transformer(nnx.Module):
       return logits
     return jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, attention.MASK_VALUE)
 
-  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-    return init_cache(self.config, batch_size, max_len, dtype)
-
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
   """This model's empty stacked KV cache (layouts: lima_jax.attention)."""

@@ -167,6 +167,24 @@ def sync_tree(directory: PathLike) -> None:
         _fsync(os.path.join(root, name))
 
 
+def _current_umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def make_readable(directory: PathLike) -> None:
+  """Modes of a local tree as `mkdir`/`open` give them under the umask (0755 directories, 0644
+  files by default): a staged directory starts as mkdtemp's 0700 (and mkstemp's 0600 files),
+  which a server running as another user could not read."""
+  mask = _current_umask()
+  for root, _, files in os.walk(directory):
+    os.chmod(root, 0o777 & ~mask)
+    for name in files:
+      with contextlib.suppress(FileNotFoundError):
+        os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def _fsync(local_path: str) -> None:
   """fsync of one local file or directory, by path."""
   fd = os.open(local_path, os.O_RDONLY)
@@ -250,6 +268,7 @@ def staged_directory(destination: PathLike, *, fresh: bool = False,
   inner = tmp / f"staged-{uuid.uuid4().hex[:8]}" if fresh else tmp
   try:
     yield inner
+    make_readable(inner)
     sync_tree(inner)  # What the rename publishes is on disk: a crash cannot leave it half-written.
     os.rename(inner, dest)
     if fresh:

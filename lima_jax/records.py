@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Mapping, Sequence
 
 from lima_jax import errors
+from lima_jax import metrics
 from lima_jax import paths as paths_lib
 
-_log = logging.getLogger(__name__)
 # Kinds of file, which decide what a valid line is.
 TRAIN = "train"  # Conversations with replies to learn from: [user, assistant, ...], even length.
 PROMPTS = "prompts"  # Generation inputs: one or more turns ending on a user turn.
@@ -204,7 +203,7 @@ def read_jsonl(path: str | os.PathLike[str], *, kind: str = TRAIN, skip_bad_line
       if not skip_bad_lines:
         raise DataError(path, line_number, str(e)) from None
       bad.append(BadLine(path, line_number, str(e)))
-      _log.warning("skipping bad line %s", bad[-1])
+      metrics.warn("skipping bad line %s", bad[-1])
       continue
     conversations.append(Conversation(turns, source, path, line_number, extra))
   if not conversations:

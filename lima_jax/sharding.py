@@ -55,16 +55,77 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
   return tuple(sizes)
 
 
-def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over `devices` (default: all) shaped by the config, laid out for the interconnect."""
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              num_slices: int | None = None) -> Mesh:
+  """The one mesh builder (training, evaluation, chat, AOT compiles): `devices` (default all)
+  shaped by the config and laid out for the interconnect. Across several TPU slices
+  (`num_slices`, default: counted from the devices) the data axis is the one that spans them,
+  over the data-center network."""
   devices = list(jax.devices() if devices is None else devices)
+  num_slices = num_slices or len({getattr(d, "slice_index", 0) for d in devices})
   shape = mesh_shape(mesh_config, len(devices))
+  if num_slices > 1:
+    if shape[0] % num_slices:
+      raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of the {num_slices} slices: "
+                       f"the data axis is the one that crosses slices")
+    ici = (shape[0] // num_slices,) + tuple(shape[1:])
+    dcn = (num_slices,) + (1,) * (len(shape) - 1)
+    device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    return Mesh(np.asarray(device_array), MESH_AXES)
   try:
     device_array = mesh_utils.create_device_mesh(
         shape, devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)
+
+
+# The `mesh` section a preset leaves to the slice: see `mesh_for`.
+DEFAULT_MESH = {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
+
+
+def default_mesh(num_devices: int, batch_size: int, seq_len: int, num_slices: int = 1) -> dict:
+  """Mesh axis sizes for `num_devices` that keep every device busy on a `batch_size` batch.
+
+  Fully sharded data parallelism over as many devices as there are rows (each device holds
+  1/fsdp of the state and computes its own rows); one replica per slice across the data-center
+  network (`data` = num_slices); where a slice has more devices than rows, the rest split each
+  row's tokens (`sequence`) when the length allows 128-token pieces, else the heads (`tensor`).
+  Plain FSDP would instead leave the batch unsplit there, every device repeating the whole
+  batch's activations (MaxText refuses such a mesh outright).
+  """
+  if num_devices % num_slices:
+    raise ValueError(f"{num_devices} devices do not split into {num_slices} slices")
+  per_slice = num_devices // num_slices
+  rows = batch_size // num_slices if batch_size % num_slices == 0 else batch_size
+  fsdp = math.gcd(per_slice, max(rows, 1))
+  rest = per_slice // fsdp
+  mesh = {"data": num_slices, "fsdp": fsdp, "sequence": 1, "tensor": 1}
+  if rest > 1:
+    mesh["sequence" if seq_len % (rest * 128) == 0 else "tensor"] = rest
+  return mesh
+
+
+def mesh_for(mesh_config, num_devices: int, batch_size: int, seq_len: int,
+             num_slices: int = 1) -> dict:
+  """The mesh to use: `mesh_config` as given, unless it is the untouched default, then `default_mesh`.
+
+  Training and the AOT compiler both call this, so the mesh compiled is the mesh trained.
+  """
+  given = {axis: int(mesh_config.get(axis, 1)) for axis in DEFAULT_MESH}
+  if given != DEFAULT_MESH:
+    return given
+  return default_mesh(num_devices, batch_size, seq_len, num_slices)
+
+
+def training_mesh(config, devices: Sequence[jax.Device] | None = None, num_slices: int | None = None) -> Mesh:
+  """A run's mesh: `config.mesh` as given, or (left at its default) the one `mesh_for` picks for
+  the batch, which is also the mesh `tools/aot_compile.py` compiles."""
+  devices = list(jax.devices() if devices is None else devices)
+  num_slices = num_slices or len({getattr(d, "slice_index", 0) for d in devices})
+  sizes = mesh_for(config.mesh, len(devices), int(config.train.batch_size), int(config.data.max_len),
+                   num_slices)
+  return make_mesh(sizes, devices, num_slices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None,

@@ -1,9 +1,11 @@
 """LIMA fine-tuning: `python -m lima_jax.train --config=configs/lima.py:PRESET --workdir=DIR`.
 
-The run's set-up (tokenizer and data first, so bad input stops it before any compile; the mesh;
-the model config; pretrained weights; the resume point; which checkpoints to keep) and its loop
-(steps, metrics, saves, dev evaluation). The step itself is `lima_jax.train_step`; what differs
-on several hosts, `lima_jax.distributed`.
+`train_and_evaluate` is the run's set-up as a list of single calls (`RunPlan`: what to keep, the
+tokenizer and data first, so bad input stops it before any compile; `Trainer`: the mesh, the
+model config, pretrained weights or the resume point, the compiled step) and then
+`Trainer.run`, the loop of named steps (a step, its metrics, a save when due, the end of an
+epoch with dev evaluation, a stop when asked). The step itself is `lima_jax.train_step`; a model
+on disk, `lima_jax.source`; what differs on several hosts, `lima_jax.distributed`.
 """
 
 import json
@@ -15,24 +17,20 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from absl import flags
-from absl import logging
-from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 
 from lima_jax import checkpoint as ckpt_lib
-from lima_jax import convert
 from lima_jax import data as data_lib
 from lima_jax import distributed
 from lima_jax import errors
 from lima_jax import flops as flops_lib
-from lima_jax import hardware
 from lima_jax import lora as lora_lib
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import sharding
-from lima_jax import tokenizer as tokenizer_lib
+from lima_jax import source as source_lib
 from lima_jax import train_step
 
 
@@ -41,13 +39,20 @@ def load_run_tokenizer(config):
   init_from = config.model.init_from
   if config.data.tokenizer_path or not init_from:
     return data_lib.tokenizer_from_config(config.data)
-  if ckpt_lib.is_hf_dir(init_from):
-    return tokenizer_lib.load_tokenizer(init_from, eot=config.data.eot_token)
-  blob = ckpt_lib.read_tokenizer_blob(init_from)
-  if blob is None:
+  try:
+    return open_init_from(config).tokenizer
+  except ValueError as e:  # A checkpoint that carries no tokenizer.
     raise FileNotFoundError(f"model.init_from={init_from} carries no tokenizer; set "
-                            f"--config.data.tokenizer_path")
-  return tokenizer_lib.load_tokenizer_from_blob(blob)
+                            f"--config.data.tokenizer_path") from e
+
+
+def open_init_from(config, tokenizer=None) -> source_lib.ModelSource:
+  """`model.init_from`, opened (no weights read yet); `tokenizer` overrides its own."""
+  init_from = config.model.init_from
+  try:
+    return source_lib.open_model(init_from, tokenizer=tokenizer, eot=config.data.eot_token)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"model.init_from={init_from}: {e}") from None
 
 
 class RunData:
@@ -72,27 +77,6 @@ class RunData:
       raise errors.InputError(str(e)) from e
 
 
-def run_mesh(config, devices=None) -> Mesh:
-  """The training mesh: `config.mesh` as given, or (left at its default) the one that
-  `hardware.mesh_for` picks for the batch, which is also the mesh `tools/aot_compile.py`
-  compiles. Across several TPU slices the data axis spans the slices (data-center network).
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  sizes = hardware.mesh_for(config.mesh, len(devices), int(config.train.batch_size),
-                            int(config.data.max_len), num_slices)
-  if num_slices == 1:
-    return sharding.make_mesh(sizes, devices)
-  shape = sharding.mesh_shape(sizes, len(devices))
-  if shape[0] % num_slices:
-    raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of the {num_slices} slices: "
-                     f"the data axis is the one that crosses slices")
-  ici = (shape[0] // num_slices,) + tuple(shape[1:])
-  dcn = (num_slices,) + (1,) * (len(shape) - 1)
-  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-  return Mesh(np.asarray(array), sharding.MESH_AXES)
-
-
 def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   """`config.model` with the vocabulary of the run's tokenizer, or a pretrained model's shapes.
 
@@ -104,8 +88,7 @@ def build_model_config(config, tokenizer) -> model_lib.ModelConfig:
   fields = dict(config.model)
   init_from = config.model.init_from
   if init_from:
-    base = (convert.hf_config_to_model_config(init_from) if ckpt_lib.is_hf_dir(init_from)
-            else lora_lib.base_config(ckpt_lib.read_model_config(init_from)))
+    base = open_init_from(config, tokenizer).model_config
     runtime = ("param_dtype", "dtype", "scan_layers", "remat_policy", "residual_dropout", "attention")
     fields = {**base.to_dict(), **{k: fields[k] for k in runtime}}
     fields["vocab_size"] = max(base.vocab_size, tokenizer.vocab_size)
@@ -140,79 +123,20 @@ def _absolute(path: str) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
-def _declares_eot(init_from: str, tokenizer) -> bool:
-  """True where a Hugging Face directory's tokenizer_config.json names the EOT text at its id,
-  as a lima_jax export (tools/convert_weights.py orbax-to-hf) writes it: the row is trained."""
-  config_file = paths.path(init_from) / tokenizer_lib.HF_CONFIG_FILE
-  if not config_file.is_file():
-    return False
-  try:
-    decoder = json.loads(config_file.read_text()).get("added_tokens_decoder") or {}
-  except (OSError, ValueError):
-    return False
-  entry = decoder.get(str(tokenizer.eot_id)) or {}
-  return entry.get("content") == tokenizer.eot_text
-
-
-def needs_fresh_eot_row(init_from: str, base_vocab_size: int, tokenizer) -> bool:
-  """True where the pretrained rows already cover the EOT id but none of them is EOT's own.
-
-  Models that pad their embedding past the tokenizer (e.g. 32064 rows for 32000 pieces) put
-  EOT's id (the tokenizer's size) on a padding row. A lima_jax training checkpoint, or a model
-  whose rows end exactly at EOT, or an export that declares EOT, already trained that row.
-  """
-  eot = tokenizer.eot_id
-  if base_vocab_size <= eot or base_vocab_size == tokenizer.vocab_size:
-    return False
-  if ckpt_lib.is_hf_dir(init_from):
-    return not _declares_eot(init_from, tokenizer)
-  return not (ckpt_lib.resolve(init_from) / ckpt_lib.TRAIN_STATE).is_dir()
-
-
 def load_pretrained_params(config, model_config: model_lib.ModelConfig, mesh: Mesh, tokenizer=None):
-  """Pretrained weights read straight into their shards, with a row for EOT at the mean.
-
-  EOT gets a fresh row: appended where the embedding ends before its id, or, where the
-  embedding is padded past the tokenizer (`needs_fresh_eot_row`; needs `tokenizer`), the
-  padding row at its id overwritten with the mean of the tokenizer's rows.
-  """
-  init_from = config.model.init_from
-  if ckpt_lib.is_hf_dir(init_from):
-    base = convert.hf_config_to_model_config(init_from)
-  else:
-    base = ckpt_lib.read_model_config(init_from)
-  saved_lora = base.lora
-  base = lora_lib.base_config(base).replace(param_dtype=model_config.param_dtype)
-  base_shards = model_lib.param_shardings(base, mesh)
-  if ckpt_lib.is_hf_dir(init_from):
-    params, _ = convert.load_hf_params(init_from, base_shards, dtype=model_config.param_dtype)
-  elif saved_lora is not None:  # An adapter checkpoint: its base with the adapters merged in.
-    params = convert.load_merged_params(init_from, base_shards, dtype=model_config.param_dtype)
-  else:
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          model_lib.abstract_params(base), base_shards)
-    params = ckpt_lib.restore_params(init_from, target)
-  if base.vocab_size == model_config.vocab_size:
-    if tokenizer is None or not needs_fresh_eot_row(init_from, base.vocab_size, tokenizer):
-      return params
-    metrics_lib.log("model.init_from has %d rows for %d tokenizer ids: EOT (id %d) gets a fresh row at the "
-         "mean of the first %d, over the padding row there", base.vocab_size, tokenizer.vocab_size,
-         tokenizer.eot_id, tokenizer.base_vocab_size)
-    fresh = lambda p: convert.set_rows_to_mean(p, (tokenizer.eot_id,), tokenizer.base_vocab_size)
-    return jax.jit(fresh, out_shardings=model_lib.param_shardings(lora_lib.base_config(model_config), mesh),
-                   donate_argnums=0)(params)
-  grow = lambda p: convert.add_eot_row(p, base, model_config.vocab_size)[0]
-  out_shards = model_lib.param_shardings(lora_lib.base_config(model_config), mesh)
-  return jax.jit(grow, out_shardings=out_shards, donate_argnums=0)(params)
+  """`model.init_from`'s weights read straight into their shards, with a row for EOT at the mean
+  (`source.ModelSource.read_params_for_training`); `tokenizer` defaults to the run's."""
+  opened = open_init_from(config, tokenizer or load_run_tokenizer(config))
+  return opened.read_params_for_training(model_config, mesh)
 
 
-def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh):
+def _lora_base(config, model_config: model_lib.ModelConfig, mesh: Mesh, tokenizer):
   """A LoRA run's frozen base, re-read on resume (the checkpoints hold only the adapters); None
   for full fine-tuning."""
   if not lora_lib.enabled(model_config):
     return None
   if config.model.init_from:
-    return load_pretrained_params(config, model_config, mesh)
+    return load_pretrained_params(config, model_config, mesh, tokenizer)
   base = lora_lib.base_config(model_config)
   return jax.jit(lambda: model_lib.lora_base_params(model_config, model_config.lora.base_seed),
                  out_shardings=model_lib.param_shardings(base, mesh))()
@@ -341,7 +265,7 @@ def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
   rng = np.asarray(meta["rng"], train_step.key_data_struct().dtype)
   state = train_step.TrainState(step=_host_array(np.int32(meta["step"]), rep), params=params,
                      opt_state=opt_state, rng=_host_array(rng, rep),
-                     frozen=_lora_base(config, model_config, mesh))
+                     frozen=_lora_base(config, model_config, mesh, run_data.tokenizer))
   run_data.train.set_state(meta["data"])
   differences = _config_differences(meta.get("config", {}), _json_config(config))
   metrics_lib.log("resumed from %s at step %d", manager.directory / str(step), meta["step"])
@@ -359,169 +283,227 @@ def _with_step_counts(opt_state, step: int):
   return jax.tree_util.tree_map_with_path(set_count, opt_state)
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the job in `workdir`; returns a summary (final step, losses, why it ended)."""
+class RunPlan:
+  """What the run will do, settled before any compile: what to keep, its data, its length."""
 
+  def __init__(self, config):
+    self.keep_opt = str(config.train.get("keep_optimizer_state", "latest"))
+    if self.keep_opt not in ckpt_lib.KEEP_OPTIMIZER_STATE:
+      raise errors.InputError(f"train.keep_optimizer_state={self.keep_opt!r}; expected one of "
+                              f"{', '.join(ckpt_lib.KEEP_OPTIMIZER_STATE)}")
+    self.keep_epochs = parse_epochs(config.train.get("keep_epochs", ""))
+    self.data = RunData(config)  # Bad data stops the run here, before any compile or weight load.
+    self.steps_per_epoch = self.data.train.steps_per_epoch
+    self.total_steps = int(config.train.epochs) * self.steps_per_epoch
+    if config.train.max_steps:
+      self.total_steps = min(self.total_steps, int(config.train.max_steps))
+    metrics_lib.log("data: %s", self.data.train.stats.summary())
+    metrics_lib.log("%d steps per epoch, %d epochs, %d optimizer steps of %d conversations",
+                    self.steps_per_epoch, config.train.epochs, self.total_steps, config.train.batch_size)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the job in `workdir`; returns a summary (final step, losses, why it ended).
+
+  Set-up is a list of single calls (each may stop the run in one line), then the loop.
+  """
   workdir = paths.path(workdir)
   distributed.set_resume_hint(workdir=str(workdir))
   distributed.maybe_initialize_distributed(config)
-  keep_opt = str(config.train.get("keep_optimizer_state", "latest"))
-  if keep_opt not in ckpt_lib.KEEP_OPTIMIZER_STATE:
-    raise errors.InputError(f"train.keep_optimizer_state={keep_opt!r}; expected one of "
-                      f"{', '.join(ckpt_lib.KEEP_OPTIMIZER_STATE)}")
-  keep_epochs = parse_epochs(config.train.get("keep_epochs", ""))
-  run_data = RunData(config)  # Bad data stops the run here, before any compile or weight load.
-  steps_per_epoch = run_data.train.steps_per_epoch
-  total_steps = int(config.train.epochs) * steps_per_epoch
-  if config.train.max_steps:
-    total_steps = min(total_steps, int(config.train.max_steps))
-  metrics_lib.log("data: %s", run_data.train.stats.summary())
-  metrics_lib.log("%d steps per epoch, %d epochs, %d optimizer steps of %d conversations", steps_per_epoch,
-       config.train.epochs, total_steps, config.train.batch_size)
-  done = finished_step(workdir, total_steps)
+  plan = RunPlan(config)
+  done = finished_step(workdir, plan.total_steps)
   if done is not None:
     metrics_lib.log("already finished: %s holds step %d of %d; nothing to do (another --workdir starts a "
-         "new run)", workdir / ckpt_lib.CHECKPOINTS_SUBDIR, done, total_steps)
-    return {"start_step": done, "total_steps": total_steps, "losses": [], "final_step": done,
+                    "new run)", workdir / ckpt_lib.CHECKPOINTS_SUBDIR, done, plan.total_steps)
+    return {"start_step": done, "total_steps": plan.total_steps, "losses": [], "final_step": done,
             "ended": "finished"}
+  trainer = Trainer(config, workdir, plan)
+  trainer.compile()
+  return trainer.run()
 
-  mesh = run_mesh(config)
-  model_config = build_model_config(config, run_data.tokenizer)
-  metrics_lib.log("mesh %s over %d devices (%d processes); model %.1fM parameters",
-       dict(mesh.shape), mesh.size, jax.process_count(), model_config.num_params() / 1e6)
-  if lora_lib.enabled(model_config):
-    metrics_lib.log("LoRA rank %d on %s: %.2fM trainable parameters, base frozen in %s (%s)",
-         model_config.lora.rank, ",".join(model_config.lora.targets),
-         lora_lib.num_trainable(model_config) / 1e6, model_config.param_dtype,
-         model_config.lora.base or f"random init, seed {model_config.lora.base_seed}")
-  step_fn, shards, b_shards = train_step.make_train_step(config, model_config, mesh, total_steps)
-  batch_spec = next(iter(b_shards.values())).spec
-  eval_step = train_step.make_eval_step(model_config, mesh, model_lib.param_shardings(model_config, mesh), b_shards)
 
-  manager = ckpt_lib.checkpoint_manager(workdir, keep=int(config.train.keep_checkpoints))
-  state = resume_state(config, model_config, mesh, manager, run_data, total_steps)
-  if state is None:
-    params = (load_pretrained_params(config, model_config, mesh, run_data.tokenizer)
+class Trainer:
+  """One run's mesh, model, programs, checkpoints and metrics, and its loop of named steps."""
+
+  def __init__(self, config, workdir, plan: RunPlan):
+    self.config, self.workdir, self.plan, self.data = config, workdir, plan, plan.data
+    self.mesh = sharding.training_mesh(config)
+    self.model_config = build_model_config(config, self.data.tokenizer)
+    self._log_model()
+    self.step_fn, _, b_shards = train_step.make_train_step(config, self.model_config, self.mesh,
+                                                          plan.total_steps)
+    self.batch_spec = next(iter(b_shards.values())).spec
+    self.eval_step = train_step.make_eval_step(
+        self.model_config, self.mesh, model_lib.param_shardings(self.model_config, self.mesh), b_shards)
+    self.manager = ckpt_lib.checkpoint_manager(workdir, keep=int(config.train.keep_checkpoints))
+    self.state = self._initial_state()
+    self.step = self.start_step = int(jax.device_get(self.state.step))
+    self.writer = metrics_lib.MetricWriter(workdir, resume_step=self.start_step)
+    self.peak, peak_source = metrics_lib.peak_flops(float(config.train.peak_flops_per_device))
+    metrics_lib.log("peak FLOP/s per device for MFU: %.3g (%s)", self.peak, peak_source)
+    self.summary: dict[str, Any] = {"start_step": self.start_step, "total_steps": plan.total_steps,
+                                    "losses": []}
+    self.compiled_step = None
+    self.epoch_tokens = [0.0, 0.0]  # Non-pad tokens and all positions of the epoch's batches so far.
+    self.stop = distributed.StopSignal()  # From here on, a preemption stops at the next step.
+
+  def _log_model(self) -> None:
+    mc = self.model_config
+    metrics_lib.log("mesh %s over %d devices (%d processes); model %.1fM parameters",
+                    dict(self.mesh.shape), self.mesh.size, jax.process_count(), mc.num_params() / 1e6)
+    if lora_lib.enabled(mc):
+      metrics_lib.log("LoRA rank %d on %s: %.2fM trainable parameters, base frozen in %s (%s)",
+                      mc.lora.rank, ",".join(mc.lora.targets), lora_lib.num_trainable(mc) / 1e6,
+                      mc.param_dtype, mc.lora.base or f"random init, seed {mc.lora.base_seed}")
+
+  def _initial_state(self) -> train_step.TrainState:
+    """The workdir's resume point, else a fresh state (from `model.init_from` when set)."""
+    config, mc, mesh = self.config, self.model_config, self.mesh
+    state = resume_state(config, mc, mesh, self.manager, self.data, self.plan.total_steps)
+    if state is not None:
+      return state
+    params = (load_pretrained_params(config, mc, mesh, self.data.tokenizer)
               if config.model.init_from else None)
-    state = train_step.init_train_state(config, model_config, mesh, int(config.train.seed), params, total_steps)
-  start_step = int(jax.device_get(state.step))
+    return train_step.init_train_state(config, mc, mesh, int(config.train.seed), params,
+                                       self.plan.total_steps)
 
-  def prune() -> None:
-    """Drops what no committed newer step needs: the optimizer state of older steps (by
-    default), and the steps `train.keep_epochs` leaves out. Runs with no save in flight."""
-    if keep_opt == "latest":
-      pruned = ckpt_lib.prune_optimizer_state(manager)
-      if pruned:
-        logging.info("deleted opt_state/ of steps %s (train.keep_optimizer_state=latest)", pruned)
-    for step in superseded_steps(ckpt_lib.finished_steps(manager), keep_epochs, steps_per_epoch):
-      manager.delete(step)  # Every process calls it (Orbax syncs them); process 0 deletes.
-      logging.info("deleted checkpoint %d (not an epoch in train.keep_epochs)", step)
+  def compile(self) -> None:
+    start = time.perf_counter()
+    self.compiled_step = self.step_fn.lower(self.state, train_step.abstract_batch(self.config, self.mesh)).compile()
+    metrics_lib.log("compiled the train step in %.1f s", time.perf_counter() - start)
+    distributed.wait_for_all_processes("train_step_compiled")
 
-  def save(step: int) -> None:
-    meta = {"step": step, "epoch": step / steps_per_epoch,
-            "rng": np.asarray(jax.device_get(state.rng)).tolist(),
-            "data": run_data.train.get_state(), "config": _json_config(config),
-            "total_steps": total_steps, "mesh": dict(mesh.shape)}
+  def run(self) -> dict[str, Any]:
+    """The loop: a step, its metrics, a save when due, the end of an epoch, a stop when asked."""
+    bar = metrics_lib.ProgressBar(self.plan.total_steps, self.start_step,
+                                  every=int(self.config.train.log_every_steps))
+    ended, self.last_time = "finished", time.perf_counter()
+    try:
+      while self.step < self.plan.total_steps:
+        epoch, step_metrics = self.train_step()
+        self.record(step_metrics)
+        bar.update({"epoch": f"{epoch + 1}", "loss": f"{float(step_metrics['loss']):.4f}",
+                    "lr": f"{float(step_metrics['lr']):.2e}"})
+        preempted = self.stop.should_stop(self.step)
+        stopping = preempted or self.step == int(self.config.train.get("stop_at_step", 0))
+        if self.checkpoint_due(stopping):
+          self.writer.flush()  # metrics.jsonl covers every step a resume from this checkpoint keeps.
+          self.save()
+        if self.step % self.plan.steps_per_epoch == 0:
+          self.end_epoch(evaluate=not preempted)  # A preempted host has seconds left: only the save counts.
+        if stopping:
+          ended = "stopped"
+          break
+    finally:
+      bar.close()
+      self.close()
+      self.stop.restore()
+    self.summary.update(final_step=self.step, ended=ended, state=self.state, model_config=self.model_config)
+    metrics_lib.log("%s at step %d of %d; checkpoints in %s", ended, self.step, self.plan.total_steps,
+                    self.manager.directory)
+    return self.summary
+
+  def train_step(self) -> tuple[int, dict]:
+    """One optimizer step on the next batch; returns (its epoch, its metrics on the host)."""
+    epoch, local_batch = next(self.data.train)
+    batch = data_lib.to_global_batch(local_batch, self.mesh, self.batch_spec)
+    try:
+      self.state, step_metrics = self.compiled_step(self.state, batch)
+      step_metrics = jax.device_get(step_metrics)
+    except jax.errors.JaxRuntimeError as e:
+      if jax.process_count() > 1 and distributed.looks_like_lost_peer(e):
+        distributed.peer_lost(str(e))
+      raise
+    self.step += 1
+    return epoch, step_metrics
+
+  def record(self, step_metrics) -> None:
+    """The step's loss in the summary; every `train.log_every_steps` (and last) its metrics line."""
+    now = time.perf_counter()
+    step_time, self.last_time = now - self.last_time, now
+    batch_size, max_len = int(self.config.train.batch_size), int(self.config.data.max_len)
+    loss, tokens = float(step_metrics["loss"]), float(step_metrics["tokens"])
+    self.summary["losses"].append(loss)
+    self.epoch_tokens = [self.epoch_tokens[0] + tokens, self.epoch_tokens[1] + batch_size * max_len]
+    if self.step % int(self.config.train.log_every_steps) and self.step != self.plan.total_steps:
+      return
+    # MFU and tokens/s count only real tokens (and attention within each real sequence); HFU
+    # counts the padded program the chips run.
+    flops = flops_lib.train_flops(self.model_config, batch_size, max_len, tokens=tokens,
+                                  attended=float(step_metrics["attended"]))
+    chips_peak = self.peak * self.mesh.size
+    self.writer.write(self.step, {
+        "loss": loss, "lr": step_metrics["lr"], "grad_norm": step_metrics["grad_norm"],
+        "epoch": self.step / self.plan.steps_per_epoch, "step_time_s": step_time,
+        "tokens_per_s": tokens / step_time, "padding_share": 1.0 - tokens / (batch_size * max_len),
+        "mfu": flops["model"] / step_time / chips_peak if self.peak else 0.0,
+        "hfu": flops["hardware"] / step_time / chips_peak if self.peak else 0.0})
+
+  def checkpoint_due(self, stopping: bool) -> bool:
+    """At an epoch's end, every `train.checkpoint_every_steps`, when stopping, and at the end."""
+    every = int(self.config.train.checkpoint_every_steps)
+    return (self.step % self.plan.steps_per_epoch == 0 or (every > 0 and self.step % every == 0)
+            or stopping or self.step == self.plan.total_steps)
+
+  def save(self) -> None:
+    step = self.step
+    meta = {"step": step, "epoch": step / self.plan.steps_per_epoch,
+            "rng": np.asarray(jax.device_get(self.state.rng)).tolist(),
+            "data": self.data.train.get_state(), "config": _json_config(self.config),
+            "total_steps": self.plan.total_steps, "mesh": dict(self.mesh.shape)}
     # Orbax would wait for the previous save here anyway; once it is committed, the state
     # before it is no longer needed to resume.
-    manager.wait_until_finished()
-    prune()
-    if ckpt_lib.save_training(manager, step, params=state.params, opt_state=state.opt_state,
-                              model_config=model_config, tokenizer_blob=run_data.tokenizer.to_blob(),
+    self.manager.wait_until_finished()
+    self.prune()
+    if ckpt_lib.save_training(self.manager, step, params=self.state.params, opt_state=self.state.opt_state,
+                              model_config=self.model_config, tokenizer_blob=self.data.tokenizer.to_blob(),
                               train_state=meta):
       distributed.set_resume_hint(saved_step=step)
-      metrics_lib.log("saving checkpoint %s", manager.directory / str(step))
+      metrics_lib.log("saving checkpoint %s", self.manager.directory / str(step))
 
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
-  peak, peak_source = metrics_lib.peak_flops(float(config.train.peak_flops_per_device))
-  metrics_lib.log("peak FLOP/s per device for MFU: %.3g (%s)", peak, peak_source)
-  batch_size, max_len = int(config.train.batch_size), int(config.data.max_len)
-  stop = distributed.StopSignal()
-  bar = metrics_lib.ProgressBar(total_steps, start_step)
-  summary: dict[str, Any] = {"start_step": start_step, "total_steps": total_steps, "losses": []}
-  ended = "finished"
-  compile_start = time.perf_counter()
-  compiled_step = step_fn.lower(state, train_step.abstract_batch(config, mesh)).compile()
-  metrics_lib.log("compiled the train step in %.1f s", time.perf_counter() - compile_start)
-  distributed.wait_for_all_processes("train_step_compiled")
-  last = time.perf_counter()
-  epoch_tokens = [0.0, 0.0]  # Non-pad tokens and all positions of the epoch's batches so far.
-  try:
-    step = start_step
-    while step < total_steps:
-      epoch, local_batch = next(run_data.train)
-      batch = data_lib.to_global_batch(local_batch, mesh, batch_spec)
-      try:
-        state, step_metrics = compiled_step(state, batch)
-        step_metrics = jax.device_get(step_metrics)
-      except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() > 1 and distributed.looks_like_lost_peer(e):
-          distributed.peer_lost(str(e))
-        raise
-      step += 1
-      now = time.perf_counter()
-      step_time, last = now - last, now
-      loss = float(step_metrics["loss"])
-      summary["losses"].append(loss)
-      tokens = float(step_metrics["tokens"])
-      epoch_tokens = [epoch_tokens[0] + tokens, epoch_tokens[1] + batch_size * max_len]
-      if step % int(config.train.log_every_steps) == 0 or step == total_steps:
-        # MFU and tokens/s count only real tokens (and attention within each real sequence);
-        # HFU counts the padded program the chips run.
-        flops = flops_lib.train_flops(model_config, batch_size, max_len, tokens=tokens,
-                                attended=float(step_metrics["attended"]))
-        writer.write(step, {
-            "loss": loss, "lr": step_metrics["lr"], "grad_norm": step_metrics["grad_norm"],
-            "epoch": step / steps_per_epoch, "step_time_s": step_time,
-            "tokens_per_s": tokens / step_time,
-            "padding_share": 1.0 - tokens / (batch_size * max_len),
-            "mfu": flops["model"] / step_time / (peak * mesh.size) if peak else 0.0,
-            "hfu": flops["hardware"] / step_time / (peak * mesh.size) if peak else 0.0})
-      bar.update({"epoch": f"{epoch + 1}", "loss": f"{loss:.4f}",
-                  "lr": f"{float(step_metrics['lr']):.2e}"})
-      epoch_end = step % steps_per_epoch == 0
-      every = int(config.train.checkpoint_every_steps)
-      periodic = every > 0 and step % every == 0
-      preempted = stop.should_stop(step)
-      stopping = preempted or step == int(config.train.get("stop_at_step", 0))
-      if epoch_end or periodic or stopping or step == total_steps:
-        writer.flush()  # metrics.jsonl covers every step a resume from this checkpoint keeps.
-        save(step)
-      if epoch_end:
-        padding = 1.0 - epoch_tokens[0] / max(epoch_tokens[1], 1.0)
-        writer.write(step, {"epoch_padding_share": padding})
-        metrics_lib.log("epoch %d: %.1f%% of the batch positions were padding (MFU and tokens/s leave them out)",
-             step // steps_per_epoch, 100 * padding)
-        epoch_tokens = [0.0, 0.0]
-      if epoch_end and not preempted:  # A preempted host has seconds left: only the save counts.
-        done = step // steps_per_epoch
-        dev = evaluate_dev(eval_step, train_step.full_params(model_config, state), run_data, mesh, batch_spec)
-        if dev:
-          writer.write(step, dev, flush=True)
-          metrics_lib.log("epoch %d: dev loss %.4f, perplexity %.2f", done, dev["dev_loss"], dev["dev_perplexity"])
-        summary.update(dev)
-        generations = generate_dev_responses(config, model_config, train_step.full_params(model_config, state),
-                                             mesh, run_data)
-        if generations and jax.process_index() == 0:
-          records = [{"epoch": done, "step": step, **g} for g in generations]
-          (workdir / "dev_generations").mkdir(parents=True, exist_ok=True)
-          paths.write_text_atomic(workdir / "dev_generations" / f"epoch_{done}.jsonl",
-                                  "".join(json.dumps(r) + "\n" for r in records))
-        summary["generations"] = generations
-        last = time.perf_counter()  # Evaluation time is not step time.
-      if stopping:
-        ended = "stopped"
-        break
-  finally:
-    bar.close()
-    manager.wait_until_finished()
-    prune()
-    manager.close()
-    writer.close()
-    stop.restore()
-  summary.update(final_step=step, ended=ended, state=state, model_config=model_config)
-  metrics_lib.log("%s at step %d of %d; checkpoints in %s", ended, step, total_steps, manager.directory)
-  return summary
+  def prune(self) -> None:
+    """Drops what no committed newer step needs: the optimizer state of older steps (by
+    default), and the steps `train.keep_epochs` leaves out. Runs with no save in flight."""
+    if self.plan.keep_opt == "latest":
+      pruned = ckpt_lib.prune_optimizer_state(self.manager)
+      if pruned:
+        metrics_lib.info("deleted opt_state/ of steps %s (train.keep_optimizer_state=latest)", pruned)
+    finished = ckpt_lib.finished_steps(self.manager)
+    for step in superseded_steps(finished, self.plan.keep_epochs, self.plan.steps_per_epoch):
+      self.manager.delete(step)  # Every process calls it (Orbax syncs them); process 0 deletes.
+      metrics_lib.info("deleted checkpoint %d (not an epoch in train.keep_epochs)", step)
+
+  def end_epoch(self, evaluate: bool) -> None:
+    """The epoch's padding share; unless preempted, dev loss and dev generations."""
+    step, done = self.step, self.step // self.plan.steps_per_epoch
+    padding = 1.0 - self.epoch_tokens[0] / max(self.epoch_tokens[1], 1.0)
+    self.writer.write(step, {"epoch_padding_share": padding})
+    metrics_lib.log("epoch %d: %.1f%% of the batch positions were padding (MFU and tokens/s leave them out)",
+                    done, 100 * padding)
+    self.epoch_tokens = [0.0, 0.0]
+    if not evaluate:
+      return
+    params = train_step.full_params(self.model_config, self.state)
+    dev = evaluate_dev(self.eval_step, params, self.data, self.mesh, self.batch_spec)
+    if dev:
+      self.writer.write(step, dev, flush=True)
+      metrics_lib.log("epoch %d: dev loss %.4f, perplexity %.2f", done, dev["dev_loss"], dev["dev_perplexity"])
+    self.summary.update(dev)
+    generations = generate_dev_responses(self.config, self.model_config, params, self.mesh, self.data)
+    if generations and jax.process_index() == 0:
+      records = [{"epoch": done, "step": step, **g} for g in generations]
+      (self.workdir / "dev_generations").mkdir(parents=True, exist_ok=True)
+      paths.write_text_atomic(self.workdir / "dev_generations" / f"epoch_{done}.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in records))
+    self.summary["generations"] = generations
+    self.last_time = time.perf_counter()  # Evaluation time is not step time.
+
+  def close(self) -> None:
+    """Waits for the last save, prunes, and closes the checkpoint manager and the metric writer."""
+    self.manager.wait_until_finished()
+    self.prune()
+    self.manager.close()
+    self.writer.close()
 
 
 def main(argv) -> None:

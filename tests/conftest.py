@@ -10,9 +10,9 @@ import os
 import pytest
 
 import gcs_server
-from lima_jax import hardware
+from lima_jax import process
 
-hardware.default_to_cpu_without_tpu()
+process.default_to_cpu_without_tpu()
 
 
 @pytest.fixture(scope="session")

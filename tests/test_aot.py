@@ -19,13 +19,16 @@ import pytest
 from configs import lima
 from lima_jax import aot
 from lima_jax import flops
-from lima_jax import hardware
+from lima_jax import chips
+from lima_jax import process
+from lima_jax import metrics
 from lima_jax import model as model_lib
+from lima_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GiB = hardware.GiB
+GiB = chips.GiB
 needs_libtpu = pytest.mark.skipif(
-    not hardware.libtpu_available(),
+    not process.libtpu_available(),
     reason="libtpu is not installed (pip install -r requirements-tpu.txt); TPU compiles skipped")
 
 
@@ -42,31 +45,31 @@ def small_tiny_config():
 
 
 def test_slice_names():
-  assert hardware.parse_slice("v5p-32").topology_name == "v5:2x2x4"
-  assert hardware.parse_slice("v5p-128").num_devices == 64
-  assert hardware.parse_slice("v4-64").topology_name == "v4:2x4x4"
-  assert hardware.parse_slice("v5litepod-256").topology_name == "v5e:16x16"
-  assert hardware.parse_slice("v6e-64").topology_name == "v6e:8x8"
-  assert hardware.parse_slice("v5e-8").chips_per_host_bounds == (2, 4, 1)
-  assert hardware.parse_slice("v4-128").wrap == (True, True, True)
+  assert chips.parse_slice("v5p-32").topology_name == "v5:2x2x4"
+  assert chips.parse_slice("v5p-128").num_devices == 64
+  assert chips.parse_slice("v4-64").topology_name == "v4:2x4x4"
+  assert chips.parse_slice("v5litepod-256").topology_name == "v5e:16x16"
+  assert chips.parse_slice("v6e-64").topology_name == "v6e:8x8"
+  assert chips.parse_slice("v5e-8").chips_per_host_bounds == (2, 4, 1)
+  assert chips.parse_slice("v4-128").wrap == (True, True, True)
   with pytest.raises(ValueError, match="counts TensorCores"):
-    hardware.parse_slice("v5p-12")
+    chips.parse_slice("v5p-12")
   with pytest.raises(ValueError, match="unknown TPU generation"):
-    hardware.parse_slice("v3-8")
+    chips.parse_slice("v3-8")
 
 
 def test_default_mesh_splits_sequence_when_chips_outnumber_rows():
-  assert hardware.default_mesh(16, 32, 2048) == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
-  assert hardware.default_mesh(64, 32, 2048) == {"data": 1, "fsdp": 32, "sequence": 2, "tensor": 1}
-  assert hardware.default_mesh(256, 64, 2048, num_slices=2) == {
+  assert sharding.default_mesh(16, 32, 2048) == {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
+  assert sharding.default_mesh(64, 32, 2048) == {"data": 1, "fsdp": 32, "sequence": 2, "tensor": 1}
+  assert sharding.default_mesh(256, 64, 2048, num_slices=2) == {
       "data": 2, "fsdp": 32, "sequence": 4, "tensor": 1}
 
 
 def test_peak_flops_from_chip_table():
   class FakeDevice:
     platform, device_kind = "tpu", "TPU v5"
-  assert hardware.peak_flops_per_device(FakeDevice()) == 459e12
-  assert hardware.chip_for_device_kind("TPU v5 lite").name == "v5e"
+  assert metrics.peak_flops_per_device(FakeDevice()) == 459e12
+  assert chips.chip_for_device_kind("TPU v5 lite").name == "v5e"
 
 
 def test_analytic_flops_match_xla_count_of_unrolled_step():
@@ -101,7 +104,7 @@ def _expected_param_bytes(model_config, fsdp: int) -> int:
 @needs_libtpu
 def test_tiny_train_compiles_for_v5p8():
   config = small_tiny_config()
-  report = aot.compile_program(config, hardware.parse_slice("v5p-8"), "train")
+  report = aot.compile_program(config, chips.parse_slice("v5p-8"), "train")
   assert report["fits"] and report["devices"] == 4 and report["mesh"]["fsdp"] == 4
   assert report["attention"] == "splash"
   mem = report["memory"]
@@ -119,7 +122,7 @@ def test_tiny_qwen2_with_a_sliding_window_compiles_for_v5p8():
   """q/k/v biases split with the heads, and splash attention with the window as its LocalMask."""
   config = small_tiny_config()
   config.model.update(dict(model_type="qwen2", attention_bias=True, n_kv_heads=2, sliding_window=64))
-  report = aot.compile_program(config, hardware.parse_slice("v5p-8"), "train")
+  report = aot.compile_program(config, chips.parse_slice("v5p-8"), "train")
   assert report["fits"] and report["attention"] == "splash"
   model_config = model_lib.ModelConfig.from_dict(config.model)
   # The biases have no embed axis: split with the heads (over tensor, 1 here), not over fsdp.
@@ -133,7 +136,7 @@ def test_tiny_qwen2_with_a_sliding_window_compiles_for_v5p8():
 @needs_libtpu
 def test_tiny_decode_compiles_for_v4_8():
   config = small_tiny_config()
-  report = aot.compile_program(config, hardware.parse_slice("v4-8"), "decode")
+  report = aot.compile_program(config, chips.parse_slice("v4-8"), "decode")
   assert report["fits"] and report["devices"] == 4
   assert report["memory"]["usable_hbm_bytes"] == int(30.75 * GiB)
   model_config = model_lib.ModelConfig.from_dict(config.model)

@@ -2,10 +2,12 @@
 a chat pipeline answers as tools/evaluate.py does, generation_config stops at EOT."""
 
 import json
+import warnings
 
 import jax
 import jinja2
 import pytest
+import torch
 import transformers
 
 import llama_reference as ref
@@ -179,10 +181,23 @@ def test_generation_config_stops_at_eot_within_the_model_limit(tiny):
   gen = json.loads((root / "export" / "generation_config.json").read_text())
   defaults = sampling.SamplingConfig()
   assert gen["eos_token_id"] == [tok.eos_id, tok.eot_id]
-  assert gen["max_length"] == 512  # max_position_embeddings, not a fixed 2048.
+  assert gen["max_new_tokens"] == 512 and "max_length" not in gen  # max_position_embeddings, not 2048.
   assert (gen["do_sample"], gen["top_p"], gen["temperature"], gen["repetition_penalty"]) == \
       (True, defaults.top_p, defaults.temperature, defaults.repetition_penalty)
   transformers.GenerationConfig.from_pretrained(str(root / "export")).validate(strict=True)
+
+
+def test_generate_on_the_export_draws_no_transformers_warning(tiny, capfd):
+  """transformers warns on every `generate(max_new_tokens=N)` when the file also sets max_length."""
+  _, root = tiny
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(root / "export"))
+  capfd.readouterr()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3)
+  assert [str(w.message) for w in caught] == []
+  assert capfd.readouterr().err == ""
 
 
 def test_chat_pipeline_greedy_answer_equals_evaluate_greedy(tiny, tmp_path):

@@ -96,8 +96,8 @@ def test_every_bad_input_type_is_an_input_error():
     assert issubclass(kind, errors.InputError) and issubclass(kind, ValueError), kind
 
 
-_AUTO_CPU_SCRIPT = ("import os; from lima_jax import hardware; "
-                    "print(hardware.default_to_cpu_without_tpu(log=True), os.environ.get('JAX_PLATFORMS'))")
+_AUTO_CPU_SCRIPT = ("import os; from lima_jax import process; "
+                    "print(process.default_to_cpu_without_tpu(log=True), os.environ.get('JAX_PLATFORMS'))")
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import stat
 import subprocess
 import sys
 
@@ -115,6 +116,10 @@ def test_exported_model_gives_lima_jax_logits_in_transformers(tmp_path):
   checkpoint.save_model(tmp_path / "ckpt", params, config, tok.to_blob())
   files = convert.orbax_to_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_size="100KB")
   assert {"config.json", "generation_config.json", "tokenizer.model", convert.INDEX_FILE} <= set(files)
+  umask = os.umask(0o022)
+  os.umask(umask)  # Readable by a server running as another user, as a plain mkdir/open makes it.
+  assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o777 & ~umask
+  assert {stat.S_IMODE((tmp_path / "hf" / f).stat().st_mode) for f in files} == {0o666 & ~umask}
   hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
   assert hf_config["vocab_size"] == tok.vocab_size == tok.base_vocab_size + 1
   generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())

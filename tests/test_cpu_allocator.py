@@ -1,4 +1,4 @@
-"""`hardware.restart_with_cpu_allocator`: CPU runs restart once with the glibc settings, and never
+"""`process.restart_with_cpu_allocator`: CPU runs restart once with the glibc settings, and never
 when the user opted out or chose allocator settings of their own."""
 
 import os
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = ("import os; from lima_jax import hardware; hardware.restart_with_cpu_allocator(); "
+SCRIPT = ("import os; from lima_jax import process; process.restart_with_cpu_allocator(); "
           "print(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('MALLOC_MMAP_THRESHOLD_'))")
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",

@@ -445,7 +445,7 @@ def test_eval_batches_cover_every_example_once_in_order(tok):
 def test_default_config_uses_bundled_sample_and_reports(tok, caplog):
   config = _lima_config()
   assert not config.train_path and not config.tokenizer_path
-  with caplog.at_level("INFO", logger="lima_jax.data"):
+  with caplog.at_level("INFO", logger="absl"):
     train = data.make_train_loader(config, tok, global_batch_size=8, process_index=0,
                                    process_count=1)
   assert train.stats.conversations == 50 and train.stats.truncated > 0  # max_len 512.

@@ -215,8 +215,9 @@ def test_bad_inputs(ckpt, prompts_file, reference, tmp_path):
   with pytest.raises(evaluate.InputError, match="MT-Bench question file"):
     evaluate.evaluate(ckpt, prompts_file, str(tmp_path / "o.jsonl"), sampling_config=SCFG,
                       mt_bench=str(tmp_path / "a.jsonl"))
-  with pytest.raises(evaluate.InputError, match="neither a Hugging Face directory"):
+  with pytest.raises(evaluate.InputError, match="neither a Hugging Face directory") as raised:
     evaluate.evaluate(str(tmp_path), prompts_file, str(tmp_path / "o.jsonl"), sampling_config=SCFG)
+  assert str(raised.value).count("--checkpoint") == 1, raised.value  # The flag is named once.
 
 
 @pytest.mark.slow

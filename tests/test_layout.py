@@ -119,10 +119,10 @@ def test_the_checker_sees_every_kind_of_import(tmp_path):
   source.write_text(
       "import lima_jax.data\nfrom lima_jax import paths as p, errors\nfrom lima_jax.cli import common\n"
       "from lima_jax.model import ModelConfig\nfrom . import sharding\n"
-      "def f():\n  from lima_jax import hardware\n"
+      "def f():\n  from lima_jax import process\n"
       "if __name__ == '__main__':\n  from lima_jax.cli import train\n")
   assert imported_modules(source, "lima_jax.m") == {"lima_jax.sharding", "lima_jax.data", "lima_jax.paths", "lima_jax.errors",
-                                      "lima_jax.cli.common", "lima_jax.model", "lima_jax.hardware"}
+                                      "lima_jax.cli.common", "lima_jax.model", "lima_jax.process"}
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
   assert len(all_cycles({"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c"}})) == 2
@@ -168,7 +168,7 @@ def test_import_leaves_the_environment_alone():
 def test_the_commands_load_no_jax_before_their_process_set_up():
   """libtpu's environment (lima-aot) and the CPU allocator restart (lima-train) must come first."""
   script = ("import sys\nimport lima_jax.cli.common, lima_jax.cli.aot_compile, lima_jax.cli.train\n"
-            "import lima_jax.hardware\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'))")
+            "import lima_jax.process, lima_jax.chips\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'))")
   proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)},
                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-3000:]

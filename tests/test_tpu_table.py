@@ -45,7 +45,7 @@ def test_lora_rows_are_searched_under_their_own_name_with_the_bf16_base_as_floor
   results_path.write_text(json.dumps({"65b+lora16@v5p-8": _report(69.1, True)}))
   results = make_tpu_table.Results(str(results_path), force=False, mfu=0.4, timeout=1, cached_only=True)
   assert make_tpu_table.split_name("65b+lora16") == ("65b", 16)
-  v5p8 = make_tpu_table.hardware.parse_slice("v5p-8")
+  v5p8 = make_tpu_table.chips.parse_slice("v5p-8")
   full, lora = (make_tpu_table.state_floor_bytes(p, v5p8) for p in ("65b", "65b+lora16"))
   assert full == 8 * lora and lora / GiB > 30  # fp32 state + moments vs the bf16 base, 4 chips.
   block = make_tpu_table.readme_block(results, ["65b"], [], ["v5p"], lora_presets=["65b+lora16"],

@@ -30,10 +30,10 @@ import tempfile
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from lima_jax import hardware
+from lima_jax import chips
 from lima_jax import paths
 
-GiB = hardware.GiB
+GiB = chips.GiB
 PRESETS = ("7b", "13b", "33b", "65b")
 TABLE_SLICES = ("v4-64", "v4-128", "v5p-32", "v5p-64", "v5p-128", "v5e-256", "v6e-64")
 # The 7-8B presets of the other families get their own table, on the slices that suit that size.
@@ -68,7 +68,7 @@ def split_name(name: str) -> tuple[str, int]:
   return preset, int(lora or 0)
 
 
-def state_floor_bytes(preset: str, tpu_slice: hardware.Slice) -> float:
+def state_floor_bytes(preset: str, tpu_slice: chips.Slice) -> float:
   """fp32 weights + 2 fp32 AdamW moments + fp32 gradients, split over every chip; with LoRA
   the bf16 base alone."""
   from configs import lima  # pylint: disable=g-import-not-at-top
@@ -172,7 +172,7 @@ def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict 
   """The first slice of `generation` (smallest first) on which the preset fits, and why not below."""
   notes = []
   for name in SEARCH[generation]:
-    tpu_slice = hardware.parse_slice(name)
+    tpu_slice = chips.parse_slice(name)
     floor = state_floor_bytes(preset, tpu_slice)
     if floor > tpu_slice.usable_hbm_bytes():
       notes.append(f"{name}: state alone {floor / GiB:.1f} GiB a chip")
@@ -260,10 +260,10 @@ def render(results: Results, presets, slices, generations, more_tables=(), lora_
       "FLOPs (6·N·tokens + 12·L·d·seq²·batch; see docs/tpu.md).",
       "",
   ]
-  lines += ["Chips (`lima_jax/hardware.py`; usable HBM as libtpu's compiler reports it):", "",
+  lines += ["Chips (`lima_jax/chips.py`; usable HBM as libtpu's compiler reports it):", "",
             "| chip | usable HBM / chip | bf16 peak / chip | HBM bandwidth | chips / host | "
             "cores / chip |", "|---|---|---|---|---|---|"]
-  for chip in hardware.CHIPS.values():
+  for chip in chips.CHIPS.values():
     lines.append(f"| {chip.name} | {chip.hbm_bytes / GiB:.2f} GiB | {chip.bf16_flops / 1e12:.0f} "
                  f"TFLOP/s | {chip.hbm_bandwidth / 1e9:.0f} GB/s | {chip.chips_per_host} | "
                  f"{chip.cores_per_chip} |")
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
   slices = [s for s in args.slices.split(",") if s]
   family_slices = [s for s in args.family_slices.split(",") if s]
   for s in slices + family_slices:
-    hardware.parse_slice(s)
+    chips.parse_slice(s)
   generations = [g for g in args.search_generations.split(",") if g]
   unknown = set(generations) - set(SEARCH)
   if unknown:

@@ -22,7 +22,8 @@ import sys
 from absl import flags
 
 from lima_jax import errors
-from lima_jax import hardware
+from lima_jax import chips
+from lima_jax import process
 from lima_jax import paths
 from lima_jax.cli import common
 
@@ -34,7 +35,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network")
   flags.DEFINE_enum("program", "train", ["train", "decode"],
                     "train: the optimizer step; decode: the evaluation's prefill + KV-cache sampling loop")
-  flags.DEFINE_float("mfu", hardware.DEFAULT_MFU, "Model FLOPs utilisation assumed for the implied step time")
+  flags.DEFINE_float("mfu", chips.DEFAULT_MFU, "Model FLOPs utilisation assumed for the implied step time")
   flags.DEFINE_string("output", "", "Write the report as JSON here (atomically)")
   flags.DEFINE_string("dump_hlo", "", "Write the optimised HLO text here")
   flags.mark_flags_as_required(["config", "topology"])
@@ -52,12 +53,12 @@ def main(argv, log_dir: str):
   f = flags.FLAGS
   if len(argv) > 1:
     raise errors.InputError(f"unexpected arguments: {argv[1:]}")
-  if not hardware.libtpu_available():
+  if not process.libtpu_available():
     print("tools/aot_compile.py needs libtpu's compiler: pip install -r requirements-tpu.txt",
           file=sys.stderr)
     return 1
   try:
-    tpu_slice = hardware.parse_slice(f.topology, f.num_slices)
+    tpu_slice = chips.parse_slice(f.topology, f.num_slices)
   except ValueError as e:
     raise errors.InputError(str(e)) from None
   status = 0
@@ -76,7 +77,7 @@ def main(argv, log_dir: str):
 
 def run() -> None:
   # Before jax loads (the config file imports it): libtpu reads its environment once.
-  log_dir = hardware.prepare_libtpu_environment(os.environ.get("LIMA_AOT_LOG_DIR"))
+  log_dir = process.prepare_libtpu_environment(os.environ.get("LIMA_AOT_LOG_DIR"))
   common.run(lambda argv: main(argv, log_dir), define_flags)
 
 

@@ -59,9 +59,12 @@ def main(argv):
   try:
     scfg = decoding_flags.sampling_config_from_flags(f).replace(batch_size=1)
     mesh = sharding.make_mesh(dict(f.config.mesh))
+  except ValueError as e:
+    raise errors.InputError(str(e)) from None
+  try:
     loaded = inference.load_model(f.checkpoint, mesh=mesh, tokenizer_path=f.tokenizer, dtype=f.dtype)
   except (FileNotFoundError, ValueError) as e:
-    raise errors.InputError(str(e)) from None
+    raise errors.InputError(f"--checkpoint {f.checkpoint}: {e}") from None
   for note in loaded.notes:
     print(f"note: {note}", file=sys.stderr)
   if scfg.max_len > loaded.model_config.max_seq_len:

@@ -20,7 +20,7 @@ import sys
 from typing import Callable, Sequence
 
 from lima_jax import errors
-from lima_jax import hardware
+from lima_jax import process
 
 PRESETS_FILE = "lima.py"
 PRESETS = ("tiny", "7b", "13b", "33b", "65b")
@@ -222,10 +222,10 @@ def quiet_logging() -> None:
 
 
 def setup_process(cpu_allocator: bool = False) -> None:
-  """The entry points' process set-up, each step said on stderr (see lima_jax/hardware.py)."""
-  hardware.default_to_cpu_without_tpu(log=True)
+  """The entry points' process set-up, each step said on stderr (see lima_jax/process.py)."""
+  process.default_to_cpu_without_tpu(log=True)
   if cpu_allocator:
-    hardware.restart_with_cpu_allocator(log=True)
+    process.restart_with_cpu_allocator(log=True)
 
 
 def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None], *,

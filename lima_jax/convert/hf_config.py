@@ -229,11 +229,13 @@ def generation_config(tokens: Mapping[str, Any], eot_id: int | None = None,
                       max_length: int | None = None) -> dict:
   """LIMA's decoding for `model.generate` and vLLM; generation stops at EOS or EOT.
 
-  `max_length` (prompt + answer) should be the model's own limit, `max_position_embeddings`.
+  `max_length` should be the model's own limit, `max_position_embeddings`: answers are at most
+  LIMA's `max_new_tokens`, cut to it. The file sets `max_new_tokens`, not `max_length`: with
+  `max_length` in it, every `generate(..., max_new_tokens=N)` call warns that both are set.
   """
   gen = dict(LIMA_GENERATION)
   if max_length is not None:
-    gen["max_length"] = int(max_length)
+    gen["max_new_tokens"] = min(_LIMA_SAMPLING.max_new_tokens, int(max_length))
   eos = tokens.get("eos_token_id")
   eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
   if eot_id is not None and eot_id not in eos:

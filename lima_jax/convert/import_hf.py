@@ -2,13 +2,13 @@
 
 import math
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from lima_jax import checkpoint
+from lima_jax import metrics
 from lima_jax import paths
 from lima_jax import tokenizer as tokenizer_lib
 from lima_jax.convert import hf_reader
@@ -33,7 +33,7 @@ def _load_tokenizer_blob(hf_dir: epath.Path, eot: str, strict: bool) -> dict | N
   except (ValueError, OSError) as e:
     if strict:
       raise ConversionError(f"{hf_dir}: tokenizer: {e}") from e
-    print(f"warning: {hf_dir}: tokenizer not stored ({e})", file=sys.stderr)
+    metrics.warn("%s: tokenizer not stored (%s)", hf_dir, e)
     return None
 
 

@@ -150,20 +150,10 @@ def open_model(path: str) -> _Reader:
   return _OrbaxReader(ckpt)
 
 
-def is_lora_checkpoint(path) -> bool:
-  if checkpoint.is_hf_dir(path):
-    return False
-  return checkpoint.read_model_config(path).lora is not None
-
-
-def merged_config(path) -> model_lib.ModelConfig:
-  return lora_lib.base_config(checkpoint.read_model_config(path))
-
-
 def load_merged_params(path, shardings: Any = None, dtype: str = "float32") -> dict:
   """The merged parameters of a LoRA checkpoint, each device's block computed from the base.
 
-  `shardings`: a tree like `model.abstract_params(merged_config(path))`; default one device.
+  `shardings`: a tree like `model.abstract_params` of the merged model; default one device.
   """
   reader = open_model(path)
   config = reader.config.replace(param_dtype=jnp.dtype(dtype).name)
