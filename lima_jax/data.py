@@ -212,7 +212,7 @@ def select_training_conversations(conversations: Sequence[records.Conversation],
     keep = np.sort(rng.permutation(len(conversations))[:limit])
     conversations = [conversations[i] for i in keep]
   if wanted or limit:
-    _log.info("training on %d conversations (data.sources=%r, data.max_examples=%d)", len(conversations),
+    metrics.info("training on %d conversations (data.sources=%r, data.max_examples=%d)", len(conversations),
               ",".join(wanted), limit)
   return list(conversations)
 
