@@ -72,9 +72,9 @@ def micro_batches_to_fit(config, memory: StepMemory, limit: int, rows_per_device
 def advice(config, memory: StepMemory | None = None, limit: int = 0, rows_per_device: int = 1) -> list[str]:
   """What to change, the change that usually helps most first (figures where `memory` is known)."""
   if memory is not None and memory.arguments >= limit:
-    return [f"the parameters and AdamW moments alone take {memory.arguments / GiB:.1f} GiB: LoRA "
-            f"(--config.lora.rank={LORA_RANK_HINT}: the base frozen in bfloat16, only adapters train), "
-            f"a smaller model, or a larger slice (fsdp splits the state over more devices)"]
+    return [f"LoRA (--config.lora.rank={LORA_RANK_HINT}: the base frozen in bfloat16, only adapters "
+            f"train), a smaller model, or a larger slice (fsdp splits the state over more devices): "
+            f"the parameters and AdamW moments alone take {memory.arguments / GiB:.1f} GiB"]
   micro = int(config.train.micro_batches)
   fitting = micro_batches_to_fit(config, memory, limit, rows_per_device) if memory else 2 * micro
   tips = []
