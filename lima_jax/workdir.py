@@ -77,6 +77,8 @@ def check_usable(workdir) -> None:
     if path.exists() and not path.is_dir():
       raise errors.InputError(f"{where} is a file, not a directory; give a directory (it is "
                               f"created if missing)")
+    if paths.is_remote(path):  # gs:// has no directories to make; save_config tests writing.
+      return
     path.mkdir(parents=True, exist_ok=True)
     list(path.iterdir())
   except (NotADirectoryError, FileExistsError):

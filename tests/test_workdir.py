@@ -221,3 +221,12 @@ def test_the_cpu_preset_fine_tunes_a_pretrained_llama_and_its_workdir_refuses_an
   assert json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())["preset"] == "cpu"
   line = error_line(train(workdir, *QUICK))  # The default preset, tiny, into the same workdir.
   assert "holds another model's run" in line and f"model.init_from '{small_pretrained_llama}' -> ''" in line
+
+
+def test_a_gcs_workdir_is_prepared_and_records_its_config(gcs):
+  workdir = gcs.uri("runs", "fresh")
+  config = lima.get_config("tiny")
+  assert workdir_lib.prepare(workdir, config) is None
+  from lima_jax import paths  # pylint: disable=g-import-not-at-top
+  assert json.loads(paths.path(f"{workdir}/{workdir_lib.CONFIG_FILE}").read_text())["preset"] == "tiny"
+  assert workdir_lib.prepare(workdir, config) is None  # No checkpoint yet: nothing to compare.
