@@ -2,9 +2,10 @@
 
 `run(main, define_flags)` is each command's `app.run`: it defines the flags inside absl's flags
 parser, so `--help` (`-h`, `--helpshort`) prints the command's docstring and its own flags and
-`--helpfull` every flag, both with exit status 0;  a bad `--config.*` key or value (caught while the config loads, whether or not
-`--config` is given) and any other bad flag print one `PROG: error: ...` line and exit with
-status 2, as an `errors.InputError` from `main` does. absl and Orbax log at WARNING unless
+`--helpfull` every flag, both with exit status 0 (`parse_own_flags` does the same for commands
+with a FlagValues of their own); a bad `--config.*` key or value (caught while the config loads,
+whether or not `--config` is given) and any other bad flag print one `PROG: error: ...` line and
+exit with status 2, as an `errors.InputError` from `main` does. absl and Orbax log at WARNING unless
 `--verbosity` is given. The process set-up (CPU instead of an absent TPU, the CPU allocator
 restart) happens here, in the entry point, never on `import lima_jax`.
 
