@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -164,7 +165,9 @@ def test_a_step_too_big_for_the_host_stops_in_one_line_before_loading_anything(t
   # ~8.6B parameters: the abstract compile is cheap, the state would need ~100 GiB.
   big = ["--config.model.d_model=8192", "--config.model.n_heads=64", "--config.model.n_layers=8",
          "--config.model.mlp_dim=32768", "--config.train.batch_size=64"]
+  start = time.perf_counter()
   proc = train(tmp_path / "big", *QUICK, *big)
+  assert time.perf_counter() - start < 180  # ~25 s on the 2-core test machine: an abstract compile.
   line = error_line(proc)
   assert "the train step needs" in line and "this host's available RAM" in line
   assert "the parameters and AdamW moments alone take" in line and "LoRA" in line
