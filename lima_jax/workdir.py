@@ -84,7 +84,7 @@ def check_usable(workdir) -> None:
   except (NotADirectoryError, FileExistsError):
     raise errors.InputError(f"{where}: a part of this path is a file, not a directory; give a "
                             f"directory path") from None
-  except PermissionError as e:
+  except OSError as e:  # Permission denied, a read-only or pseudo file system, ...
     raise errors.InputError(f"{where}: cannot use it ({e.strerror or e}); give a directory you can "
                             f"read and write") from None
 
@@ -143,7 +143,7 @@ def save_config(workdir, config) -> None:
   text = json.dumps(json_config(config), indent=2, sort_keys=True) + "\n"
   try:
     paths.write_text_atomic(paths.path(workdir) / CONFIG_FILE, text)
-  except PermissionError as e:
+  except OSError as e:
     raise errors.InputError(f"--workdir={workdir}: cannot write {CONFIG_FILE} there "
                             f"({e.strerror or e}); give a directory you can write") from None
 

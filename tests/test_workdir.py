@@ -73,6 +73,10 @@ def test_a_file_or_a_path_through_a_file_is_not_a_workdir(tmp_path):
     workdir_lib.check_usable(tmp_path / "file")
   with pytest.raises(errors.InputError, match="a part of this path is a file"):
     workdir_lib.check_usable(tmp_path / "file" / "run")
+  linux_pseudo = ("/sys/lima_jax_run", "/proc/lima_jax/run") if sys.platform == "linux" else ()
+  for unusable in linux_pseudo:  # Refused even to root.
+    with pytest.raises(errors.InputError, match=f"--workdir={unusable}: cannot use it"):
+      workdir_lib.check_usable(unusable)
   workdir_lib.check_usable(tmp_path / "new" / "run")  # Created.
   assert (tmp_path / "new" / "run").is_dir()
 
