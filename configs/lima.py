@@ -1,5 +1,7 @@
-"""LIMA fine-tuning configs: `--config=configs/lima.py:PRESET` with PRESET in tiny, 7b, 13b, 33b,
-65b (LLaMA-1), llama3-8b, mistral-7b, qwen2.5-7b.
+"""LIMA fine-tuning configs: `--config=configs/lima.py:PRESET` (or `--config=PRESET`) with PRESET
+one of `PRESETS`: tiny (random init, seconds on a CPU), cpu (a small pretrained model on a CPU
+host), 7b, 13b, 33b, 65b (LLaMA-1), llama3-8b, mistral-7b, qwen2.5-7b. Every command's --help
+names them from `PRESETS`; `lima-train --print_config` prints every field.
 
 Every default follows the LIMA paper (Zhou et al., 2023, section 3 and appendix): AdamW
 (0.9, 0.95), weight decay 0.1, lr 1e-5 -> 1e-6 linear with no warmup, 15 epochs, 32 conversations
@@ -9,8 +11,6 @@ the command line, e.g. `--config.optimizer.lr=2e-5`.
 """
 
 import ml_collections
-
-from lima_jax import sampling
 
 # LLaMA-1 shapes (Touvron et al., 2023, table 2); 32000 SentencePiece pieces + EOT.
 _LLAMA_SHAPES = {
@@ -41,7 +41,10 @@ _FAMILY_SHAPES = {
                        n_kv_heads=4, mlp_dim=18944, rms_norm_eps=1e-6, rope_theta=1e6,
                        attention_bias=True, max_seq_len=131072),
 }
-PRESETS = ("tiny", *_LLAMA_SHAPES, *_FAMILY_SHAPES)
+# `cpu` fine-tunes a small pretrained model (135M-360M in full, ~1B with LoRA) on one host: its
+# shape comes from model.init_from's config.json, the model fields below only size a random init.
+PRESETS = ("tiny", "cpu", *_LLAMA_SHAPES, *_FAMILY_SHAPES)
+_CPU_PRESETS = ("tiny", "cpu")
 
 
 def model_config(preset: str) -> ml_collections.ConfigDict:
@@ -71,21 +74,26 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   m.qk_norm = False  # RMSNorm of each head's q and k before rotary (Qwen3).
   m.sliding_window = 0  # Keys fewer than this many positions back only (Mistral v0.1); 0 = none.
   m.init_from = ""  # A Hugging Face directory or a lima_jax Orbax checkpoint; "" = random init.
-  if preset != "tiny":
+  if preset not in _CPU_PRESETS:
     shape = dict({**_LLAMA_SHAPES, **_FAMILY_SHAPES}[preset])
     scaling = shape.pop("rope_scaling", None)
     m.update(shape)
     if scaling:
       m.rope_scaling = ml_collections.FrozenConfigDict(scaling)
     m.residual_dropout = 0.3 if preset == "65b" else 0.2
-  else:
+  elif preset == "tiny":
     m.dtype = "float32"
     m.max_seq_len = 512
     m.remat_policy = "none"
+  else:  # cpu: XLA:CPU computes float32 faster than bfloat16; remat keeps 4 rows of 1024 in RAM.
+    m.dtype = "float32"
   return m
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  # Here, not at the top: every command's --help reads PRESETS from this file and must not wait
+  # for jax, which lima_jax.sampling imports.
+  from lima_jax import sampling  # pylint: disable=g-import-not-at-top
   preset = (preset or "tiny").strip().lower()  # `:7B` is `:7b`.
   if preset not in PRESETS:
     raise ValueError(f"configs/lima.py: unknown preset {preset!r}; expected one of "
@@ -143,6 +151,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.train.max_steps = 0  # 0 = epochs * steps_per_epoch; for quick trials only.
   config.train.stop_at_step = 0  # Save and exit after this step; the lr schedule still spans the run.
   config.train.distributed = False  # jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set).
+  # Before the first step, refuse a step whose compiled memory exceeds the device's (host RAM on
+  # CPU); False skips that (e.g. a host whose swap you mean to use). See lima_jax/memory_fit.py.
+  config.train.check_memory = True
 
   # LoRA (lima_jax/lora.py): rank 0 = full fine-tuning. Otherwise the base is frozen in
   # base_dtype and only the adapters (float32) and the EOT rows train; scaling alpha / rank as
@@ -173,4 +184,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     config.train.dev_max_new_tokens = 32
     config.sampling.max_len = 512
     config.sampling.max_new_tokens = 64
+  elif preset == "cpu":
+    # The paper's optimizer, lr 1e-5 -> 1e-6 and 15 epochs; 16 conversations a step in 4
+    # micro-batches of 4 rows of 1024 tokens, which a 135M-360M model trains in under 16 GB.
+    config.data.max_len = 1024
+    config.train.batch_size = 16
+    config.train.micro_batches = 4
+    config.train.dev_max_new_tokens = 128
   return config

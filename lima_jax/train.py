@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,13 +25,16 @@ from lima_jax import distributed
 from lima_jax import errors
 from lima_jax import flops as flops_lib
 from lima_jax import lora as lora_lib
+from lima_jax import memory_fit
 from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
 from lima_jax import paths
+from lima_jax import recipe_advice
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import source as source_lib
 from lima_jax import train_step
+from lima_jax import workdir as workdir_lib
 
 
 def load_run_tokenizer(config):
@@ -148,21 +151,6 @@ def _host_array(value, sharding_: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
 
 
-def _json_config(config) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def _config_differences(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
-  out = []
-  for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key), current.get(key)
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += _config_differences(a, b, f"{prefix}{key}.")
-    elif a != b:
-      out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-  return out
-
-
 def generate_dev_responses(config, model_config, params, mesh, run_data: RunData) -> list[dict]:
   """Answers the first `train.dev_generations` dev prompts with the run's decoding settings."""
   if not run_data.dev_prompts:
@@ -189,19 +177,6 @@ def evaluate_dev(eval_step, params, run_data: RunData, mesh: Mesh, spec) -> dict
     count += float(n)
   loss = total / max(count, 1.0)
   return {"dev_loss": loss, "dev_perplexity": math.exp(min(loss, 80.0))}
-
-
-def finished_step(workdir, total_steps: int) -> int | None:
-  """The newest checkpoint's step when the run is already done, else None: a rerun then stops
-  before any peak-FLOP/s measurement or compile."""
-  directory = paths.path(workdir) / ckpt_lib.CHECKPOINTS_SUBDIR
-  if not directory.is_dir():
-    return None
-  try:
-    step = int(ckpt_lib.resolve(directory).name)
-  except (FileNotFoundError, ValueError):
-    return None
-  return step if step >= total_steps else None
 
 
 def parse_epochs(spec: str, field: str = "train.keep_epochs") -> frozenset[int] | None:
@@ -267,7 +242,7 @@ def resume_state(config, model_config, mesh: Mesh, manager, run_data: RunData,
                      opt_state=opt_state, rng=_host_array(rng, rep),
                      frozen=_lora_base(config, model_config, mesh, run_data.tokenizer))
   run_data.train.set_state(meta["data"])
-  differences = _config_differences(meta.get("config", {}), _json_config(config))
+  differences = workdir_lib.config_differences(meta.get("config", {}), workdir_lib.json_config(config))
   metrics_lib.log("resumed from %s at step %d", manager.directory / str(step), meta["step"])
   if differences:
     metrics_lib.log("the config differs from the checkpoint's: %s", "; ".join(differences))
@@ -310,8 +285,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = paths.path(workdir)
   distributed.set_resume_hint(workdir=str(workdir))
   distributed.maybe_initialize_distributed(config)
+  workdir_lib.prepare(workdir, config)  # Refuses a workdir of another model or recipe, in one line.
   plan = RunPlan(config)
-  done = finished_step(workdir, plan.total_steps)
+  done = workdir_lib.finished_step(workdir, plan.total_steps)
   if done is not None:
     metrics_lib.log("already finished: %s holds step %d of %d; nothing to do (another --workdir starts a "
                     "new run)", workdir / ckpt_lib.CHECKPOINTS_SUBDIR, done, plan.total_steps)
@@ -330,8 +306,13 @@ class Trainer:
     self.mesh = sharding.training_mesh(config)
     self.model_config = build_model_config(config, self.data.tokenizer)
     self._log_model()
+    recipe_advice.warn_about(config, self.model_config, self.data.train)
     self.step_fn, _, b_shards = train_step.make_train_step(config, self.model_config, self.mesh,
                                                           plan.total_steps)
+    # Before any checkpoint is opened or weight loaded: a step that cannot fit stops in one line.
+    memory_fit.check_train_step(
+        self.step_fn, train_step.abstract_train_state(config, self.model_config, self.mesh, plan.total_steps),
+        train_step.abstract_batch(config, self.mesh), config, self.mesh)
     self.batch_spec = next(iter(b_shards.values())).spec
     self.eval_step = train_step.make_eval_step(
         self.model_config, self.mesh, model_lib.param_shardings(self.model_config, self.mesh), b_shards)
@@ -449,7 +430,7 @@ class Trainer:
     step = self.step
     meta = {"step": step, "epoch": step / self.plan.steps_per_epoch,
             "rng": np.asarray(jax.device_get(self.state.rng)).tolist(),
-            "data": self.data.train.get_state(), "config": _json_config(self.config),
+            "data": self.data.train.get_state(), "config": workdir_lib.json_config(self.config),
             "total_steps": self.plan.total_steps, "mesh": dict(self.mesh.shape)}
     # Orbax would wait for the previous save here anyway; once it is committed, the state
     # before it is no longer needed to resume.

@@ -56,7 +56,7 @@ def test_a_mistyped_config_key_is_one_line_and_exit_2(entry, tmp_path):
 
 @pytest.mark.parametrize("arg, message", [
     ("--config.train.epochs=abc", r"--config.train.epochs=abc: invalid literal"),
-    ("--config=configs/lima.py:7c", r"unknown preset '7c'; expected one of tiny, 7b"),
+    ("--config=configs/lima.py:7c", r"unknown preset '7c'; expected one of tiny, cpu, 7b"),
     ("--config=missing.py", r"--config=missing.py: no such file"),
     ("--config.model.nlayers=2", r"did you mean --config.model.n_layers\?"),
     ("--bogus_flag=1", r"Unknown command line flag 'bogus_flag'"),
@@ -194,3 +194,81 @@ def test_console_scripts_work_from_another_directory(tmp_path):
   proc = subprocess.run([_installed_script("lima-compare"), "pairwise", str(judgements)],
                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
   assert proc.returncode == 0 and "A wins" in proc.stdout, proc.stderr
+
+
+# -- Help that helps ----------------------------------------------------------------------------------
+
+# Each command as the README runs it (a shim in tools/ or `python -m`), with some of its own flags.
+HELP_COMMANDS = {
+    "train": (["-m", "lima_jax.train"], ["--config", "--workdir", "--[no]print_config"]),
+    "evaluate": ([str(ROOT / "tools" / "evaluate.py")], ["--checkpoint", "--prompts", "--output", "--config"]),
+    "chat": ([str(ROOT / "tools" / "chat.py")], ["--checkpoint", "--max_new_tokens", "--config"]),
+    "aot": ([str(ROOT / "tools" / "aot_compile.py")], ["--topology", "--program", "--config"]),
+    "convert": ([str(ROOT / "tools" / "convert_weights.py")], ["--hf_dir", "--ckpt_dir", "--peft_dir"]),
+    "convert hf-to-orbax": ([str(ROOT / "tools" / "convert_weights.py"), "hf-to-orbax"],
+                            ["--hf_dir", "--ckpt_dir", "--[no]add_eot"]),
+    "compare": ([str(ROOT / "tools" / "compare.py")], ["--prompts", "--resamples", "--level"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(HELP_COMMANDS))
+@pytest.mark.parametrize("help_flag", ["--help", "-h"])
+def test_help_lists_the_commands_own_flags_and_exits_0(command, help_flag):
+  args, own = HELP_COMMANDS[command]
+  proc = _run(args + [help_flag])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Try --helpfull" not in proc.stdout
+  for flag in own:
+    assert re.search(rf"^  {re.escape(flag)}: \S", proc.stdout, re.M), (flag, proc.stdout)
+  assert "--flagfile:" not in proc.stdout  # absl's own flags only under --helpfull.
+  if "--config" in own:
+    assert f"Presets: {', '.join(common.preset_names())}." in " ".join(proc.stdout.split())
+
+
+@pytest.mark.slow
+def test_helpfull_adds_every_flag_and_exits_0():
+  proc = _run(["-m", "lima_jax.train", "--helpfull"])
+  assert proc.returncode == 0 and "--workdir:" in proc.stdout and "--verbosity" in proc.stdout
+
+
+def test_a_new_command_on_common_run_gets_its_help_without_asking(tmp_path):
+  script = tmp_path / "lima_new.py"
+  script.write_text('"""`lima-new`: a command someone adds later."""\n'
+                    "from absl import flags\nfrom lima_jax.cli import common\n"
+                    "def define_flags():\n"
+                    "  flags.DEFINE_integer('port', 8000, 'where it listens')\n"
+                    "def main(argv):\n  raise SystemExit(7)\n"
+                    "if __name__ == '__main__':\n  common.run(main, define_flags, auto_cpu=False)\n")
+  proc = _run([str(script), "--help"])
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("`lima-new`: a command someone adds later.")
+  assert "  --port: where it listens (default: 8000)" in proc.stdout
+
+
+def test_presets_come_from_one_list_and_help_does_not_wait_for_jax():
+  from configs import lima  # pylint: disable=g-import-not-at-top
+  assert common.preset_names() == lima.PRESETS and {"tiny", "cpu", "qwen2.5-7b"} <= set(lima.PRESETS)
+  proc = _run(["-c", "import sys; from lima_jax.cli import common; common.preset_names(); "
+                     "print('jax' in sys.modules)"])
+  assert proc.stdout.strip() == "False", proc.stderr
+
+
+@pytest.mark.slow
+def test_print_config_prints_the_resolved_config_with_overrides_and_exits_0(tmp_path):
+  proc = _run(ENTRY_POINTS["train"] + ["--config=cpu", "--config.optimizer.lr=3e-5",
+                                       "--config.model.init_from=/models/smol", "--print_config",
+                                       f"--workdir={tmp_path / 'run'}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert {'preset = "cpu"', "optimizer.lr = 3e-05", "optimizer.end_lr = 1e-06",
+          'model.init_from = "/models/smol"', "train.micro_batches = 4"} <= set(lines)
+  assert any("comes from its own config at run time" in line for line in lines)
+  assert not (tmp_path / "run").exists()  # Printing starts nothing.
+
+
+def test_config_text_is_one_field_a_line_in_override_syntax():
+  from configs import lima  # pylint: disable=g-import-not-at-top
+  text = common.config_text(lima.get_config("tiny"))
+  assert "model.rope_scaling = {}" in text.splitlines() and 'data.eot_token = "<EOT>"' in text
+  assert len([l for l in text.splitlines() if not l.startswith("#")]) > 60

@@ -60,9 +60,13 @@ def _finish(proc, timeout=400):
 
 def test_two_processes_train_the_same_as_one(tmp_path):
   cache = tmp_path / "xla_cache"
-  one = _start(tmp_path / "one", 4, cache, "--config.train.dev_generations=0")
+  # A 3-epoch run stopped after epoch 2, so that its resume below keeps the run's recipe (a
+  # workdir refuses another train.epochs: the lr schedule spans the run).
+  first_two_epochs = ("--config.train.epochs=3", "--config.train.stop_at_step=2")
+  one = _start(tmp_path / "one", 4, cache, *first_two_epochs, "--config.train.dev_generations=0")
   port = _free_port()
-  procs = [_start(tmp_path / "two", 2, cache, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+  procs = [_start(tmp_path / "two", 2, cache, *first_two_epochs,
+                  JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
   outputs = [_finish(p) for p in procs]
   _finish(one)
@@ -87,7 +91,7 @@ def test_two_processes_train_the_same_as_one(tmp_path):
   meta = ckpt_lib.read_train_state(tmp_path / "two")
   assert meta["step"] == 2 and meta["mesh"]["fsdp"] == 4
 
-  # Preempted and restarted on the other layout: the one-process run continues on two processes
+  # Restarted on the other layout: the one-process run continues on two processes
   # (each restores process 0's data state) and the two-process run on one; both train step 3 on
   # the same global batch.
   port = _free_port()

@@ -1,9 +1,11 @@
 """What every lima_jax command shares: the preset file, flags that fail in one line, quiet logs.
 
 `run(main, define_flags)` is each command's `app.run`: it defines the flags inside absl's flags
-parser, so a bad `--config.*` key or value (caught while the config loads, whether or not
-`--config` is given) and any other bad flag print one `PROG: error: ...` line and exit with
-status 2, as an `errors.InputError` from `main` does. absl and Orbax log at WARNING unless
+parser, so `--help` (`-h`, `--helpshort`) prints the command's docstring and its own flags and
+`--helpfull` every flag, both with exit status 0 (`parse_own_flags` does the same for commands
+with a FlagValues of their own); a bad `--config.*` key or value (caught while the config loads,
+whether or not `--config` is given) and any other bad flag print one `PROG: error: ...` line and
+exit with status 2, as an `errors.InputError` from `main` does. absl and Orbax log at WARNING unless
 `--verbosity` is given. The process set-up (CPU instead of an absent TPU, the CPU allocator
 restart) happens here, in the entry point, never on `import lima_jax`.
 
@@ -14,17 +16,25 @@ before jax loads.
 import difflib
 import functools
 import importlib.util
+import json
 import os
 import runpy
 import sys
+import textwrap
 from typing import Callable, Sequence
 
 from lima_jax import errors
 from lima_jax import process
 
 PRESETS_FILE = "lima.py"
-PRESETS = ("tiny", "7b", "13b", "33b", "65b")
 CONFIG_FLAG = "config"
+PRINT_CONFIG_FLAG = "print_config"
+SHORT_HELP_ARGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+FULL_HELP_ARGS = ("--helpfull", "-helpfull")
+HELP_WIDTH = 100
+# Set while the flags are defined only to print --help: the --config default is then not loaded
+# (a config file imports jax, seconds that --help need not wait).
+_help_only = False
 
 
 def presets_path() -> str:
@@ -36,6 +46,16 @@ def presets_path() -> str:
       return path
   package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return os.path.join(os.path.dirname(package), "configs", PRESETS_FILE)
+
+
+@functools.cache
+def preset_names() -> tuple[str, ...]:
+  """The presets configs/lima.py defines (its `PRESETS`): the one list every message names."""
+  return tuple(runpy.run_path(presets_path())["PRESETS"])
+
+
+def _presets_text() -> str:
+  return ", ".join(preset_names())
 
 
 def resolve_config_spec(spec: str) -> str:
@@ -111,7 +131,7 @@ def load_config(spec: str):
   """`get_config(arg)` of the file a resolved `--config` value names; InputError if it cannot."""
   path, sep, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise errors.InputError(f"--{CONFIG_FLAG}={spec}: no such file; give a preset ({', '.join(PRESETS)}, "
+    raise errors.InputError(f"--{CONFIG_FLAG}={spec}: no such file; give a preset ({_presets_text()}, "
                             f"e.g. --{CONFIG_FLAG}=7b) or a config file such as configs/lima.py:7b")
   try:
     module = runpy.run_path(path)
@@ -144,7 +164,7 @@ def check_config_args(argv: Sequence[str], default_spec: str | None) -> None:
   if spec is None:
     if overrides:
       raise errors.InputError(f"--{CONFIG_FLAG}.{overrides[0]} needs --{CONFIG_FLAG}=PRESET "
-                              f"({', '.join(PRESETS)}) before it")
+                              f"({_presets_text()}) before it")
     return
   config = load_config(resolve_config_spec(spec))
   for override in overrides:
@@ -154,11 +174,42 @@ def check_config_args(argv: Sequence[str], default_spec: str | None) -> None:
 
 
 def define_config_flag(default: str | None, help_string: str) -> None:
-  """`--config`: a preset (`7b`), a presets file with one (`configs/lima.py:7b`), or any config file."""
+  """`--config`: a preset (`7b`), a presets file with one (`configs/lima.py:7b`), or any config
+  file; its help names every preset. Also `--print_config`, which `run` answers."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  default_text = f" Default: {default}." if default else ""
   config_flags.DEFINE_config_file(
-      CONFIG_FLAG, resolve_config_spec(default) if default else None, help_string,
+      CONFIG_FLAG, resolve_config_spec(default) if default and not _help_only else None,
+      f"{help_string.rstrip('.')}. Presets: {_presets_text()}.{default_text} Override any field "
+      f"with --{CONFIG_FLAG}.SECTION.FIELD=VALUE (e.g. --{CONFIG_FLAG}.sampling.temperature=0.5); "
+      f"--{PRINT_CONFIG_FLAG} lists every field.",
       lock_config=False)  # Locking fails on the FrozenConfigDict of model.rope_scaling.
+  flags.DEFINE_bool(PRINT_CONFIG_FLAG, False, f"Print the resolved config (the --{CONFIG_FLAG} "
+                    f"preset or file with every --{CONFIG_FLAG}.* override applied), one field a "
+                    f"line, and exit.")
+
+
+def _flat_fields(tree, prefix: str = "") -> list[tuple[str, object]]:
+  out = []
+  for key, value in tree.items():
+    if hasattr(value, "items") and value:
+      out += _flat_fields(value, f"{prefix}{key}.")
+    else:
+      out.append((f"{prefix}{key}", dict(value) if hasattr(value, "items") else value))
+  return out
+
+
+def config_text(config) -> str:
+  """Every field of a config as `section.field = value` lines (values as JSON), with a header
+  that says how to override them."""
+  lines = [f"# The resolved config: override any field with --{CONFIG_FLAG}.FIELD=VALUE."]
+  if config.get("model", {}).get("init_from"):
+    lines.append("# model.init_from is set: the model's architecture (vocab_size, d_model, n_layers, "
+                 "heads, ...) comes from its own config at run time; dtype, param_dtype, scan_layers, "
+                 "remat_policy, residual_dropout and attention stay as here.")
+  lines += [f"{name} = {json.dumps(value, default=str)}" for name, value in _flat_fields(config)]
+  return "\n".join(lines)
 
 
 def prog_name() -> str:
@@ -176,11 +227,76 @@ def _first_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
+def help_requested(argv: Sequence[str]) -> str | None:
+  """"short" for `--help`/`-h`/`--helpshort`, "full" for `--helpfull`, else None (argv[0] is the
+  program; nothing after `--` counts)."""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    name = arg.split("=", 1)[0]
+    if name in FULL_HELP_ARGS:
+      return "full"
+    if name in SHORT_HELP_ARGS:
+      return "short"
+  return None
+
+
+def _flag_line(flag) -> str:
+  name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+  text = " ".join((flag.help or "").split())
+  default = flag.default
+  if flag.name != CONFIG_FLAG and default not in (None, ""):
+    text += f" (default: {str(default).lower() if flag.boolean else default})"
+  return textwrap.fill(f"{name}: {text}", width=HELP_WIDTH, initial_indent="  ",
+                       subsequent_indent="      ", break_on_hyphens=False)
+
+
+ABSL_APP_HELP_TRAILER = ("Also --verbosity=N (absl/Orbax/jax log lines), --flagfile=FILE, and "
+                         "--helpfull (every flag, absl's and jax's included).")
+
+
+def help_text(usage: str, own_flags: Sequence, trailer: str = "") -> str:
+  """A command's --help: its docstring, then each of its own flags with its help and default."""
+  lines = [textwrap.dedent(usage or prog_name()).strip(), "", "flags:"]
+  lines += [_flag_line(flag) for flag in own_flags]
+  if trailer:
+    lines += ["", textwrap.fill(trailer, width=HELP_WIDTH)]
+  return "\n".join(lines)
+
+
+def _own_flags(values, names: Sequence[str]) -> list:
+  """The distinct Flag objects of `names` in `values`, in their order (a short name repeats one)."""
+  seen, out = set(), []
+  for name in names:
+    flag = values[name]
+    if id(flag) not in seen:
+      seen.add(id(flag))
+      out.append(flag)
+  return out
+
+
+def print_help_and_exit(kind: str, usage: str, values, own_names: Sequence[str],
+                        trailer: str = "") -> None:
+  """--help (kind "short") or --helpfull ("full") on stdout; exit status 0."""
+  print(help_text(usage, _own_flags(values, own_names), trailer))
+  if kind == "full":
+    print("\nall flags:\n" + values.get_help())
+  sys.exit(0)
+
+
 def parse_flags(argv: Sequence[str], *, define_flags: Callable[[], None],
-                default_config: str | None = None) -> list[str]:
-  """absl's flags parser for `run`: defines the flags, then parses; bad input -> `fail`."""
+                default_config: str | None = None, usage: str = "") -> list[str]:
+  """absl's flags parser for `run`: defines the flags, then parses; --help -> the command's own
+  flags and exit 0; bad input -> `fail`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   argv = with_config_resolved(argv)
+  wanted = help_requested(argv)
+  if wanted:
+    global _help_only
+    defined_before, _help_only = set(flags.FLAGS), True
+    define_flags()
+    own = [name for name in flags.FLAGS if name not in defined_before]
+    print_help_and_exit(wanted, usage, flags.FLAGS, own, ABSL_APP_HELP_TRAILER)
   try:
     if default_config is not None or _config_spec(argv) is not None or _overrides(argv):
       check_config_args(argv, default_config)
@@ -199,10 +315,11 @@ def parse_own_flags(argv: Sequence[str], define_flags: Callable, usage: str, *,
   (`main(argv) -> status`): returns (flag values, positional arguments); bad flags -> `fail`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   values = flags.FlagValues()
+  defined_before = set(values)
   define_flags(values)
-  if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv):
-    print(usage.rstrip() + "\n\nflags:\n" + values.get_help())
-    sys.exit(0)
+  wanted = help_requested([prog_name()] + list(argv))
+  if wanted:
+    print_help_and_exit(wanted, usage, values, [name for name in values if name not in defined_before])
   try:
     args = values([prog_name()] + list(argv))[1:]
   except flags.Error as e:
@@ -231,11 +348,19 @@ def setup_process(cpu_allocator: bool = False) -> None:
 def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None], *,
         default_config: str | None = None, cpu_allocator: bool = False,
         auto_cpu: bool = True) -> None:
-  """`app.run(main)` with one-line errors (exit 2), quiet logs and the process set-up."""
+  """`app.run(main)` with one-line errors (exit 2), quiet logs, the process set-up, and --help
+  (the docstring of `main`'s module and the flags `define_flags` defines, exit 0). A command with
+  `define_config_flag` also answers `--print_config` here, before any set-up."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
 
   def guarded(argv):
     quiet_logging()
+    if PRINT_CONFIG_FLAG in flags.FLAGS and flags.FLAGS[PRINT_CONFIG_FLAG].value:
+      if flags.FLAGS[CONFIG_FLAG].value is None:
+        fail(f"--{PRINT_CONFIG_FLAG} needs --{CONFIG_FLAG}=PRESET ({_presets_text()})")
+      print(config_text(flags.FLAGS[CONFIG_FLAG].value))
+      return 0
     if auto_cpu:
       setup_process(cpu_allocator)
     try:
@@ -243,5 +368,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
     except errors.InputError as e:
       fail(str(e))
 
-  parser = functools.partial(parse_flags, define_flags=define_flags, default_config=default_config)
+  usage = getattr(sys.modules.get(main.__module__), "__doc__", None) or ""
+  parser = functools.partial(parse_flags, define_flags=define_flags, default_config=default_config,
+                             usage=usage)
   app.run(guarded, flags_parser=parser)
