@@ -462,6 +462,23 @@ def truncate_prompt(ids: Sequence[int], budget: int, bos_id: int | None) -> list
   return ids[len(ids) - budget:]
 
 
+def prepare_prompts(model_config: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
+                    sampling_config: SamplingConfig, bos_id: int | None) -> list[list[int]]:
+  """Checks each prompt's ids against the model's vocabulary and cuts it to the prompt budget
+  (`truncate_prompt`); a ValueError names the prompt's index."""
+  kept = []
+  for i, ids in enumerate(prompts):
+    ids = [int(t) for t in ids]
+    if not ids:
+      raise ValueError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
+    bad = [t for t in ids if not 0 <= t < model_config.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary "
+                       f"[0, {model_config.vocab_size}); is the tokenizer the model's?")
+    kept.append(truncate_prompt(ids, sampling_config.prompt_budget, bos_id))
+  return kept
+
+
 def _to_device(array: np.ndarray, sharding_: NamedSharding | None):
   if sharding_ is None:
     return jnp.asarray(array)
@@ -500,17 +517,7 @@ def generate(model_config: model_lib.ModelConfig, params, prompts: Sequence[Sequ
   seeds = list(range(n)) if prompt_seeds is None else [int(s) for s in prompt_seeds]
   if len(seeds) != n:
     raise ValueError(f"prompt_seeds has {len(seeds)} entries for {n} prompts")
-  budget = scfg.prompt_budget
-  kept = []
-  for i, ids in enumerate(prompts):
-    ids = [int(t) for t in ids]
-    if not ids:
-      raise ValueError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
-    bad = [t for t in ids if not 0 <= t < model_config.vocab_size]
-    if bad:
-      raise ValueError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary "
-                       f"[0, {model_config.vocab_size}); is the tokenizer the model's?")
-    kept.append(truncate_prompt(ids, budget, bos_id))
+  kept = prepare_prompts(model_config, prompts, scfg, bos_id)
   params = place_params(params, model_config, mesh)
   order = sorted(range(n), key=lambda i: -len(kept[i]))
   batch_size = min(scfg.batch_size, max(n, 1))

@@ -187,3 +187,16 @@ def test_engine_on_eight_devices_equals_one():
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ok 8" in proc.stdout
+
+
+@pytest.mark.slow
+def test_answer_prompts_keeps_sampling_generates_contract(params):
+  """What lima-evaluate runs: truncation, budgets and finish reasons as `sampling.generate`'s."""
+  prompts = random_prompts(6, seed=7, longest=50) + [[1] + list(range(20, 80))]
+  scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=12, max_len=MAX_LEN, batch_size=3)
+  want = sampling.generate(CFG, params, prompts, sampling_config=scfg, stop_ids=STOP, bos_id=1)
+  engine = engine_lib.Engine(CFG, params, slots=3, max_len=MAX_LEN, stop_ids=STOP)
+  seen = []
+  got = batcher_lib.answer_prompts(engine, prompts, scfg, bos_id=1, on_result=lambda i, r: seen.append(i))
+  assert got == want and sorted(seen) == list(range(len(prompts)))
+  assert got[-1].prompt_truncated and {r.finish_reason for r in got} >= {"stop", "length"}

@@ -19,7 +19,7 @@ shorthands for `--config.sampling.*`.
 
 Output JSONL, one line per prompt (per turn for MT-Bench) in the prompts' order: id,
 conversation, response, generator, decoding, model, prompt_tokens, response_tokens,
-finish_reason (stop | length | max_len), prompt_truncated. After each finished batch,
+finish_reason (stop | length | max_len), prompt_truncated. After each finished answer,
 OUTPUT.partial is rewritten whole and atomically (object stores cannot append); OUTPUT appears
 only once every prompt is answered. Atomic means: locally a temporary file, fsync'ed and renamed;
 on gs:// one object upload, which replaces the object only once complete. A rerun with the same
@@ -52,6 +52,8 @@ from lima_jax import records as records_lib
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax.cli import common
+from lima_jax.serve import batcher as batcher_lib
+from lima_jax.serve import engine as engine_lib
 from lima_jax.cli import decoding as decoding_flags
 
 PARTIAL_SUFFIX = ".partial"
@@ -240,8 +242,10 @@ def _broadcast_done(mask: list[bool]) -> list[bool]:
 
 
 def answer(loaded, prompts: Sequence[Prompt], responses: ResponseLog, scfg: sampling.SamplingConfig,
-           base: dict, log: Callable[[str], None]) -> None:
-  """Generates every prompt not yet in `responses`, recording each batch as it finishes."""
+           base: dict, log: Callable[[str], None], engine: engine_lib.Engine | None = None) -> None:
+  """Generates every prompt not yet in `responses`, recording answers as they finish: through
+  the engine's slots (refilled as answers end), or in static batches (`engine` None: several
+  processes)."""
   todo_mask = _broadcast_done([not responses.done(_record_key(p)) for p in prompts])
   todo = [p for p, t in zip(prompts, todo_mask) if t]
   if not todo:
@@ -266,7 +270,22 @@ def answer(loaded, prompts: Sequence[Prompt], responses: ResponseLog, scfg: samp
 
   # A prompt's random stream depends only on its place in the file (and MT-Bench turn), so a
   # resumed run gives the answers an uninterrupted one would have.
-  loaded.generate(ids, scfg, prompt_seeds=[p.index * 16 + p.turn for p in todo], on_batch=on_batch)
+  seeds = [p.index * 16 + p.turn for p in todo]
+  if engine is None:
+    loaded.generate(ids, scfg, prompt_seeds=seeds, on_batch=on_batch)
+  else:
+    batcher_lib.answer_prompts(engine, ids, scfg, bos_id=loaded.tokenizer.bos_id, prompt_seeds=seeds,
+                               on_result=lambda i, result: on_batch([(i, result)]))
+
+
+def make_engine(loaded, scfg: sampling.SamplingConfig, serve_config: dict) -> engine_lib.Engine | None:
+  """The continuous-batching engine for one host; None (static batches) across processes."""
+  if jax.process_count() > 1:
+    return None
+  return engine_lib.Engine(
+      loaded.model_config, loaded.params, slots=int(serve_config.get("slots", scfg.batch_size)),
+      max_len=scfg.max_len, stop_ids=loaded.stop_ids, pad_id=loaded.tokenizer.pad_id or 0,
+      mesh=loaded.mesh, steps_per_call=int(serve_config.get("steps_per_call", 4)), top_logprobs=0)
 
 
 def alpaca_eval_records(records: Sequence[dict], generator: str) -> list[dict]:
@@ -293,8 +312,13 @@ def _mt_key(question_id, turn: int) -> str:
 def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config: sampling.SamplingConfig,
              mesh_config: dict | None = None, generator: str | None = None, tokenizer: str | None = None,
              alpaca_eval: str | None = None, mt_bench: str | None = None, dtype: str | None = None,
-             eot: str = "<EOT>", log: Callable[[str], None] = print) -> list[dict]:
-  """The whole command; returns the output records (in prompt order)."""
+             eot: str = "<EOT>", serve_config: dict | None = None,
+             log: Callable[[str], None] = print) -> list[dict]:
+  """The whole command; returns the output records (in prompt order).
+
+  `serve_config` (`config.serve`) sizes the engine: its `slots` (default: sampling.batch_size)
+  and `steps_per_call`.
+  """
 
   for flag, path in (("--output", output), ("--alpaca_eval", alpaca_eval), ("--mt_bench", mt_bench)):
     # Object stores have no directories to create first; a local one must exist.
@@ -331,6 +355,7 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
   decoding = {k: v for k, v in scfg.to_dict().items() if k != "batch_size"}
   base = {"generator": generator, "decoding": decoding, "model": loaded.path}
   writer = jax.process_index() == 0
+  engine = make_engine(loaded, scfg, serve_config or {})
   responses = ResponseLog(output, {"generator": generator, "decoding": decoding}, writer, log)
   log(f"{len(questions) if mt else len(prompts)} {'questions' if mt else 'prompts'} from {prompts_path}; "
       f"generator {generator!r}; stop ids {list(loaded.stop_ids)}")
@@ -347,10 +372,10 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
         meta = {k: q[k] for k in ("category",) if k in q}
         round_prompts.append(Prompt(_mt_key(q["question_id"], turn), tuple(context + [q["turns"][turn - 1]]),
                                     q["_index"], meta, q["question_id"], turn))
-      answer(loaded, round_prompts, responses, scfg, base, log)
+      answer(loaded, round_prompts, responses, scfg, base, log, engine)
     order = [_mt_key(q["question_id"], t) for q in questions for t in range(1, len(q["turns"]) + 1)]
   else:
-    answer(loaded, prompts, responses, scfg, base, log)
+    answer(loaded, prompts, responses, scfg, base, log, engine)
     order = [_record_key(p) for p in prompts]
 
   records = responses.finish(order)
@@ -378,7 +403,7 @@ def main(argv):
     raise InputError(f"--config: {e}") from None
   evaluate(f.checkpoint, f.prompts, f.output, sampling_config=scfg, mesh_config=dict(config.mesh),
            generator=f.generator, tokenizer=f.tokenizer, alpaca_eval=f.alpaca_eval, mt_bench=f.mt_bench,
-           dtype=f.dtype, eot=f.eot)
+           dtype=f.dtype, eot=f.eot, serve_config=dict(config.get("serve", {})))
 
 
 def define_flags() -> None:

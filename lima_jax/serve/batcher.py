@@ -12,6 +12,7 @@ import dataclasses
 import threading
 from typing import Callable, Sequence
 
+from lima_jax import sampling
 from lima_jax.serve import engine as engine_lib
 
 FINISH_STOP, FINISH_LENGTH, FINISH_MAX_LEN = "stop", "length", "max_len"
@@ -238,3 +239,28 @@ def generate_all(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
     if h.error is not None:
       raise h.error
   return handles
+
+
+def answer_prompts(engine: engine_lib.Engine, prompts: Sequence[Sequence[int]],
+                   sampling_config: sampling.SamplingConfig, *, bos_id: int | None = None,
+                   prompt_seeds: Sequence[int] | None = None,
+                   on_result: Callable[[int, sampling.GenerationResult], None] | None = None,
+                   ) -> list[sampling.GenerationResult]:
+  """`sampling.generate`'s contract (truncation, budgets, finish reasons, per-prompt random streams
+  `prompt_seeds`), answered through the engine's slots; `on_result(index, result)` as each ends."""
+  scfg = sampling_config
+  kept = sampling.prepare_prompts(engine.model_config, prompts, scfg, bos_id)
+  seeds = list(range(len(prompts))) if prompt_seeds is None else [int(s) for s in prompt_seeds]
+  if len(seeds) != len(prompts):
+    raise ValueError(f"prompt_seeds has {len(seeds)} entries for {len(prompts)} prompts")
+  settings = [engine_lib.SlotSettings.from_sampling(scfg, scfg.max_new_tokens, stream=s) for s in seeds]
+
+  def result(i: int, handle: Handle) -> sampling.GenerationResult:
+    return sampling.GenerationResult(
+        tokens=handle.tokens, finish_reason=handle.finish_reason, prompt_tokens=len(kept[i]),
+        response_tokens=len(handle.tokens), generated_tokens=handle.generated,
+        prompt_truncated=len(kept[i]) < len(prompts[i]))
+
+  done = None if on_result is None else (lambda i, h: on_result(i, result(i, h)))
+  handles = generate_all(engine, kept, settings, done)
+  return [result(i, h) for i, h in enumerate(handles)]
