@@ -201,91 +201,13 @@ def create_app(service: Service) -> fastapi.FastAPI:
                                         "created": service.created, "owned_by": "lima_jax",
                                         "max_model_len": service.engine.max_len}]}
 
-  def check_model(body: dict) -> None:
-    model = body.get("model")
-    if model is not None and model != service.model_name:
-      raise APIError(404, f"the model {model!r} does not exist; this server serves {service.model_name!r}",
-                     param="model", code="model_not_found")
-
   @app.post("/v1/chat/completions")
-  async def chat_completions(request: fastapi.Request):
-    body = await _json_body(request)
-    check_model(body)
-    decoding = protocol.parse_decoding(body, service.defaults, chat=True,
-                                       max_top_logprobs=service.engine.top_logprobs,
-                                       max_len=service.engine.max_len)
-    prompt = service.loaded.prompt_ids(protocol.chat_turns(body))
-    budget = protocol.answer_budget(decoding, len(prompt), service.engine.max_len,
-                                    service.defaults.max_new_tokens, "messages")
-    waiter = Waiter()
-    handles = service.submit(prompt, decoding, budget, waiter)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if decoding.stream:
-      def chunk(i, piece, entries, finish, first=False, usage=None):
-        payload = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                   "model": service.model_name, "choices": []}
-        if i is not None:
-          delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
-          logprobs = {"content": _chat_logprobs(service, entries, decoding.top_logprobs)} if entries else None
-          payload["choices"] = [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
-        if decoding.include_usage:
-          payload["usage"] = usage
-        return payload
-      return responses.StreamingResponse(_stream(service, handles, waiter, decoding, chunk, len(prompt)),
-                                         media_type="text/event-stream")
-    texts = [text_lib.AnswerText(service.tokenizer.decode, decoding.stop) for _ in handles]
-    await _wait_all(handles, waiter, texts)
-    choices = []
-    for i, (h, t) in enumerate(zip(handles, texts)):
-      content = t.text(h.tokens, final=True)
-      logprobs = None
-      if decoding.logprobs:
-        logprobs = {"content": _chat_logprobs(service, zip(h.tokens, h.logprobs), decoding.top_logprobs)}
-      choices.append({"index": i, "message": {"role": "assistant", "content": content},
-                      "logprobs": logprobs, "finish_reason": _finish_reason(h, t)})
-    return {"id": rid, "object": "chat.completion", "created": created, "model": service.model_name,
-            "choices": choices, "usage": _usage(len(prompt), sum(h.generated for h in handles))}
+  async def chat(request: fastapi.Request):
+    return await chat_completions(service, await _json_body(request))
 
   @app.post("/v1/completions")
-  async def completions(request: fastapi.Request):
-    body = await _json_body(request)
-    check_model(body)
-    decoding = protocol.parse_decoding(body, service.defaults, chat=False,
-                                       max_top_logprobs=service.engine.top_logprobs,
-                                       max_len=service.engine.max_len)
-    prompts = protocol.completion_prompts(body, service.encode_text, service.engine.model_config.vocab_size)
-    if decoding.stream and (len(prompts) > 1 or decoding.echo):
-      raise protocol.bad("stream", "streaming takes one prompt and no echo")
-    budgets = [protocol.answer_budget(decoding, len(p), service.engine.max_len,
-                                      service.defaults.max_new_tokens, "prompt") for p in prompts]
-    waiter = Waiter()
-    groups = []
-    for p, budget in zip(prompts, budgets):
-      groups.append(service.submit(p, decoding, budget, waiter) if budget else [])
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    if decoding.stream:
-      def chunk(i, piece, entries, finish, first=False, usage=None):
-        payload = {"id": rid, "object": "text_completion", "created": created, "model": service.model_name,
-                   "choices": []}
-        if i is not None and not first:
-          logprobs = _completion_logprobs(service, entries, decoding.top_logprobs) if entries else None
-          payload["choices"] = [{"index": i, "text": piece, "logprobs": logprobs, "finish_reason": finish}]
-        if decoding.include_usage:
-          payload["usage"] = usage
-        return payload
-      return responses.StreamingResponse(_stream(service, groups[0], waiter, decoding, chunk, len(prompts[0])),
-                                         media_type="text/event-stream")
-    all_handles = [h for g in groups for h in g]
-    texts = {id(h): text_lib.AnswerText(service.tokenizer.decode, decoding.stop) for h in all_handles}
-    await _wait_all(all_handles, waiter, [texts[id(h)] for h in all_handles])
-    choices = []
-    for p, group in zip(prompts, groups):
-      echo = await _echo(service, p, decoding) if decoding.echo else None
-      for h in group or [None]:
-        choices.append(_completion_choice(service, len(choices), p, h, texts.get(id(h)), echo, decoding))
-    completion_tokens = sum(h.generated for h in all_handles)
-    return {"id": rid, "object": "text_completion", "created": created, "model": service.model_name,
-            "choices": choices, "usage": _usage(sum(len(p) for p in prompts), completion_tokens)}
+  async def complete(request: fastapi.Request):
+    return await completions(service, await _json_body(request))
 
   return app
 
@@ -321,7 +243,7 @@ async def _echo(service: Service, prompt: Sequence[int], decoding: protocol.Deco
   return text, entries
 
 
-def _completion_choice(service: Service, index: int, prompt, handle, text, echo, decoding) -> dict:
+def _completion_choice(service: Service, index: int, handle, text, echo, decoding) -> dict:
   prefix, prompt_entries = echo if echo is not None else ("", [])
   answer = text.text(handle.tokens, final=True) if handle is not None else ""
   logprobs = None
@@ -332,3 +254,93 @@ def _completion_choice(service: Service, index: int, prompt, handle, text, echo,
     logprobs = _completion_logprobs(service, entries, decoding.top_logprobs)
   finish = _finish_reason(handle, text) if handle is not None else "length"
   return {"index": index, "text": prefix + answer, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _check_model(service: Service, body: dict) -> None:
+  model = body.get("model")
+  if model is not None and model != service.model_name:
+    raise APIError(404, f"the model {model!r} does not exist; this server serves {service.model_name!r}",
+                   param="model", code="model_not_found")
+
+
+def _decoding(service: Service, body: dict, chat: bool) -> protocol.Decoding:
+  _check_model(service, body)
+  return protocol.parse_decoding(body, service.defaults, chat=chat, max_top_logprobs=service.engine.top_logprobs,
+                                 max_len=service.engine.max_len)
+
+
+def _chat_chunk(service: Service, rid: str, created: int, decoding: protocol.Decoding):
+  def chunk(i, piece, entries, finish, first=False, usage=None):
+    payload = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
+               "choices": []}
+    if i is not None:
+      delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+      logprobs = {"content": _chat_logprobs(service, entries, decoding.top_logprobs)} if entries else None
+      payload["choices"] = [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+    if decoding.include_usage:
+      payload["usage"] = usage
+    return payload
+  return chunk
+
+
+def _completion_chunk(service: Service, rid: str, created: int, decoding: protocol.Decoding):
+  def chunk(i, piece, entries, finish, first=False, usage=None):
+    payload = {"id": rid, "object": "text_completion", "created": created, "model": service.model_name,
+               "choices": []}
+    if i is not None and not first:
+      logprobs = _completion_logprobs(service, entries, decoding.top_logprobs) if entries else None
+      payload["choices"] = [{"index": i, "text": piece, "logprobs": logprobs, "finish_reason": finish}]
+    if decoding.include_usage:
+      payload["usage"] = usage
+    return payload
+  return chunk
+
+
+async def chat_completions(service: Service, body: dict):
+  decoding = _decoding(service, body, chat=True)
+  prompt = service.loaded.prompt_ids(protocol.chat_turns(body))
+  budget = protocol.answer_budget(decoding, len(prompt), service.engine.max_len,
+                                  service.defaults.max_new_tokens, "messages")
+  waiter = Waiter()
+  handles = service.submit(prompt, decoding, budget, waiter)
+  rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+  if decoding.stream:
+    chunks = _stream(service, handles, waiter, decoding, _chat_chunk(service, rid, created, decoding), len(prompt))
+    return responses.StreamingResponse(chunks, media_type="text/event-stream")
+  texts = [text_lib.AnswerText(service.tokenizer.decode, decoding.stop) for _ in handles]
+  await _wait_all(handles, waiter, texts)
+  choices = []
+  for i, (h, t) in enumerate(zip(handles, texts)):
+    logprobs = None
+    if decoding.logprobs:
+      logprobs = {"content": _chat_logprobs(service, zip(h.tokens, h.logprobs), decoding.top_logprobs)}
+    choices.append({"index": i, "message": {"role": "assistant", "content": t.text(h.tokens, final=True)},
+                    "logprobs": logprobs, "finish_reason": _finish_reason(h, t)})
+  return {"id": rid, "object": "chat.completion", "created": created, "model": service.model_name,
+          "choices": choices, "usage": _usage(len(prompt), sum(h.generated for h in handles))}
+
+
+async def completions(service: Service, body: dict):
+  decoding = _decoding(service, body, chat=False)
+  prompts = protocol.completion_prompts(body, service.encode_text, service.engine.model_config.vocab_size)
+  if decoding.stream and (len(prompts) > 1 or decoding.echo):
+    raise protocol.bad("stream", "streaming takes one prompt and no echo")
+  budgets = [protocol.answer_budget(decoding, len(p), service.engine.max_len,
+                                    service.defaults.max_new_tokens, "prompt") for p in prompts]
+  waiter = Waiter()
+  groups = [service.submit(p, decoding, budget, waiter) if budget else [] for p, budget in zip(prompts, budgets)]
+  rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+  if decoding.stream:
+    chunks = _stream(service, groups[0], waiter, decoding, _completion_chunk(service, rid, created, decoding),
+                     len(prompts[0]))
+    return responses.StreamingResponse(chunks, media_type="text/event-stream")
+  all_handles = [h for g in groups for h in g]
+  texts = {id(h): text_lib.AnswerText(service.tokenizer.decode, decoding.stop) for h in all_handles}
+  await _wait_all(all_handles, waiter, [texts[id(h)] for h in all_handles])
+  choices = []
+  for p, group in zip(prompts, groups):
+    echo = await _echo(service, p, decoding) if decoding.echo else None
+    for h in group or [None]:
+      choices.append(_completion_choice(service, len(choices), h, texts.get(id(h)), echo, decoding))
+  return {"id": rid, "object": "text_completion", "created": created, "model": service.model_name,
+          "choices": choices, "usage": _usage(sum(len(p) for p in prompts), sum(h.generated for h in all_handles))}
