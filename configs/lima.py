@@ -108,6 +108,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.data.train_on_prompt = False
   config.data.skip_bad_lines = False
   config.data.shuffle_seed = 0
+  config.data.sources = ""  # Ablations: keep the training conversations of these sources ("stackexchange,wikihow").
+  config.data.max_examples = 0  # Ablations: a seeded subset of this many training conversations (0 = all).
+  config.data.subset_seed = 0
   config.data.worker_count = 0
 
   config.optimizer = ml_collections.ConfigDict()

@@ -182,10 +182,51 @@ def tokenize_conversations(conversations: Sequence[records.Conversation], tokeni
   return examples
 
 
+def source_names(data_config) -> tuple[str, ...]:
+  """`data.sources` ("stackexchange,wikihow") as names; () keeps every source."""
+  return tuple(name.strip() for name in str(data_config.get("sources", "") or "").split(",") if name.strip())
+
+
+def select_training_conversations(conversations: Sequence[records.Conversation], data_config,
+                                  where: str) -> list[records.Conversation]:
+  """The ablations' selection (paper section 5): the conversations of `data.sources`, then a
+  seeded subset of `data.max_examples` of them (0 = all), kept in file order.
+
+  The subset is the first `max_examples` of one seeded permutation (`data.subset_seed`), so with
+  one seed the quantity ablation's sizes are nested: 2k examples hold the k of the smaller run.
+  """
+  wanted = source_names(data_config)
+  if wanted:
+    present = sorted({c.source for c in conversations})
+    missing = [name for name in wanted if name not in present]
+    if missing:
+      raise records.DataError(where, 0, f"data.sources names {', '.join(missing)}, which no training "
+                              f"conversation has; sources there: {', '.join(present) or 'none'}")
+    conversations = [c for c in conversations if c.source in wanted]
+  limit = int(data_config.get("max_examples", 0) or 0)
+  if limit < 0:
+    raise records.DataError(where, 0, f"data.max_examples={limit}: expected 0 (all) or a positive count")
+  if limit and limit > len(conversations):
+    raise records.DataError(where, 0, f"data.max_examples={limit}: only {len(conversations)} training "
+                            "conversations" + (" of data.sources" if wanted else ""))
+  if limit:
+    rng = np.random.default_rng(int(data_config.get("subset_seed", 0)))
+    keep = np.sort(rng.permutation(len(conversations))[:limit])
+    conversations = [conversations[i] for i in keep]
+  if wanted or limit:
+    _log.info("training on %d conversations (data.sources=%r, data.max_examples=%d)", len(conversations),
+              ",".join(wanted), limit)
+  return list(conversations)
+
+
 def load_examples(data_config, tokenizer, split: str) -> tuple[list[Example], records.DataStats]:
-  """Reads, validates and tokenizes one split of a `config.data` section."""
+  """Reads, validates and tokenizes one split of a `config.data` section (for the train split,
+  only the conversations `select_training_conversations` keeps)."""
   stats = records.DataStats()
   conversations = load_conversations(data_config, split, stats)
+  if split == "train":
+    conversations = select_training_conversations(conversations, data_config,
+                                                  split_location(data_config, split))
   examples = tokenize_conversations(conversations, tokenizer, max_len=data_config.max_len,
                                     train_on_prompt=data_config.train_on_prompt, stats=stats)
   if not examples:

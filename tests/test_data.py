@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -491,3 +492,52 @@ def test_to_global_batch_on_four_devices():
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# -- Ablation data selection (data.sources, data.max_examples) -----------------------------------
+
+
+def _selected(**overrides):
+  config = _lima_config(**overrides)
+  conversations = data.load_conversations(config, "train")
+  return data.select_training_conversations(conversations, config, "train.jsonl")
+
+
+def test_sources_keep_only_the_listed_sources(tok):
+  kept = _selected(sources="wikihow, writing_prompt")
+  assert {c.source for c in kept} == {"wikihow", "writing_prompt"} and len(kept) == 10
+  examples, stats = data.load_examples(_lima_config(sources="wikihow"), tok, "train")
+  assert len(examples) == stats.examples == 9 and stats.conversations == 50
+  dev, _ = data.load_examples(_lima_config(sources="wikihow"), tok, "dev")
+  assert len(dev) == 10  # Selection is for training only: dev keeps every conversation.
+
+
+def test_max_examples_is_a_seeded_nested_subset_in_file_order():
+  everything = _selected()
+  eight = _selected(max_examples=8)
+  assert len(eight) == 8 and eight == _selected(max_examples=8)
+  assert [c.line for c in eight] == sorted(c.line for c in eight)
+  assert set(eight) <= set(_selected(max_examples=16))  # One permutation: sizes are nested.
+  assert eight != _selected(max_examples=8, subset_seed=1)
+  assert _selected(max_examples=50) == everything
+  stack = _selected(sources="stackexchange", max_examples=4)
+  assert len(stack) == 4 and {c.source for c in stack} == {"stackexchange"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sources": "stackexchange,reddit"}, "data.sources names reddit, which no training conversation has; "
+                                          "sources there: hand_written, stackexchange, wikihow, writing_prompt"),
+    ({"max_examples": 51}, "data.max_examples=51: only 50 training conversations"),
+    ({"sources": "wikihow", "max_examples": 10}, "data.max_examples=10: only 9 training conversations of data.sources"),
+    ({"max_examples": -1}, "data.max_examples=-1: expected 0 (all) or a positive count"),
+])
+def test_bad_selection_is_bad_input(overrides, message):
+  with pytest.raises(records.DataError, match=re.escape(message)):
+    _selected(**overrides)
+
+
+def test_selection_changes_the_training_fingerprint(tok):
+  loaders = [data.make_train_loader(_lima_config(**o), tok, global_batch_size=4, process_index=0, process_count=1)
+             for o in ({}, {"max_examples": 8}, {"max_examples": 8, "subset_seed": 1})]
+  assert [l.steps_per_epoch for l in loaders] == [13, 2, 2]
+  assert len({json.dumps(l.get_state()["fingerprint"], sort_keys=True) for l in loaders}) == 3

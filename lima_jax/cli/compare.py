@@ -14,6 +14,18 @@ Absolute (paper figure 3: fail / pass / excellent), one JSON object a line:
 
   python tools/compare.py absolute labels.jsonl [--prompts test.jsonl]
 
+Likert (the ablations' 1-6 helpfulness, figures 5/6), `{"id": "17", "score": 4.6}` (lima-judge
+writes a prompt's mean over its sampled answers): the mean with its bootstrap interval.
+
+  python tools/compare.py likert 'quantity/likert-n*.jsonl' --plot figure6.png
+
+JUDGEMENTS may be several files, separated by commas, each possibly a glob: each gets its table,
+and `--plot FILE` draws them all in one PNG: pairwise as figure 1 (a bar a file, named by its
+records' b_generator, else the file name), absolute as figure 3, likert as figure 6 (mean against
+the number of training examples: the records' `examples` field, else the last number in the file
+name) or, when a file has no such number, as figure 5 (a bar a file). Lines with
+`"unparsed": true` (a judge reply lima-judge could not read) are counted apart, never as ties.
+
 Each share comes with a 95% percentile-bootstrap interval: the judged prompts are resampled with
 replacement `--resamples` times (seeded by `--seed`). Ids are compared as strings; with
 `--prompts`, every judged id must be a prompt of that file (its `id` field, else its 1-based line
@@ -28,8 +40,10 @@ from typing import Sequence
 import numpy as np
 
 from lima_jax import errors
+from lima_jax import jsonl
 from lima_jax import paths
 from lima_jax.cli import common
+from lima_jax.judge import summaries
 
 PAIRWISE_LABELS = ("a", "tie", "b")
 ABSOLUTE_LABELS = ("fail", "pass", "excellent")
@@ -41,20 +55,7 @@ InputError = errors.InputError  # A problem in an input file; the message names 
 
 def _json_lines(path: str):
   """(line number, object) of a JSONL file, local or gs://."""
-  try:
-    text = paths.path(path).read_text(encoding="utf-8")
-  except OSError as e:
-    raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-  for number, line in enumerate(text.split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-    if not isinstance(record, dict):
-      raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-    yield number, record
+  return jsonl.read_objects(path)
 
 
 def prompt_ids(path: str) -> set[str]:
@@ -91,25 +92,12 @@ def _absolute_label(record: dict, where: str) -> str:
   return label
 
 
-def read_judgements(path: str, kind: str, known_ids: set[str] | None = None) -> dict[str, str]:
-  """id -> label for every line of `path`; `kind` is "pairwise" or "absolute"."""
+def read_judgements(path: str, kind: str, known_ids: set[str] | None = None,
+                    unparsed: list[str] | None = None) -> dict[str, str]:
+  """id -> label for every line of `path`; `kind` is "pairwise" or "absolute" (unparsed lines
+  have no label: their ids go to `unparsed`)."""
   parse = _pairwise_label if kind == "pairwise" else _absolute_label
-  labels: dict[str, str] = {}
-  first_line: dict[str, int] = {}
-  for number, record in _json_lines(path):
-    where = f"{path}:{number}"
-    if "id" not in record:
-      raise InputError(f"{where}: no 'id' field")
-    pid = str(record["id"])
-    if pid in labels:
-      raise InputError(f"{where}: duplicate id {pid!r} (first on line {first_line[pid]})")
-    if known_ids is not None and pid not in known_ids:
-      raise InputError(f"{where}: id {pid!r} is not in the prompts file")
-    labels[pid] = parse(record, where)
-    first_line[pid] = number
-  if not labels:
-    raise InputError(f"{path}: no judgements")
-  return labels
+  return summaries.read_judged(path, parse, known_ids, unparsed)
 
 
 def shares_with_intervals(labels: Sequence[str], categories: Sequence[str], resamples: int = 10000,
@@ -135,19 +123,76 @@ def _print_table(title: str, rows: dict[str, dict[str, float]], names: dict[str,
           f"  ({r['count']})")
 
 
-MODES = ("pairwise", "absolute")
+MODES = ("pairwise", "absolute", "likert")
+
+
+def judgement_files(spec: str) -> list[str]:
+  """JUDGEMENTS: one file, or several separated by commas, each possibly a glob."""
+  files = []
+  for part in filter(None, spec.split(",")):
+    matches = [str(p) for p in paths.expand_globs(part)]
+    if not matches:
+      raise InputError(f"JUDGEMENTS: no file matches {part!r}")
+    files += matches
+  if not files:
+    raise InputError("JUDGEMENTS: no file given")
+  return files
 
 
 def define_flags(values) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("prompts", None, "prompts JSONL: judged ids must be among its ids", flag_values=values)
   flags.DEFINE_string("a_name", "A", "pairwise: name of system a", flag_values=values)
-  flags.DEFINE_string("b_name", "B", "pairwise: name of system b", flag_values=values)
+  flags.DEFINE_string("b_name", "B", "pairwise: name of system b (unset: the records' b_generator; with "
+                      "several files, each file's b_generator or file name)",
+                      flag_values=values)
   flags.DEFINE_integer("resamples", 10000, "bootstrap resamples", lower_bound=1, flag_values=values)
   flags.DEFINE_integer("seed", 0, "bootstrap seed", flag_values=values)
   flags.DEFINE_float("level", 0.95, "interval level, in (0, 1)", lower_bound=0.0, upper_bound=1.0,
                      flag_values=values)
-  flags.DEFINE_bool("json", False, "also print the figures as one JSON line", flag_values=values)
+  flags.DEFINE_bool("json", False, "also print the figures as one JSON line a file", flag_values=values)
+  flags.DEFINE_string("plot", None, "also draw the paper's figure (1, 3 or 5/6) of all files into this PNG",
+                      flag_values=values)
+
+
+def _summarise_shares(path: str, mode: str, known, args, several: bool) -> dict:
+  unparsed: list[str] = []
+  labels = read_judgements(path, mode, known, unparsed)
+  if mode == "pairwise":
+    categories = PAIRWISE_LABELS
+    b_name = args.b_name if args["b_name"].present and not several else summaries.system_name(
+        path, "b_generator", None if several else args.b_name)
+    names = {"a": f"{args.a_name} wins", "tie": "tie", "b": f"{b_name} wins"}
+  else:
+    categories, b_name = ABSOLUTE_LABELS, summaries.system_name(path, "generator")
+    names = {c: c for c in categories}
+  rows = shares_with_intervals(list(labels.values()), categories, args.resamples, args.seed, args.level)
+  _print_table(f"{mode}: {path}", rows, names, len(labels), args.level)
+  figures = {"n": len(labels), "unparsed": len(unparsed), "shares": {names[c]: r for c, r in rows.items()}}
+  return {"name": b_name, "rows": rows, "figures": figures}
+
+
+def _summarise_likert(path: str, known, args) -> dict:
+  unparsed: list[str] = []
+  scores = summaries.read_judged(path, summaries.likert_score, known, unparsed)
+  mean = summaries.mean_with_interval(list(scores.values()), args.resamples, args.seed, args.level)
+  examples = summaries.examples_of(path)
+  print(f"likert: {path} ({mean['n']} prompts; {args.level:.0%} bootstrap interval)")
+  print(f"  mean helpfulness  {mean['mean']:.2f}  [{mean['low']:.2f}, {mean['high']:.2f}]"
+        + (f"  (training examples: {examples})" if examples is not None else ""))
+  return {"name": summaries.system_name(path, "generator"), "examples": examples, "mean": mean,
+          "figures": {**mean, "unparsed": len(unparsed), "examples": examples}}
+
+
+def _plot(mode: str, summarised: Sequence[dict], args) -> None:
+  from lima_jax import plots  # pylint: disable=g-import-not-at-top  # matplotlib only when drawing.
+  if mode == "pairwise":
+    plots.pairwise([(s["name"], s["rows"]) for s in summarised], args.a_name, args.plot)
+  elif mode == "absolute":
+    plots.absolute([(s["name"], s["rows"]) for s in summarised], args.plot)
+  else:
+    plots.likert([(s["name"], s["examples"], s["mean"]) for s in summarised], args.plot, args.level)
+  print(f"wrote {args.plot}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,24 +206,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.fail(f"--level={args.level}: expected a value in (0, 1)")
   try:
     known = prompt_ids(args.prompts) if args.prompts else None
-    labels = read_judgements(judgements, mode, known)
+    files = judgement_files(judgements)
+    summarised = []
+    for path in files:
+      if mode == "likert":
+        summarised.append(_summarise_likert(path, known, args))
+      else:
+        summarised.append(_summarise_shares(path, mode, known, args, len(files) > 1))
+      figures = summarised[-1]["figures"]
+      if figures["unparsed"]:
+        print(f"  {figures['unparsed']} unparsed (the judge's reply could not be read; not counted)")
+      if known is not None and figures["n"] + figures["unparsed"] < len(known):
+        print(f"  note: {len(known) - figures['n'] - figures['unparsed']} of {len(known)} prompts in "
+              f"{args.prompts} are not judged")
+      if args.json:
+        print(json.dumps({"mode": mode, "judgements": path, "resamples": args.resamples, "seed": args.seed,
+                          "level": args.level, **figures}))
   except InputError as e:
     print(f"{common.prog_name()}: error: {e}", file=sys.stderr)
     return errors.EXIT_BAD_INPUT
-  if mode == "pairwise":
-    categories = PAIRWISE_LABELS
-    names = {"a": f"{args.a_name} wins", "tie": "tie", "b": f"{args.b_name} wins"}
-  else:
-    categories = ABSOLUTE_LABELS
-    names = {c: c for c in categories}
-  rows = shares_with_intervals(list(labels.values()), categories, args.resamples, args.seed, args.level)
-  _print_table(f"{mode}: {judgements}", rows, names, len(labels), args.level)
-  if known is not None and len(labels) < len(known):
-    print(f"  note: {len(known) - len(labels)} of {len(known)} prompts in {args.prompts} are not judged")
-  if args.json:
-    print(json.dumps({"mode": mode, "judgements": judgements, "n": len(labels),
-                      "resamples": args.resamples, "seed": args.seed, "level": args.level,
-                      "shares": {names[c]: r for c, r in rows.items()}}))
+  if args.plot:
+    _plot(mode, summarised, args)
   return 0
 
 
