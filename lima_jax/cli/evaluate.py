@@ -57,6 +57,7 @@ from lima_jax.serve import engine as engine_lib
 from lima_jax.cli import decoding as decoding_flags
 
 PARTIAL_SUFFIX = ".partial"
+SAMPLE_STREAM_STRIDE = 1 << 24  # Sample k of a prompt draws from stream (prompt's stream + k * this).
 DEFAULT_CONFIG = "7b"
 
 InputError = errors.InputError  # Bad input the user must fix; exit status 2.
@@ -70,6 +71,13 @@ class Prompt:
   meta: dict  # source / dataset / category, carried to the outputs.
   question_id: Any = None  # MT-Bench only.
   turn: int = 0  # MT-Bench only: 1-based turn number.
+  sample: int | None = None  # --samples N > 1: which of the prompt's N sampled answers.
+
+  @property
+  def stream(self) -> int:
+    """The prompt's random stream: its place in the file, MT-Bench turn and sample, so a resumed
+    run gives the answers an uninterrupted one would have, and each sample draws its own."""
+    return self.index * 16 + self.turn + (self.sample or 0) * SAMPLE_STREAM_STRIDE
 
 
 # -- Reading prompts ----------------------------------------------------------------------------
@@ -177,7 +185,19 @@ def read_partial(path: str) -> tuple[list[dict], bool]:
 
 
 def _record_key(record_or_prompt) -> str:
-  return str(record_or_prompt["id"] if isinstance(record_or_prompt, dict) else record_or_prompt.id)
+  """A response's identity: its prompt's id, and its sample when a prompt has several."""
+  if isinstance(record_or_prompt, dict):
+    pid, sample = record_or_prompt["id"], record_or_prompt.get("sample")
+  else:
+    pid, sample = record_or_prompt.id, record_or_prompt.sample
+  return str(pid) if sample is None else f"{pid}#sample{sample}"
+
+
+def with_samples(prompts: Sequence[Prompt], samples: int) -> list[Prompt]:
+  """Each prompt `samples` times (sample 0..N-1, next to each other); as given when N is 1."""
+  if samples == 1:
+    return list(prompts)
+  return [dataclasses.replace(p, sample=k) for p in prompts for k in range(samples)]
 
 
 class ResponseLog:
@@ -259,6 +279,7 @@ def answer(loaded, prompts: Sequence[Prompt], responses: ResponseLog, scfg: samp
     for i, result in batch:
       p = todo[i]
       record = {"id": p.id, **({"question_id": p.question_id, "turn": p.turn} if p.turn else {}),
+                **({"sample": p.sample} if p.sample is not None else {}),
                 "conversation": list(p.turns), "response": loaded.tokenizer.decode(result.tokens),
                 **base, "prompt_tokens": result.prompt_tokens, "response_tokens": result.response_tokens,
                 "finish_reason": result.finish_reason, "prompt_truncated": result.prompt_truncated,
@@ -268,9 +289,7 @@ def answer(loaded, prompts: Sequence[Prompt], responses: ResponseLog, scfg: samp
     finished[0] += len(batch)
     log(f"answered {finished[0]}/{total} ({time.time() - start:.0f}s)")
 
-  # A prompt's random stream depends only on its place in the file (and MT-Bench turn), so a
-  # resumed run gives the answers an uninterrupted one would have.
-  seeds = [p.index * 16 + p.turn for p in todo]
+  seeds = [p.stream for p in todo]
   if engine is None:
     loaded.generate(ids, scfg, prompt_seeds=seeds, on_batch=on_batch)
   else:

@@ -21,6 +21,7 @@ from typing import Protocol, Sequence
 
 import httpx
 
+from lima_jax import chat_template
 from lima_jax import errors
 
 RETRIED_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -121,11 +122,12 @@ class ChatCompletionsClient:
 
   def __init__(self, base_url: str, model: str, *, api_key: str | None = None, temperature: float = 0.0,
                max_tokens: int = 1024, timeout_seconds: float = 120.0, retry: RetryPolicy = RetryPolicy(),
-               counter: RequestCounter | None = None):
+               counter: RequestCounter | None = None, fold_system: bool = False, settings: dict | None = None):
     self.model = model
+    self.fold_system = fold_system  # Send no system message (e.g. to lima-serve's LIMA models).
     base = base_url.rstrip("/")
     self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-    self._settings = {"temperature": temperature, "max_tokens": max_tokens}
+    self._settings = {"temperature": temperature, "max_tokens": max_tokens, **(settings or {})}
     self._retry = retry
     self.counter = counter or RequestCounter()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -144,7 +146,8 @@ class ChatCompletionsClient:
     return reply
 
   def complete(self, messages: Sequence[dict]) -> Reply:
-    payload = {"model": self.model, "messages": list(messages), **self._settings}
+    messages = chat_template.fold_system(messages) if self.fold_system else list(messages)
+    payload = {"model": self.model, "messages": messages, **self._settings}
     last_problem = ""
     for attempt in range(self._retry.max_retries + 1):
       self.counter.attempt(retry=attempt > 0)
