@@ -31,6 +31,7 @@ RETRIED_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 class Reply:
   text: str
   usage: dict  # prompt_tokens, completion_tokens, total_tokens (0 when the endpoint gives none).
+  finish_reason: str | None = None  # As the endpoint said (stop, length), where it did.
 
 
 class JudgeClient(Protocol):
@@ -99,12 +100,13 @@ def _usage(body: dict) -> dict:
           "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
 
 
-def _reply_text(body: dict, url: str) -> str:
+def _reply_text(body: dict, url: str) -> tuple[str, str | None]:
   try:
-    content = body["choices"][0]["message"]["content"]
+    choice = body["choices"][0]
+    content = choice["message"]["content"]
   except (KeyError, IndexError, TypeError):
     raise JudgeUnavailable(f"{url}: the reply has no choices[0].message.content") from None
-  return content or ""
+  return content or "", choice.get("finish_reason")
 
 
 def _refusal(response: httpx.Response, url: str, model: str) -> errors.InputError:
@@ -141,13 +143,15 @@ class ChatCompletionsClient:
       body = response.json()
     except ValueError:
       return None  # Cut short or not JSON: asked again like a 5xx.
-    reply = Reply(_reply_text(body, self.url), _usage(body))
+    text, finish_reason = _reply_text(body, self.url)
+    reply = Reply(text, _usage(body), finish_reason)
     self.counter.tokens(reply.usage)
     return reply
 
-  def complete(self, messages: Sequence[dict]) -> Reply:
+  def complete(self, messages: Sequence[dict], extra: dict | None = None) -> Reply:
+    """`extra`: more request fields for this request only (e.g. its seed)."""
     messages = chat_template.fold_system(messages) if self.fold_system else list(messages)
-    payload = {"model": self.model, "messages": messages, **self._settings}
+    payload = {"model": self.model, "messages": messages, **self._settings, **(extra or {})}
     last_problem = ""
     for attempt in range(self._retry.max_retries + 1):
       self.counter.attempt(retry=attempt > 0)
