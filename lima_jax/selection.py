@@ -15,6 +15,7 @@ from lima_jax import checkpoint
 from lima_jax import errors
 from lima_jax import metrics
 from lima_jax import paths
+from lima_jax import records
 
 SELECTION_FILE = "selected_checkpoint.json"
 
@@ -54,6 +55,15 @@ def dev_losses(workdir: str) -> dict[int, float]:
       if "dev_loss" in record:
         losses[int(record["step"])] = float(record["dev_loss"])
   return losses
+
+
+def dev_prompts(dev_path: str) -> list[dict]:
+  """A dev split's conversations as prompts: each without its last (assistant) turn, ids its line."""
+  try:
+    conversations = records.read_jsonl(dev_path, kind=records.TRAIN)
+  except (records.DataError, FileNotFoundError) as e:
+    raise errors.InputError(str(e)) from None
+  return [{"id": c.line, "conversations": list(c.prompt_turns)} for c in conversations]
 
 
 def write_selection(workdir: str, choice: dict) -> str:
