@@ -4,21 +4,18 @@
 
 import json
 
-import jax
 import pytest
 import torch
 import transformers
 
 import judge_server
+import tiny_models
 from lima_jax import chat_template
-from lima_jax import checkpoint
-from lima_jax import data as data_lib
-from lima_jax import model as model_lib
 from lima_jax import sampling
-from lima_jax import tokenizer as tokenizer_lib
 from lima_jax.cli import evaluate
 from lima_jax.judge import answers as answers_lib
 from lima_jax.judge import client as client_lib
+from test_evaluate import read_jsonl, write_jsonl
 
 PROMPTS = [{"conversations": ["What is a process?"], "id": "p1"},
            {"conversations": ["Name a colour.", "Blue.", "And another one?"], "id": "p2"},
@@ -32,28 +29,14 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
-def _write(path, records):
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  return str(path)
-
-
-def _read(path):
-  return [json.loads(line) for line in open(path, encoding="utf-8")]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  tok = tokenizer_lib.load_tokenizer(data_lib.bundled_paths()["tokenizer"])
-  cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, mlp_dim=64)
-  params = jax.tree.map(lambda x: x * 3.0, model_lib.init_params(cfg, jax.random.key(0)))
-  path = tmp_path_factory.mktemp("ckpt") / "tiny"
-  checkpoint.save_model(path, params, cfg, tok.to_blob())
-  return str(path)
+  return tiny_models.save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", scale=3.0)
 
 
 @pytest.mark.slow
 def test_samples_are_distinct_deterministic_and_read_by_likert(ckpt, tmp_path):
-  prompts = _write(tmp_path / "p.jsonl", PROMPTS)
+  prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
   out = tmp_path / "s.jsonl"
   records = evaluate.evaluate(ckpt, prompts, str(out), sampling_config=SCFG, samples=3, log=lambda _: None)
   assert [(r["id"], r["sample"]) for r in records] == [(p["id"], k) for p in PROMPTS for k in range(3)]
@@ -67,7 +50,7 @@ def test_samples_are_distinct_deterministic_and_read_by_likert(ckpt, tmp_path):
   assert [r["response"] for r in single] == [texts[0] for texts in by_prompt.values()]
   # A run cut short resumes to the same lines.
   partial = tmp_path / "again.jsonl.partial"
-  _write(partial, records[:4])
+  write_jsonl(partial, records[:4])
   assert evaluate.evaluate(ckpt, prompts, str(tmp_path / "again.jsonl"), sampling_config=SCFG, samples=3,
                            log=lambda _: None) == records
   read = answers_lib.read_answers(str(out))  # lima-judge likert's reader: three samples a prompt.
@@ -120,7 +103,7 @@ def test_chat_template_model_equals_transformers(tmp_path):
     assert template.ids(messages) == expected
   assert template.eos_id == eot_id
   greedy = SCFG.replace(greedy=True, repetition_penalty=1.0, max_new_tokens=8, max_len=128)
-  records = evaluate.evaluate(str(hf_dir), _write(tmp_path / "p.jsonl", PROMPTS), str(tmp_path / "o.jsonl"),
+  records = evaluate.evaluate(str(hf_dir), write_jsonl(tmp_path / "p.jsonl", PROMPTS), str(tmp_path / "o.jsonl"),
                               sampling_config=greedy, chat_template="model", log=lambda _: None)
   model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir))
   for turns, record in zip(conversations, records):
@@ -138,7 +121,7 @@ def test_chat_template_model_needs_a_template(tmp_path, ckpt):
   with pytest.raises(evaluate.InputError, match="no chat template"):
     chat_template.ChatTemplate(tmp_path / "bare")
   with pytest.raises(evaluate.InputError, match="is a lima_jax checkpoint"):
-    evaluate.evaluate(ckpt, _write(tmp_path / "p.jsonl", PROMPTS), str(tmp_path / "o.jsonl"),
+    evaluate.evaluate(ckpt, write_jsonl(tmp_path / "p.jsonl", PROMPTS), str(tmp_path / "o.jsonl"),
                       sampling_config=SCFG, chat_template="model", log=lambda _: None)
 
 
@@ -154,14 +137,14 @@ def test_endpoint_answers_retries_and_resumes(tmp_path):
     return f"An answer to: {question}"
 
   server = judge_server.ScriptedJudge(reply)
-  prompts = _write(tmp_path / "p.jsonl", PROMPTS)
+  prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
   out = str(tmp_path / "o.jsonl")
   endpoint = evaluate.Endpoint(server.url, "closed-1", parallel=2,
                                retry=client_lib.RetryPolicy(max_retries=2, backoff_seconds=0.01))
   try:
     with pytest.raises(client_lib.JudgeUnavailable):
       evaluate.evaluate(None, prompts, out, sampling_config=SCFG, endpoint=endpoint, log=lambda _: None)
-    kept = _read(out + evaluate.PARTIAL_SUFFIX)
+    kept = read_jsonl(out + evaluate.PARTIAL_SUFFIX)
     assert sorted(r["id"] for r in kept) == ["p1", "p2"]  # What finished is kept.
     asked_before = len(server.answered)
     broken["on"] = False
@@ -169,7 +152,7 @@ def test_endpoint_answers_retries_and_resumes(tmp_path):
   finally:
     server.stop()
   assert len(server.answered) == asked_before + 1  # The rerun asked only the missing prompt.
-  assert _read(out) == records and [r["id"] for r in records] == ["p1", "p2", "p3"]
+  assert read_jsonl(out) == records and [r["id"] for r in records] == ["p1", "p2", "p3"]
   for r, body in zip(records, sorted(server.answered, key=lambda b: b["messages"][-1]["content"])):
     assert r["response"] == "An answer to: " + r["conversation"][-1]
     assert (r["generator"], r["model"], r["prompt_tokens"], r["response_tokens"]) == ("closed-1", "closed-1", 100, 20)

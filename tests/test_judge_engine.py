@@ -6,13 +6,9 @@ import json
 import re
 import signal
 
-import jax
 import pytest
 
-from lima_jax import checkpoint
-from lima_jax import data as data_lib
-from lima_jax import model as model_lib
-from lima_jax import tokenizer as tokenizer_lib
+import tiny_models
 from lima_jax.cli import judge as judge_cli
 from lima_jax.judge import prompts
 from test_serve_api import start_server
@@ -24,13 +20,7 @@ SUMMARY = re.compile(r"wrote .*: (\d+) prompts \((\d+) judged now, (\d+) from ea
 @pytest.fixture(scope="module")
 def judge_ckpt(tmp_path_factory):
   """A tiny lima_jax checkpoint with the bundled tokenizer, as the judge."""
-  tok = tokenizer_lib.load_tokenizer(data_lib.bundled_paths()["tokenizer"])
-  cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, mlp_dim=64,
-                              max_seq_len=1024)
-  params = jax.tree.map(lambda x: x * 20.0, model_lib.init_params(cfg, jax.random.key(1)))
-  path = tmp_path_factory.mktemp("judge") / "tiny-judge"
-  checkpoint.save_model(path, params, cfg, tok.to_blob())
-  return str(path)
+  return tiny_models.save_tiny_checkpoint(tmp_path_factory.mktemp("judge") / "tiny-judge", seed=1, max_seq_len=1024)
 
 
 def _answers(path, texts, generator):

@@ -324,17 +324,18 @@ def answer_by_endpoint(client: client_lib.ChatCompletionsClient, prompts: Sequen
     return _record(p, reply.text, base, reply.usage["prompt_tokens"], reply.usage["completion_tokens"],
                    reply.finish_reason or "stop", False)
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-    futures = [pool.submit(ask, p) for p in todo]
-    try:
-      for future in concurrent.futures.as_completed(futures):
-        responses.add([future.result()])
-        advance(1)
-    except BaseException:
-      for future in futures:
-        future.cancel()
-      responses.add([f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None])
-      raise
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+  futures = [pool.submit(ask, p) for p in todo]
+  try:
+    for future in concurrent.futures.as_completed(futures):
+      responses.add([future.result()])
+      advance(1)
+  except BaseException:
+    pool.shutdown(wait=True, cancel_futures=True)
+    # What the other threads finished is paid for: keep it for the rerun.
+    responses.add([f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None])
+    raise
+  pool.shutdown()
 
 
 def endpoint_settings(scfg: sampling.SamplingConfig) -> dict:
