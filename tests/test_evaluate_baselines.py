@@ -3,6 +3,9 @@
 (--endpoint, against a real HTTP server: retries, resume)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from lima_jax import sampling
 from lima_jax.cli import evaluate
 from lima_jax.judge import answers as answers_lib
 from lima_jax.judge import client as client_lib
-from test_evaluate import read_jsonl, write_jsonl
+from test_evaluate import ENV, REPO, read_jsonl, write_jsonl
 
 PROMPTS = [{"conversations": ["What is a process?"], "id": "p1"},
            {"conversations": ["Name a colour.", "Blue.", "And another one?"], "id": "p2"},
@@ -161,3 +164,25 @@ def test_endpoint_answers_retries_and_resumes(tmp_path):
   assert [m["role"] for m in p2["messages"]] == ["user", "assistant", "user"]
   assert len({b["seed"] for b in server.answered}) == 3 and {b["max_tokens"] for b in server.answered} == {6}
   assert {(b["temperature"], b["top_p"]) for b in server.answered} == {(1.5, 1.0)}
+
+
+@pytest.mark.slow
+def test_endpoint_command_line(tmp_path):
+  server = judge_server.ScriptedJudge(lambda body, n: "Fine.")
+  prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+  base = [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--prompts", prompts, "--config=tiny",
+          "--samples", "2", "--max_new_tokens", "5"]
+  try:
+    ok = subprocess.run(base + ["--output", str(tmp_path / "o.jsonl"), "--endpoint", server.url,
+                                "--endpoint_model", "closed-1", "--parallel", "3"],
+                        env=ENV, capture_output=True, text=True, timeout=300)
+    unnamed = subprocess.run(base + ["--output", str(tmp_path / "x.jsonl"), "--endpoint", server.url],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+  finally:
+    server.stop()
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  records = read_jsonl(tmp_path / "o.jsonl")
+  assert [(r["id"], r["sample"], r["response"]) for r in records] == [
+      (p["id"], k, "Fine.") for p in PROMPTS for k in range(2)]
+  assert len(server.answered) == 6 and {b["max_tokens"] for b in server.answered} == {5}
+  assert unnamed.returncode == 2 and "--endpoint needs --endpoint_model" in unnamed.stderr
