@@ -116,6 +116,7 @@ def _checkpoint_judge(values, counter: client_lib.RequestCounter):
   from lima_jax import sharding  # pylint: disable=g-import-not-at-top
   from lima_jax.judge import local  # pylint: disable=g-import-not-at-top
   path = values.judge_checkpoint
+  common.setup_process()  # The CPU where no TPU is, before jax starts (as the other commands do).
   try:
     loaded = inference.load_model(path, mesh=sharding.make_mesh({"fsdp": -1}))
   except (FileNotFoundError, ValueError) as e:
