@@ -66,16 +66,9 @@ def test_samples_are_distinct_deterministic_and_read_by_likert(ckpt, tmp_path):
 def _instruct_dir(directory):
   """A tiny Llama-3-Instruct-like Hugging Face directory: byte-level BPE, its own chat template,
   <|eot_id|> as EOS, generation_config listing <|end_of_text|> and <|eot_id|>."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(["what is a process? name a colour, blue, and another one"] * 20, trainer)
-  tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                          "<|eot_id|>"])
+  tok = tiny_models.byte_level_bpe("what is a process? name a colour, blue, and another one",
+                                   ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                    "<|end_header_id|>", "<|eot_id|>"])
   config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                                     bos_token_id=tok.token_to_id("<|begin_of_text|>"),
