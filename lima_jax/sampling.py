@@ -184,6 +184,36 @@ def process_logits(logits: jax.Array, seen: jax.Array, config: SamplingConfig, v
   return top_p_filter(logits, config.top_p)
 
 
+def process_logits_per_row(logits: jax.Array, seen: jax.Array, penalty: jax.Array,
+                           temperature: jax.Array, nucleus_cut: jax.Array, greedy: jax.Array) -> jax.Array:
+  """`process_logits` with each row's own settings as [B] arrays, so a serving engine runs every
+  mix of settings in one compiled program.
+
+  `nucleus_cut` is 1 - top_p, rounded to float32 once from float64 (`nucleus_cut(top_p)`), as the
+  scalar version's Python float is, so both keep exactly the same tokens; <= 0 turns nucleus
+  filtering off. Greedy rows skip temperature and nucleus. The sort behind nucleus filtering runs
+  only when some row needs it. `logits`: float32, padded vocabulary already masked.
+  """
+  logits = apply_repetition_penalty(logits, seen, penalty[:, None])
+  scaled = apply_temperature(logits, temperature[:, None])
+  nucleus = ~greedy & (nucleus_cut > 0.0)
+
+  def filter_rows(x):
+    ascending = jnp.sort(x, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    removed = jnp.minimum(jnp.sum(cumulative <= nucleus_cut[:, None], axis=-1), x.shape[-1] - 1)
+    threshold = jnp.take_along_axis(ascending, removed[:, None], axis=-1)
+    return jnp.where(x >= threshold, x, -jnp.inf)
+
+  filtered = jax.lax.cond(jnp.any(nucleus), filter_rows, lambda x: x, scaled)
+  return jnp.where(greedy[:, None], logits, jnp.where(nucleus[:, None], filtered, scaled))
+
+
+def nucleus_cut(top_p: float) -> np.float32:
+  """The probability mass nucleus filtering drops, as `process_logits_per_row` takes it."""
+  return np.float32(1.0 - float(top_p))
+
+
 def choose_tokens(logits: jax.Array, keys: jax.Array, greedy: bool) -> jax.Array:
   """Argmax, or one categorical draw per row with that row's key."""
   if greedy:
@@ -283,7 +313,7 @@ def without_padding_rows(config: model_lib.ModelConfig, params, vocab: int,
   return small, jax.jit(cut, out_shardings=shardings)(params)
 
 
-def _per_layer_copies(params) -> bool:
+def per_layer_copies(params) -> bool:
   """Whether `generate` slices per-layer weights and caches once (model.unstack_layers).
 
   On CPU that spares a copy of every layer's weights per token, at the price of a second copy of
@@ -334,7 +364,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
     b, p = prompts.shape
     layers = None
     cache = new_cache()
-    if _per_layer_copies(params):
+    if per_layer_copies(params):
       layers = model_lib.unstack_layers(params)
       cache = attention.constrain_cache(attention.unstack_cache(cache))
     if p > 1:
@@ -432,6 +462,23 @@ def truncate_prompt(ids: Sequence[int], budget: int, bos_id: int | None) -> list
   return ids[len(ids) - budget:]
 
 
+def prepare_prompts(model_config: model_lib.ModelConfig, prompts: Sequence[Sequence[int]],
+                    sampling_config: SamplingConfig, bos_id: int | None) -> list[list[int]]:
+  """Checks each prompt's ids against the model's vocabulary and cuts it to the prompt budget
+  (`truncate_prompt`); a ValueError names the prompt's index."""
+  kept = []
+  for i, ids in enumerate(prompts):
+    ids = [int(t) for t in ids]
+    if not ids:
+      raise ValueError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
+    bad = [t for t in ids if not 0 <= t < model_config.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary "
+                       f"[0, {model_config.vocab_size}); is the tokenizer the model's?")
+    kept.append(truncate_prompt(ids, sampling_config.prompt_budget, bos_id))
+  return kept
+
+
 def _to_device(array: np.ndarray, sharding_: NamedSharding | None):
   if sharding_ is None:
     return jnp.asarray(array)
@@ -470,17 +517,7 @@ def generate(model_config: model_lib.ModelConfig, params, prompts: Sequence[Sequ
   seeds = list(range(n)) if prompt_seeds is None else [int(s) for s in prompt_seeds]
   if len(seeds) != n:
     raise ValueError(f"prompt_seeds has {len(seeds)} entries for {n} prompts")
-  budget = scfg.prompt_budget
-  kept = []
-  for i, ids in enumerate(prompts):
-    ids = [int(t) for t in ids]
-    if not ids:
-      raise ValueError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
-    bad = [t for t in ids if not 0 <= t < model_config.vocab_size]
-    if bad:
-      raise ValueError(f"prompt {i}: token id {bad[0]} is outside the model's vocabulary "
-                       f"[0, {model_config.vocab_size}); is the tokenizer the model's?")
-    kept.append(truncate_prompt(ids, budget, bos_id))
+  kept = prepare_prompts(model_config, prompts, scfg, bos_id)
   params = place_params(params, model_config, mesh)
   order = sorted(range(n), key=lambda i: -len(kept[i]))
   batch_size = min(scfg.batch_size, max(n, 1))

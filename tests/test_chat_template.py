@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import llama_reference as ref
+import tiny_models
 from lima_jax import checkpoint
 from lima_jax import convert
 from lima_jax import data
@@ -51,18 +52,11 @@ def _bpe_dir(directory, *, instruct=False):
   """A tiny LLaMA-3-like byte-level BPE tokenizer.json (BOS <|begin_of_text|> from a
   post-processor); `instruct` adds what an instruct model ships: its own chat template and
   extra special tokens in tokenizer_config.json."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+  from tokenizers import processors  # pylint: disable=g-import-not-at-top
   specials = ["<|begin_of_text|>", "<|end_of_text|>"]
   if instruct:
     specials += ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-  tok.add_special_tokens(specials)
+  tok = tiny_models.byte_level_bpe("hello world, the quick brown fox jumps over the lazy dog", specials)
   tok.post_processor = processors.TemplateProcessing(
       single="<|begin_of_text|> $A",
       special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])

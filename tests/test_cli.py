@@ -164,7 +164,7 @@ def test_pyproject_and_requirements_list_the_same_packages():
   assert sorted(extras["tpu"]) == sorted(_requirements(ROOT / "requirements-tpu.txt"))
   scripts = project["scripts"]
   assert sorted(scripts) == ["lima-annotate", "lima-aot", "lima-chat", "lima-compare", "lima-convert",
-                             "lima-evaluate", "lima-judge", "lima-train"]
+                             "lima-evaluate", "lima-judge", "lima-select", "lima-serve", "lima-train"]
   for target in scripts.values():
     module, function = target.split(":")
     assert callable(getattr(importlib.import_module(module), function)), target

@@ -186,7 +186,7 @@ def test_stacked_and_per_layer_cpu_decoding_agree(hf_and_params, monkeypatch):
   per_layer = [sampling.generate(CFG, params, PROMPTS[:3], sampling_config=c, stop_ids=(), pad_id=0)
                for c in (config, sampled)]
   sampling._cached_decode_fns.cache_clear()  # pylint: disable=protected-access
-  monkeypatch.setattr(sampling, "_per_layer_copies", lambda params: False)
+  monkeypatch.setattr(sampling, "per_layer_copies", lambda params: False)
   stacked = [sampling.generate(CFG, params, PROMPTS[:3], sampling_config=c, stop_ids=(), pad_id=0)
              for c in (config, sampled)]
   sampling._cached_decode_fns.cache_clear()  # pylint: disable=protected-access

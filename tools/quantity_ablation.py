@@ -5,9 +5,10 @@ r"""The paper's quantity ablation end to end (figure 6): train on 2^k examples, 
       [--sources stackexchange] [--train_args="--config.train.epochs=3"] [--evaluate_args="--max_new_tokens=64"]
 
 For each size N: `lima-train --config=PRESET --config.data.max_examples=N` (a seeded subset,
-nested across sizes) into OUTPUT_DIR/runs/nN; `lima-evaluate` on the dev prompts (the dev
-split's conversations without their last turn) once per seed 0..SAMPLES-1; `lima-judge likert`
-of those samples into OUTPUT_DIR/likert/likert-nN.jsonl. Then `lima-compare likert --plot
+nested across sizes) into OUTPUT_DIR/runs/nN; `lima-evaluate --samples SAMPLES` on the dev
+prompts (the dev split's conversations without their last turn: one model load, each sample its
+own random stream) into OUTPUT_DIR/answers/nN.jsonl; `lima-judge likert` of those samples (their
+mean a prompt) into OUTPUT_DIR/likert/likert-nN.jsonl. Then `lima-compare likert --plot
 OUTPUT_DIR/figure6.png`. Every step is the installed command run as a subprocess, so a rerun
 resumes: training resumes its workdir, finished answer files are kept, the judge asks nothing it
 has judged. On the tiny preset (the bundled 50 conversations) it runs on a CPU; the judge is any
@@ -24,14 +25,7 @@ import sys
 from lima_jax import data
 from lima_jax import jsonl
 from lima_jax import paths
-from lima_jax import records
-
-
-def write_dev_prompts(dev_path: str, output: str) -> None:
-  """The dev conversations as prompts: each without its last (assistant) turn, ids from 1."""
-  prompts = [{"id": c.line, "conversations": list(c.prompt_turns)}
-             for c in records.read_jsonl(dev_path, kind=records.TRAIN)]
-  paths.write_text_atomic(output, jsonl.dumps(prompts))
+from lima_jax import selection
 
 
 def _step(args: list[str]) -> None:
@@ -49,16 +43,13 @@ def run_size(n: int, a, dev_prompts: str) -> str:
   if a.sources:
     train.append(f"--config.data.sources={a.sources}")
   _step(train + shlex.split(a.train_args))
-  samples = []
-  for seed in range(a.samples):
-    answers = os.path.join(a.output_dir, "answers", f"n{n}-seed{seed}.jsonl")
-    if not paths.path(answers).exists():
-      _step(["-m", "lima_jax.cli.evaluate", f"--checkpoint={workdir}", f"--prompts={dev_prompts}",
-             f"--config={a.preset}", f"--seed={seed}", f"--output={answers}", *shlex.split(a.evaluate_args)])
-    samples.append(answers)
+  answers = os.path.join(a.output_dir, "answers", f"n{n}.jsonl")
+  if not paths.path(answers).exists():
+    _step(["-m", "lima_jax.cli.evaluate", f"--checkpoint={workdir}", f"--prompts={dev_prompts}",
+           f"--config={a.preset}", f"--samples={a.samples}", f"--output={answers}", *shlex.split(a.evaluate_args)])
   likert = os.path.join(a.output_dir, "likert", f"likert-n{n}.jsonl")
   key = ["--judge_api_key_env", a.judge_api_key_env] if a.judge_api_key_env else []
-  _step(["-m", "lima_jax.cli.judge", "likert", ",".join(samples), "--output", likert,
+  _step(["-m", "lima_jax.cli.judge", "likert", answers, "--output", likert,
          "--judge_url", a.judge_url, "--judge_model", a.judge_model, *key, "--parallel", str(a.parallel)])
   return likert
 
@@ -67,7 +58,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--sizes", default="8,16,32", help="training examples, comma-separated")
-  parser.add_argument("--samples", type=int, default=5, help="sampled answers a dev prompt (seeds)")
+  parser.add_argument("--samples", type=int, default=5, help="sampled answers a dev prompt (lima-evaluate --samples)")
   parser.add_argument("--preset", default="tiny")
   parser.add_argument("--sources", default="", help="config.data.sources for every size")
   parser.add_argument("--dev", default=data.bundled_paths()["dev"], help="dev conversations (LIMA JSONL)")
@@ -87,7 +78,7 @@ def main(argv=None) -> int:
   for sub in ("answers", "likert"):
     os.makedirs(os.path.join(a.output_dir, sub), exist_ok=True)
   dev_prompts = os.path.join(a.output_dir, "dev_prompts.jsonl")
-  write_dev_prompts(a.dev, dev_prompts)
+  paths.write_text_atomic(dev_prompts, jsonl.dumps(selection.dev_prompts(a.dev)))
   likert = [run_size(n, a, dev_prompts) for n in sizes]
   _step(["-m", "lima_jax.cli.compare", "likert", ",".join(likert), "--plot",
          os.path.join(a.output_dir, "figure6.png"), "--json"])

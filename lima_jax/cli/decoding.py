@@ -15,11 +15,16 @@ def define_decoding_flags(default_config: str) -> None:
   common.define_config_flag(default_config, "A preset (e.g. 7b) or configs/lima.py:PRESET; its "
                             "sampling and mesh sections are used")
   flags.DEFINE_string("checkpoint", None, "lima_jax checkpoint, training workdir, or Hugging Face directory")
+  define_sampling_shortcuts()
+  flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: the checkpoint's)")
+  flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
+
+
+def define_sampling_shortcuts() -> None:
+  """--greedy, --max_new_tokens and --seed, shorthands for `--config.sampling.*`."""
   flags.DEFINE_bool("greedy", False, "argmax decoding (= --config.sampling.greedy=true)")
   flags.DEFINE_integer("max_new_tokens", None, "= --config.sampling.max_new_tokens")
   flags.DEFINE_integer("seed", None, "= --config.sampling.seed")
-  flags.DEFINE_string("tokenizer", None, "tokenizer.model / tokenizer.json (default: the checkpoint's)")
-  flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
 
 
 def sampling_config_from_flags(flag_values) -> sampling.SamplingConfig:

@@ -19,7 +19,7 @@ shorthands for `--config.sampling.*`.
 
 Output JSONL, one line per prompt (per turn for MT-Bench) in the prompts' order: id,
 conversation, response, generator, decoding, model, prompt_tokens, response_tokens,
-finish_reason (stop | length | max_len), prompt_truncated. After each finished batch,
+finish_reason (stop | length | max_len), prompt_truncated. After each finished answer,
 OUTPUT.partial is rewritten whole and atomically (object stores cannot append); OUTPUT appears
 only once every prompt is answered. Atomic means: locally a temporary file, fsync'ed and renamed;
 on gs:// one object upload, which replaces the object only once complete. A rerun with the same
@@ -34,9 +34,11 @@ path (--checkpoint, --prompts, --output, --alpaca_eval, --mt_bench, --tokenizer)
 Exit status: 0 done; 2 bad input (a message names the file, line or flag); 1 other errors.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -45,16 +47,22 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
+from lima_jax import chat_template as chat_template_lib
 from lima_jax import errors
 from lima_jax import inference
 from lima_jax import paths
 from lima_jax import records as records_lib
 from lima_jax import sampling
+from lima_jax import selection
 from lima_jax import sharding
 from lima_jax.cli import common
+from lima_jax.judge import client as client_lib
+from lima_jax.serve import batcher as batcher_lib
+from lima_jax.serve import engine as engine_lib
 from lima_jax.cli import decoding as decoding_flags
 
 PARTIAL_SUFFIX = ".partial"
+SAMPLE_STREAM_STRIDE = 1 << 24  # Sample k of a prompt draws from stream (prompt's stream + k * this).
 DEFAULT_CONFIG = "7b"
 
 InputError = errors.InputError  # Bad input the user must fix; exit status 2.
@@ -68,6 +76,13 @@ class Prompt:
   meta: dict  # source / dataset / category, carried to the outputs.
   question_id: Any = None  # MT-Bench only.
   turn: int = 0  # MT-Bench only: 1-based turn number.
+  sample: int | None = None  # --samples N > 1: which of the prompt's N sampled answers.
+
+  @property
+  def stream(self) -> int:
+    """The prompt's random stream: its place in the file, MT-Bench turn and sample, so a resumed
+    run gives the answers an uninterrupted one would have, and each sample draws its own."""
+    return self.index * 16 + self.turn + (self.sample or 0) * SAMPLE_STREAM_STRIDE
 
 
 # -- Reading prompts ----------------------------------------------------------------------------
@@ -175,7 +190,19 @@ def read_partial(path: str) -> tuple[list[dict], bool]:
 
 
 def _record_key(record_or_prompt) -> str:
-  return str(record_or_prompt["id"] if isinstance(record_or_prompt, dict) else record_or_prompt.id)
+  """A response's identity: its prompt's id, and its sample when a prompt has several."""
+  if isinstance(record_or_prompt, dict):
+    pid, sample = record_or_prompt["id"], record_or_prompt.get("sample")
+  else:
+    pid, sample = record_or_prompt.id, record_or_prompt.sample
+  return str(pid) if sample is None else f"{pid}#sample{sample}"
+
+
+def with_samples(prompts: Sequence[Prompt], samples: int) -> list[Prompt]:
+  """Each prompt `samples` times (sample 0..N-1, next to each other); as given when N is 1."""
+  if samples == 1:
+    return list(prompts)
+  return [dataclasses.replace(p, sample=k) for p in prompts for k in range(samples)]
 
 
 class ResponseLog:
@@ -239,34 +266,91 @@ def _broadcast_done(mask: list[bool]) -> list[bool]:
   return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(mask, np.bool_))]
 
 
+def _record(p: Prompt, response: str, base: dict, prompt_tokens: int, response_tokens: int,
+            finish_reason: str, prompt_truncated: bool) -> dict:
+  return {"id": p.id, **({"question_id": p.question_id, "turn": p.turn} if p.turn else {}),
+          **({"sample": p.sample} if p.sample is not None else {}),
+          "conversation": list(p.turns), "response": response, **base, "prompt_tokens": prompt_tokens,
+          "response_tokens": response_tokens, "finish_reason": finish_reason,
+          "prompt_truncated": prompt_truncated, **p.meta}
+
+
+def _progress(total: int, log: Callable[[str], None]) -> Callable[[int], None]:
+  start, finished = time.time(), [0]
+
+  def advance(n: int) -> None:
+    finished[0] += n
+    log(f"answered {finished[0]}/{total} ({time.time() - start:.0f}s)")
+  return advance
+
+
 def answer(loaded, prompts: Sequence[Prompt], responses: ResponseLog, scfg: sampling.SamplingConfig,
-           base: dict, log: Callable[[str], None]) -> None:
-  """Generates every prompt not yet in `responses`, recording each batch as it finishes."""
+           base: dict, log: Callable[[str], None], engine: engine_lib.Engine | None = None,
+           prompt_ids: Callable[[Sequence[str]], list[int]] | None = None) -> None:
+  """Generates every prompt not yet in `responses`, recording answers as they finish: through
+  the engine's slots (refilled as answers end), or in static batches (`engine` None: several
+  processes). `prompt_ids` lays a conversation out (default: the model's LIMA layout)."""
   todo_mask = _broadcast_done([not responses.done(_record_key(p)) for p in prompts])
   todo = [p for p, t in zip(prompts, todo_mask) if t]
   if not todo:
     return
-  ids = [loaded.prompt_ids(p.turns) for p in todo]
-  total, start = len(todo), time.time()
-  finished = [0]
+  ids = [(prompt_ids or loaded.prompt_ids)(p.turns) for p in todo]
+  advance = _progress(len(todo), log)
 
   def on_batch(batch):
-    records = []
-    for i, result in batch:
-      p = todo[i]
-      record = {"id": p.id, **({"question_id": p.question_id, "turn": p.turn} if p.turn else {}),
-                "conversation": list(p.turns), "response": loaded.tokenizer.decode(result.tokens),
-                **base, "prompt_tokens": result.prompt_tokens, "response_tokens": result.response_tokens,
-                "finish_reason": result.finish_reason, "prompt_truncated": result.prompt_truncated,
-                **p.meta}
-      records.append(record)
-    responses.add(records)
-    finished[0] += len(batch)
-    log(f"answered {finished[0]}/{total} ({time.time() - start:.0f}s)")
+    responses.add([_record(todo[i], loaded.tokenizer.decode(result.tokens), base, result.prompt_tokens,
+                           result.response_tokens, result.finish_reason, result.prompt_truncated)
+                   for i, result in batch])
+    advance(len(batch))
 
-  # A prompt's random stream depends only on its place in the file (and MT-Bench turn), so a
-  # resumed run gives the answers an uninterrupted one would have.
-  loaded.generate(ids, scfg, prompt_seeds=[p.index * 16 + p.turn for p in todo], on_batch=on_batch)
+  seeds = [p.stream for p in todo]
+  if engine is None:
+    loaded.generate(ids, scfg, prompt_seeds=seeds, on_batch=on_batch)
+  else:
+    batcher_lib.answer_prompts(engine, ids, scfg, bos_id=loaded.tokenizer.bos_id, prompt_seeds=seeds,
+                               on_result=lambda i, result: on_batch([(i, result)]))
+
+
+def answer_by_endpoint(client: client_lib.ChatCompletionsClient, prompts: Sequence[Prompt],
+                       responses: ResponseLog, scfg: sampling.SamplingConfig, base: dict, parallel: int,
+                       log: Callable[[str], None]) -> None:
+  """Asks the endpoint every prompt not yet in `responses`, `parallel` at a time; each prompt's
+  seed is `sampling.seed` + its random stream, as the engine's."""
+  todo = [p for p in prompts if not responses.done(_record_key(p))]
+  advance = _progress(len(todo), log)
+
+  def ask(p: Prompt) -> dict:
+    reply = client.complete(chat_template_lib.messages_from_turns(p.turns), extra={"seed": scfg.seed + p.stream})
+    return _record(p, reply.text, base, reply.usage["prompt_tokens"], reply.usage["completion_tokens"],
+                   reply.finish_reason or "stop", False)
+
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+  futures = [pool.submit(ask, p) for p in todo]
+  try:
+    for future in concurrent.futures.as_completed(futures):
+      responses.add([future.result()])
+      advance(1)
+  except BaseException:
+    pool.shutdown(wait=True, cancel_futures=True)
+    # What the other threads finished is paid for: keep it for the rerun.
+    responses.add([f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None])
+    raise
+  pool.shutdown()
+
+
+def endpoint_settings(scfg: sampling.SamplingConfig) -> dict:
+  """LIMA's decoding as OpenAI's API takes it (no repetition penalty there): greedy is temperature 0."""
+  return {"temperature": 0.0 if scfg.greedy else scfg.temperature, "top_p": 1.0 if scfg.greedy else scfg.top_p}
+
+
+def make_engine(loaded, scfg: sampling.SamplingConfig, serve_config: dict) -> engine_lib.Engine | None:
+  """The continuous-batching engine for one host; None (static batches) across processes."""
+  if jax.process_count() > 1:
+    return None
+  return engine_lib.Engine(
+      loaded.model_config, loaded.params, slots=int(serve_config.get("slots", scfg.batch_size)),
+      max_len=scfg.max_len, stop_ids=loaded.stop_ids, pad_id=loaded.tokenizer.pad_id or 0,
+      mesh=loaded.mesh, steps_per_call=int(serve_config.get("steps_per_call", 4)), top_logprobs=0)
 
 
 def alpaca_eval_records(records: Sequence[dict], generator: str) -> list[dict]:
@@ -290,12 +374,82 @@ def _mt_key(question_id, turn: int) -> str:
   return f"{question_id}:turn{turn}"
 
 
-def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config: sampling.SamplingConfig,
-             mesh_config: dict | None = None, generator: str | None = None, tokenizer: str | None = None,
-             alpaca_eval: str | None = None, mt_bench: str | None = None, dtype: str | None = None,
-             eot: str = "<EOT>", log: Callable[[str], None] = print) -> list[dict]:
-  """The whole command; returns the output records (in prompt order)."""
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+  """An OpenAI-compatible API that answers instead of a checkpoint (`--endpoint`)."""
+  url: str
+  model: str
+  api_key: str | None = None
+  parallel: int = 4
+  timeout_seconds: float = 600.0
+  retry: client_lib.RetryPolicy = client_lib.RetryPolicy()
 
+
+@dataclasses.dataclass
+class Answerer:
+  """Who answers: a checkpoint on the engine, or an endpoint; `answer(prompts, responses, base, log)`."""
+  model: str  # Recorded in every line's `model`.
+  default_generator: str
+  decoding: dict  # Recorded in every line, and checked on resume.
+  stops: str  # For the log line.
+  answer: Callable[[Sequence[Prompt], ResponseLog, dict, Callable[[str], None]], None]
+  close: Callable[[], None] = lambda: None
+
+
+def _model_answerer(checkpoint: str, scfg: sampling.SamplingConfig, *, mesh_config, tokenizer, dtype, eot,
+                    serve_config: dict, chat_template: str, log: Callable[[str], None]) -> Answerer:
+  try:
+    mesh = sharding.make_mesh(mesh_config or {"fsdp": -1})
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  try:
+    loaded = inference.load_model(checkpoint, mesh=mesh, tokenizer_path=tokenizer, eot=eot, dtype=dtype)
+  except (FileNotFoundError, ValueError) as e:
+    raise InputError(f"--checkpoint {checkpoint}: {e}") from None
+  prompt_ids, decoding_extra = None, {}
+  if chat_template == chat_template_lib.MODEL:
+    if loaded.source != "huggingface":
+      raise InputError(f"--chat_template=model: {checkpoint} is a lima_jax checkpoint; the model's own "
+                       "template comes with a Hugging Face directory (its tokenizer_config.json)")
+    template = chat_template_lib.ChatTemplate(loaded.path)
+    extra = {template.eos_id} if template.eos_id is not None else set()
+    loaded = dataclasses.replace(loaded, stop_ids=tuple(sorted(set(loaded.stop_ids) | extra)),
+                                 notes=[n for n in loaded.notes if "(a base model)" not in n])
+    loaded.notes.append(f"prompts rendered with {loaded.path}'s own chat template")
+    prompt_ids = lambda turns: template.ids(chat_template_lib.messages_from_turns(turns))
+    decoding_extra = {"chat_template": chat_template_lib.MODEL}
+  for note in loaded.notes:
+    log(f"note: {note}")
+  if scfg.max_len > loaded.model_config.max_seq_len:
+    log(f"note: sampling.max_len {scfg.max_len} > the model's max_seq_len "
+        f"{loaded.model_config.max_seq_len}; using the latter")
+    scfg = scfg.replace(max_len=loaded.model_config.max_seq_len,
+                        max_prompt_len=min(scfg.max_prompt_len, loaded.model_config.max_seq_len - 1))
+  engine = make_engine(loaded, scfg, serve_config)
+  decoding = {**{k: v for k, v in scfg.to_dict().items() if k != "batch_size"}, **decoding_extra}
+  return Answerer(loaded.path, inference.generator_name(loaded.path), decoding,
+                  f"stop ids {list(loaded.stop_ids)}",
+                  lambda prompts, responses, base, log: answer(loaded, prompts, responses, scfg, base, log,
+                                                               engine, prompt_ids))
+
+
+def _endpoint_answerer(endpoint: Endpoint, scfg: sampling.SamplingConfig) -> Answerer:
+  settings = endpoint_settings(scfg)
+  client = client_lib.ChatCompletionsClient(
+      endpoint.url, endpoint.model, api_key=endpoint.api_key, temperature=settings.pop("temperature"),
+      max_tokens=scfg.max_new_tokens, timeout_seconds=endpoint.timeout_seconds, retry=endpoint.retry,
+      settings=settings)
+  decoding = {"endpoint": client.url, **endpoint_settings(scfg), "max_tokens": scfg.max_new_tokens,
+              "seed": scfg.seed}
+  return Answerer(endpoint.model, endpoint.model, decoding, f"the endpoint's stops ({client.url})",
+                  lambda prompts, responses, base, log: answer_by_endpoint(client, prompts, responses, scfg, base,
+                                                                           endpoint.parallel, log),
+                  client.close)
+
+
+def _check_inputs(prompts_path: str, output: str, alpaca_eval: str | None, mt_bench: str | None,
+                  samples: int, scfg: sampling.SamplingConfig) -> bool:
+  """Checks the paths and flags before anything loads; returns whether the prompts are MT-Bench's."""
   for flag, path in (("--output", output), ("--alpaca_eval", alpaca_eval), ("--mt_bench", mt_bench)):
     # Object stores have no directories to create first; a local one must exist.
     if path and not paths.is_remote(path) and not paths.absolute(path).parent.is_dir():
@@ -306,53 +460,73 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
   if mt_bench and not mt:
     raise InputError(f"--mt_bench needs an MT-Bench question file ({{\"question_id\", \"turns\"}} lines); "
                      f"{prompts_path} is not one")
-  questions = read_mt_bench(prompts_path) if mt else None
-  prompts = None if mt else read_prompts(prompts_path)
+  if samples < 1:
+    raise InputError(f"--samples {samples}: expected at least 1")
+  if samples > 1 and (mt or alpaca_eval or scfg.greedy):
+    why = "--greedy gives one answer" if scfg.greedy else "MT-Bench and AlpacaEval files hold one answer a prompt"
+    raise InputError(f"--samples {samples}: {why}; drop --samples or that flag")
   if paths.path(output).exists() and not paths.path(output + PARTIAL_SUFFIX).exists():
     raise InputError(f"--output {output} already exists (a finished run); choose another --output")
+  return mt
 
-  try:
-    mesh = sharding.make_mesh(mesh_config or {"fsdp": -1})
-  except ValueError as e:
-    raise InputError(str(e)) from None
-  try:
-    loaded = inference.load_model(checkpoint, mesh=mesh, tokenizer_path=tokenizer, eot=eot, dtype=dtype)
-  except (FileNotFoundError, ValueError) as e:
-    raise InputError(f"--checkpoint {checkpoint}: {e}") from None
-  for note in loaded.notes:
-    log(f"note: {note}")
-  scfg = sampling_config
-  if scfg.max_len > loaded.model_config.max_seq_len:
-    log(f"note: sampling.max_len {scfg.max_len} > the model's max_seq_len "
-        f"{loaded.model_config.max_seq_len}; using the latter")
-    scfg = scfg.replace(max_len=loaded.model_config.max_seq_len,
-                        max_prompt_len=min(scfg.max_prompt_len, loaded.model_config.max_seq_len - 1))
-  generator = generator or inference.generator_name(loaded.path)
-  decoding = {k: v for k, v in scfg.to_dict().items() if k != "batch_size"}
-  base = {"generator": generator, "decoding": decoding, "model": loaded.path}
-  writer = jax.process_index() == 0
-  responses = ResponseLog(output, {"generator": generator, "decoding": decoding}, writer, log)
-  log(f"{len(questions) if mt else len(prompts)} {'questions' if mt else 'prompts'} from {prompts_path}; "
-      f"generator {generator!r}; stop ids {list(loaded.stop_ids)}")
 
-  if mt:
-    for turn in range(1, max(len(q["turns"]) for q in questions) + 1):
-      round_prompts = []
-      for q in questions:
-        if len(q["turns"]) < turn:
-          continue
-        context = []
-        for t in range(1, turn):
-          context += [q["turns"][t - 1], responses.records[_mt_key(q["question_id"], t)]["response"]]
-        meta = {k: q[k] for k in ("category",) if k in q}
-        round_prompts.append(Prompt(_mt_key(q["question_id"], turn), tuple(context + [q["turns"][turn - 1]]),
-                                    q["_index"], meta, q["question_id"], turn))
-      answer(loaded, round_prompts, responses, scfg, base, log)
-    order = [_mt_key(q["question_id"], t) for q in questions for t in range(1, len(q["turns"]) + 1)]
+def _answer_mt_bench(questions: Sequence[dict], responses: ResponseLog, answerer: Answerer, base: dict,
+                     log: Callable[[str], None]) -> list[str]:
+  """Turn by turn: turn t is asked with the model's own answers to turns 1..t-1 in the context."""
+  for turn in range(1, max(len(q["turns"]) for q in questions) + 1):
+    round_prompts = []
+    for q in questions:
+      if len(q["turns"]) < turn:
+        continue
+      context = []
+      for t in range(1, turn):
+        context += [q["turns"][t - 1], responses.records[_mt_key(q["question_id"], t)]["response"]]
+      meta = {k: q[k] for k in ("category",) if k in q}
+      round_prompts.append(Prompt(_mt_key(q["question_id"], turn), tuple(context + [q["turns"][turn - 1]]),
+                                  q["_index"], meta, q["question_id"], turn))
+    answerer.answer(round_prompts, responses, base, log)
+  return [_mt_key(q["question_id"], t) for q in questions for t in range(1, len(q["turns"]) + 1)]
+
+
+def evaluate(checkpoint: str | None, prompts_path: str, output: str, *,
+             sampling_config: sampling.SamplingConfig, mesh_config: dict | None = None,
+             generator: str | None = None, tokenizer: str | None = None, alpaca_eval: str | None = None,
+             mt_bench: str | None = None, dtype: str | None = None, eot: str = "<EOT>",
+             serve_config: dict | None = None, samples: int = 1, chat_template: str = chat_template_lib.LIMA,
+             endpoint: Endpoint | None = None, log: Callable[[str], None] = print) -> list[dict]:
+  """The whole command; returns the output records (in prompt order).
+
+  `serve_config` (`config.serve`) sizes the engine: its `slots` (default: sampling.batch_size)
+  and `steps_per_call`. `endpoint` answers through an OpenAI-compatible API instead of
+  `checkpoint`. `samples` > 1 answers each prompt that many times (lines with `sample` 0..N-1,
+  each from its own random stream).
+  """
+  mt = _check_inputs(prompts_path, output, alpaca_eval, mt_bench, samples, sampling_config)
+  questions = read_mt_bench(prompts_path) if mt else None
+  prompts = None if mt else with_samples(read_prompts(prompts_path), samples)
+  if endpoint is not None:
+    answerer = _endpoint_answerer(endpoint, sampling_config)
   else:
-    answer(loaded, prompts, responses, scfg, base, log)
-    order = [_record_key(p) for p in prompts]
-
+    answerer = _model_answerer(checkpoint, sampling_config, mesh_config=mesh_config, tokenizer=tokenizer,
+                               dtype=dtype, eot=eot, serve_config=serve_config or {},
+                               chat_template=chat_template, log=log)
+  generator = generator or answerer.default_generator
+  base = {"generator": generator, "decoding": answerer.decoding, "model": answerer.model}
+  writer = jax.process_index() == 0
+  settings = {"generator": generator, "decoding": answerer.decoding, **({"samples": samples} if samples > 1 else {})}
+  if samples > 1:
+    base["samples"] = samples
+  responses = ResponseLog(output, settings, writer, log)
+  log(f"{len(questions) if mt else len(prompts)} {'questions' if mt else 'prompts'} from {prompts_path}; "
+      f"generator {generator!r}; {answerer.stops}")
+  try:
+    if mt:
+      order = _answer_mt_bench(questions, responses, answerer, base, log)
+    else:
+      answerer.answer(prompts, responses, base, log)
+      order = [_record_key(p) for p in prompts]
+  finally:
+    answerer.close()
   records = responses.finish(order)
   if writer:
     if alpaca_eval:
@@ -360,11 +534,26 @@ def evaluate(checkpoint: str, prompts_path: str, output: str, *, sampling_config
                                                       indent=2, ensure_ascii=False) + "\n")
       log(f"wrote {alpaca_eval}")
     if mt_bench:
-      lines = mt_bench_records(questions, records, generator)
-      paths.write_text_atomic(mt_bench, _jsonl(lines))
+      paths.write_text_atomic(mt_bench, _jsonl(mt_bench_records(questions, records, generator)))
       log(f"wrote {mt_bench}")
     log(f"wrote {output} ({len(records)} responses)")
   return records
+
+
+def _endpoint_from_flags(f) -> Endpoint | None:
+  if not f.endpoint:
+    if f.endpoint_model:
+      raise InputError("--endpoint_model needs --endpoint URL")
+    return None
+  if not f.endpoint_model:
+    raise InputError("--endpoint needs --endpoint_model (the model's name at that endpoint)")
+  if f.checkpoint:
+    raise InputError("give --checkpoint or --endpoint, not both")
+  key = os.environ.get(f.endpoint_api_key_env)
+  if not key and f["endpoint_api_key_env"].present:
+    raise InputError(f"--endpoint_api_key_env={f.endpoint_api_key_env}: the environment variable is not set")
+  return Endpoint(f.endpoint, f.endpoint_model, key, f.parallel, f.endpoint_timeout,
+                  client_lib.RetryPolicy(max_retries=f.max_retries, backoff_seconds=f.backoff_seconds))
 
 
 def main(argv):
@@ -376,9 +565,14 @@ def main(argv):
     scfg = decoding_flags.sampling_config_from_flags(f)
   except ValueError as e:
     raise InputError(f"--config: {e}") from None
-  evaluate(f.checkpoint, f.prompts, f.output, sampling_config=scfg, mesh_config=dict(config.mesh),
+  endpoint = _endpoint_from_flags(f)
+  if endpoint is None and not f.checkpoint:
+    raise InputError("--checkpoint (or --endpoint URL --endpoint_model M) is required")
+  checkpoint = None if endpoint else selection.resolve(f.checkpoint, log=print)
+  evaluate(checkpoint, f.prompts, f.output, sampling_config=scfg, mesh_config=dict(config.mesh),
            generator=f.generator, tokenizer=f.tokenizer, alpaca_eval=f.alpaca_eval, mt_bench=f.mt_bench,
-           dtype=f.dtype, eot=f.eot)
+           dtype=f.dtype, eot=f.eot, serve_config=dict(config.get("serve", {})), samples=f.samples,
+           chat_template=f.chat_template, endpoint=endpoint)
 
 
 def define_flags() -> None:
@@ -391,7 +585,21 @@ def define_flags() -> None:
   flags.DEFINE_string("mt_bench", None, "also write MT-Bench answers (JSONL) here; --prompts must be "
                       "an MT-Bench question file")
   flags.DEFINE_string("eot", "<EOT>", "EOT text, for Hugging Face tokenizers")
-  flags.mark_flags_as_required(["checkpoint", "prompts", "output"])
+  flags.DEFINE_integer("samples", 1, "sampled answers a prompt (lines with the same id and `sample` 0..N-1)",
+                       lower_bound=1)
+  flags.DEFINE_enum("chat_template", chat_template_lib.LIMA, chat_template_lib.CHOICES,
+                    "prompt layout: LIMA's, or an instruct model's own chat template (its tokenizer_config.json)")
+  flags.DEFINE_string("endpoint", None, "instead of --checkpoint: an OpenAI-compatible API's base URL (.../v1)")
+  flags.DEFINE_string("endpoint_model", None, "the model's name at --endpoint")
+  flags.DEFINE_string("endpoint_api_key_env", "OPENAI_API_KEY", "environment variable holding --endpoint's key")
+  flags.DEFINE_integer("parallel", 4, "--endpoint: requests in flight at once", lower_bound=1)
+  flags.DEFINE_float("endpoint_timeout", 600.0, "--endpoint: seconds a request may take before it is retried",
+                     lower_bound=0.001)
+  flags.DEFINE_integer("max_retries", 6, "--endpoint: retries of a request after 429 / 5xx / timeouts",
+                       lower_bound=0)
+  flags.DEFINE_float("backoff_seconds", 1.0, "--endpoint: first wait before a retry (doubled each time) "
+                     "without Retry-After", lower_bound=0.0)
+  flags.mark_flags_as_required(["prompts", "output"])
 
 
 def run() -> None:

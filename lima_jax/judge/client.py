@@ -21,6 +21,7 @@ from typing import Protocol, Sequence
 
 import httpx
 
+from lima_jax import chat_template
 from lima_jax import errors
 
 RETRIED_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -30,6 +31,7 @@ RETRIED_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 class Reply:
   text: str
   usage: dict  # prompt_tokens, completion_tokens, total_tokens (0 when the endpoint gives none).
+  finish_reason: str | None = None  # As the endpoint said (stop, length), where it did.
 
 
 class JudgeClient(Protocol):
@@ -98,12 +100,13 @@ def _usage(body: dict) -> dict:
           "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
 
 
-def _reply_text(body: dict, url: str) -> str:
+def _reply_text(body: dict, url: str) -> tuple[str, str | None]:
   try:
-    content = body["choices"][0]["message"]["content"]
+    choice = body["choices"][0]
+    content = choice["message"]["content"]
   except (KeyError, IndexError, TypeError):
     raise JudgeUnavailable(f"{url}: the reply has no choices[0].message.content") from None
-  return content or ""
+  return content or "", choice.get("finish_reason")
 
 
 def _refusal(response: httpx.Response, url: str, model: str) -> errors.InputError:
@@ -121,11 +124,12 @@ class ChatCompletionsClient:
 
   def __init__(self, base_url: str, model: str, *, api_key: str | None = None, temperature: float = 0.0,
                max_tokens: int = 1024, timeout_seconds: float = 120.0, retry: RetryPolicy = RetryPolicy(),
-               counter: RequestCounter | None = None):
+               counter: RequestCounter | None = None, fold_system: bool = False, settings: dict | None = None):
     self.model = model
+    self.fold_system = fold_system  # Send no system message (e.g. to lima-serve's LIMA models).
     base = base_url.rstrip("/")
     self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-    self._settings = {"temperature": temperature, "max_tokens": max_tokens}
+    self._settings = {"temperature": temperature, "max_tokens": max_tokens, **(settings or {})}
     self._retry = retry
     self.counter = counter or RequestCounter()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -139,12 +143,15 @@ class ChatCompletionsClient:
       body = response.json()
     except ValueError:
       return None  # Cut short or not JSON: asked again like a 5xx.
-    reply = Reply(_reply_text(body, self.url), _usage(body))
+    text, finish_reason = _reply_text(body, self.url)
+    reply = Reply(text, _usage(body), finish_reason)
     self.counter.tokens(reply.usage)
     return reply
 
-  def complete(self, messages: Sequence[dict]) -> Reply:
-    payload = {"model": self.model, "messages": list(messages), **self._settings}
+  def complete(self, messages: Sequence[dict], extra: dict | None = None) -> Reply:
+    """`extra`: more request fields for this request only (e.g. its seed)."""
+    messages = chat_template.fold_system(messages) if self.fold_system else list(messages)
+    payload = {"model": self.model, "messages": messages, **self._settings, **(extra or {})}
     last_problem = ""
     for attempt in range(self._retry.max_retries + 1):
       self.counter.attempt(retry=attempt > 0)

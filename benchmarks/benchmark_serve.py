@@ -1,0 +1,251 @@
+"""Serving speed in vLLM `bench serve` terms, and continuous vs static batching.
+
+  python benchmarks/benchmark_serve.py             # writes benchmarks/results/serve.json
+  python benchmarks/benchmark_serve.py --smoke     # a minimal run, seconds
+
+Model: benchmark_decode.py's (the SmolLM-135M shape, random weights, fp32). Requests: the bundled
+test prompts (cycled), laid out as training lays them out, each with an answer length drawn from
+the bundled training answers' lengths, scaled so their 95th percentile is `--max_new_tokens`
+(LIMA's answers are as skewed: a few dozen to 2,048 tokens); stop ids are off so an answer has
+exactly its length. Greedy decoding.
+
+1. HTTP: lima-serve's app (uvicorn on 127.0.0.1) under streamed /v1/completions requests at each
+   `--concurrency` (requests in flight); per run, request throughput, output tokens/s, TTFT, TPOT
+   = (E2E - TTFT) / (tokens - 1) and ITL (time between streamed chunks; the engine emits
+   `steps_per_call` tokens per chunk), each median and p99, and requests lost or errored; RSS
+   before and after.
+2. Continuous vs static, the same requests without HTTP: the engine at `--slots` slots against
+   static batches of that size (`sampling.make_decode_fns`' generate program, each batch running
+   until its longest answer ends): output tokens/s and their ratio.
+3. Decode at `--slots` slots vs transformers `generate` at that batch (benchmark_decode.py's
+   measurement: 128 new tokens after a 32-token prompt, prefill included).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark_decode  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from lima_jax import data as data_lib  # pylint: disable=wrong-import-position
+from lima_jax import inference  # pylint: disable=wrong-import-position
+from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
+from lima_jax import records  # pylint: disable=wrong-import-position
+from lima_jax import sampling  # pylint: disable=wrong-import-position
+from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
+from lima_jax.serve import batcher as batcher_lib  # pylint: disable=wrong-import-position
+from lima_jax.serve import engine as engine_lib  # pylint: disable=wrong-import-position
+from lima_jax.serve import server  # pylint: disable=wrong-import-position
+
+TINY = dict(vocab_size=1025, d_model=64, n_layers=2, n_heads=4, mlp_dim=128)
+
+
+def workload(tok, count: int, max_new_tokens: int, seed: int = 0):
+  """(prompt ids, answer length) pairs from the bundled prompts and answer lengths."""
+  paths = data_lib.bundled_paths()
+  prompts = [data_lib.tokenize_prompt(tok, c.turns).tolist()
+             for c in records.read_jsonl(paths["test"], kind=records.PROMPTS)]
+  answers = np.array([len(tok.encode(c.turns[1])) for c in records.read_jsonl(paths["train"])], float)
+  scale = max_new_tokens / np.quantile(answers, 0.95)
+  lengths = np.clip(np.ceil(answers * scale), 1, max_new_tokens).astype(int)
+  rng = np.random.default_rng(seed)
+  return [(prompts[i % len(prompts)], int(rng.choice(lengths))) for i in range(count)]
+
+
+def percentiles(values) -> dict:
+  if not len(values):
+    return {"median": None, "p99": None}
+  return {"median": float(np.median(values)) * 1000, "p99": float(np.quantile(values, 0.99)) * 1000}
+
+
+async def one_request(client, url, prompt, length, out):
+  start = time.perf_counter()
+  stamps, usage = [], None
+  body = {"prompt": prompt, "max_tokens": length, "temperature": 0, "stream": True,
+          "stream_options": {"include_usage": True}}
+  try:
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+      if r.status_code != 200:
+        out.append({"error": r.status_code})
+        return
+      async for line in r.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+          continue
+        chunk = json.loads(line[6:])
+        if chunk["choices"] and chunk["choices"][0]["text"]:
+          stamps.append(time.perf_counter())
+        if chunk.get("usage"):
+          usage = chunk["usage"]
+  except httpx.HTTPError as e:
+    out.append({"error": repr(e)})
+    return
+  end = time.perf_counter()
+  tokens = usage["completion_tokens"] if usage else 0
+  out.append({"e2e": end - start, "ttft": (stamps[0] - start) if stamps else end - start, "tokens": tokens,
+              "itl": np.diff(stamps).tolist(), "wanted": length})
+
+
+async def http_run(url, requests, concurrency):
+  limit = asyncio.Semaphore(concurrency)
+  out = []
+  async with httpx.AsyncClient(timeout=600) as client:
+    async def guarded(p, n):
+      async with limit:
+        await one_request(client, url, p, n, out)
+    start = time.perf_counter()
+    await asyncio.gather(*(guarded(p, n) for p, n in requests))
+    seconds = time.perf_counter() - start
+  ok = [r for r in out if "error" not in r]
+  tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+  return {"concurrency": concurrency, "requests": len(requests), "completed": len(ok),
+          "errored": len(out) - len(ok), "lost": len(requests) - len(out),
+          "wrong_length": sum(r["tokens"] != r["wanted"] for r in ok), "seconds": seconds,
+          "request_throughput": len(ok) / seconds, "output_tokens_per_s": sum(r["tokens"] for r in ok) / seconds,
+          "ttft_ms": percentiles([r["ttft"] for r in ok]), "tpot_ms": percentiles(tpot),
+          "itl_ms": percentiles([x for r in ok for x in r["itl"]])}
+
+
+def serve_in_thread(service):
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  config = uvicorn.Config(server.create_app(service), host="127.0.0.1", port=0, log_level="warning")
+  uv = uvicorn.Server(config)
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  while not uv.started:
+    time.sleep(0.05)
+  port = uv.servers[0].sockets[0].getsockname()[1]
+  return uv, thread, f"http://127.0.0.1:{port}"
+
+
+def static_batches(cfg, params, requests, slots, max_len):
+  """Output tokens/s of static batches: each batch of `slots` runs until its longest answer ends."""
+  longest = max(len(p) for p, _ in requests)
+  width = sampling.bucket(longest, max_len)
+  scfg = sampling.SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=max(n for _, n in requests),
+                                 max_len=max_len, batch_size=slots)
+  fns = sampling.make_decode_fns(cfg, scfg, None, slots, max_len)
+  def run_all():
+    total = 0
+    for start in range(0, len(requests), slots):
+      batch = requests[start:start + slots]
+      tokens = np.zeros((slots, width), np.int32)
+      lens, budgets = np.ones(slots, np.int32), np.zeros(slots, np.int32)
+      for row, (p, n) in enumerate(batch):
+        tokens[row, :len(p)], lens[row], budgets[row] = p, len(p), n
+      _, counts, _ = fns.generate(params, tokens, lens, budgets, np.zeros(slots, np.int32), np.int32(0))
+      total += int(np.asarray(counts).sum())
+    return total
+  run_all()  # Compiles.
+  start = time.perf_counter()
+  total = run_all()
+  return total / (time.perf_counter() - start)
+
+
+def continuous(engine, requests):
+  settings = [engine_lib.SlotSettings(max_tokens=n, greedy=True, repetition_penalty=1.0) for _, n in requests]
+  prompts = [p for p, _ in requests]
+  batcher_lib.generate_all(engine, prompts[:engine.slots], settings[:engine.slots])  # Compiles.
+  start = time.perf_counter()
+  handles = batcher_lib.generate_all(engine, prompts, settings)
+  return sum(h.generated for h in handles) / (time.perf_counter() - start)
+
+
+def decode_vs_transformers(cfg, params, hf, slots, new_tokens, prompt_len, repeats, steps_per_call):
+  """benchmark_decode's measurement with the engine in place of sampling.generate."""
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(2, cfg.vocab_size, size=(slots, prompt_len)).tolist()
+  engine = engine_lib.Engine(cfg, params, slots=slots, max_len=prompt_len + new_tokens + 1, stop_ids=(),
+                             steps_per_call=steps_per_call, top_logprobs=0)
+  settings = [engine_lib.SlotSettings(max_tokens=new_tokens, greedy=True, repetition_penalty=1.0)] * slots
+  run = lambda: batcher_lib.generate_all(engine, prompts, settings)
+  handles = run()
+  seconds = benchmark_decode.best_time(run, repeats)
+  result = {"slots": slots, "new_tokens": new_tokens, "engine_tokens_per_s": slots * new_tokens / seconds}
+  if hf is not None:
+    hf_tokens, hf_seconds = benchmark_decode.bench_hf(hf, prompts, new_tokens, repeats)
+    result.update(transformers_tokens_per_s=slots * new_tokens / hf_seconds, speedup=hf_seconds / seconds,
+                  greedy_answers_equal=f"{sum(h.tokens == t for h, t in zip(handles, hf_tokens))}/{slots}")
+  return result
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="a tiny model and a few requests (seconds)")
+  parser.add_argument("--concurrency", default="1,8,32")
+  parser.add_argument("--requests_per_run", type=int, default=32, help="requests at each concurrency (>= it)")
+  parser.add_argument("--max_new_tokens", type=int, default=128)
+  parser.add_argument("--slots", type=int, default=8)
+  parser.add_argument("--steps_per_call", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--skip_hf", action="store_true")
+  parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "results", "serve.json"))
+  args = parser.parse_args()
+  if args.smoke:
+    args.concurrency, args.requests_per_run, args.max_new_tokens, args.repeats = "1,4", 4, 8, 1
+  return args
+
+
+def main():
+  args = parse_args()
+  cfg = model_lib.ModelConfig(**(TINY if args.smoke else benchmark_decode.SMOL))
+  tok = tokenizer_lib.load_tokenizer(data_lib.bundled_paths()["tokenizer"])
+  hf = None if args.skip_hf or args.smoke else benchmark_decode.hf_model(cfg, seed=0)
+  params = benchmark_decode.params_from_hf(hf) if hf is not None else model_lib.init_params(cfg, jax.random.key(0))
+  max_len = 512
+  report = {"command": "python " + " ".join(sys.argv), "model": cfg.to_dict(), "params": cfg.num_params(),
+            "jax": jax.__version__, "host": platform.node(), "cpus": os.cpu_count(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "slots": args.slots, "steps_per_call": args.steps_per_call,
+            "load_average_before": os.getloadavg(), "http": []}
+  engine = engine_lib.Engine(cfg, params, slots=args.slots, max_len=max_len, stop_ids=(),
+                             steps_per_call=args.steps_per_call, top_logprobs=0)
+  engine.warm_up()
+  loaded = inference.LoadedModel(cfg, params, tok, "checkpoint", "benchmark", (), True, [])
+  service = server.Service(loaded, batcher_lib.Batcher(engine, max_queue=1024),
+                           sampling.SamplingConfig(greedy=True, repetition_penalty=1.0, max_len=max_len),
+                           "benchmark")
+  service.batcher.start()
+  uv, thread, url = serve_in_thread(service)
+  process = psutil.Process()
+  report["rss_mb_start"] = process.memory_info().rss / 2**20
+  for concurrency in (int(c) for c in args.concurrency.split(",")):
+    requests = workload(tok, max(args.requests_per_run, concurrency), args.max_new_tokens, seed=concurrency)
+    run = asyncio.run(http_run(url, requests, concurrency))
+    print(json.dumps(run), flush=True)
+    report["http"].append(run)
+  report["rss_mb_end"] = process.memory_info().rss / 2**20
+  uv.should_exit = True
+  thread.join(30)
+  service.batcher.shutdown(10)
+
+  requests = workload(tok, 4 * args.slots, args.max_new_tokens, seed=1)
+  static = static_batches(cfg, params, requests, args.slots, max_len)
+  batched = continuous(engine, requests)
+  report["continuous_vs_static"] = {"requests": len(requests), "static_output_tokens_per_s": static,
+                                    "continuous_output_tokens_per_s": batched, "ratio": batched / static}
+  print(json.dumps(report["continuous_vs_static"]), flush=True)
+  report["decode"] = decode_vs_transformers(cfg, params, hf, args.slots, args.max_new_tokens, 32, args.repeats,
+                                            args.steps_per_call)
+  print(json.dumps(report["decode"]), flush=True)
+  report["load_average_after"] = os.getloadavg()
+  os.makedirs(os.path.dirname(args.output), exist_ok=True)
+  tmp = args.output + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=2)
+  os.replace(tmp, args.output)
+  print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+  main()
