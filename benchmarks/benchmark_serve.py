@@ -42,6 +42,7 @@ import benchmark_decode  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from lima_jax import data as data_lib  # pylint: disable=wrong-import-position
 from lima_jax import inference  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
+from lima_jax import paths  # pylint: disable=wrong-import-position
 from lima_jax import records  # pylint: disable=wrong-import-position
 from lima_jax import sampling  # pylint: disable=wrong-import-position
 from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
@@ -267,10 +268,7 @@ def main():
   print(json.dumps(report["decode"]), flush=True)
   report["load_average_after"] = os.getloadavg()
   os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  tmp = args.output + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2)
-  os.replace(tmp, args.output)
+  paths.write_text_atomic(args.output, json.dumps(report, indent=2) + "\n")
   print(f"wrote {args.output}")
 
 
