@@ -12,8 +12,9 @@ exactly its length. Greedy decoding.
 1. HTTP: lima-serve's app (uvicorn on 127.0.0.1) under streamed /v1/completions requests at each
    `--concurrency` (requests in flight); per run, request throughput, output tokens/s, TTFT, TPOT
    = (E2E - TTFT) / (tokens - 1) and ITL (time between streamed chunks; the engine emits
-   `steps_per_call` tokens per chunk), each median and p99, and requests lost or errored; RSS
-   before and after.
+   `steps_per_call` tokens per chunk), each median and p99, and requests lost or errored; then RSS
+   after the first tenth of `--memory_requests` short requests and after all of them. (Over HTTP
+   the model is narrowed to the bundled tokenizer's 1,025 ids, so that every answer decodes.)
 2. Continuous vs static, the same requests without HTTP: the engine at `--slots` slots against
    static batches of that size (`sampling.make_decode_fns`' generate program, each batch running
    until its longest answer ends): output tokens/s and their ratio.
@@ -35,12 +36,12 @@ import jax
 import numpy as np
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_decode  # pylint: disable=g-import-not-at-top,wrong-import-position
+import benchmark_decode  # The script's own folder is on sys.path when it runs.
 
 from lima_jax import data as data_lib  # pylint: disable=wrong-import-position
 from lima_jax import inference  # pylint: disable=wrong-import-position
 from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
+from lima_jax import paths  # pylint: disable=wrong-import-position
 from lima_jax import records  # pylint: disable=wrong-import-position
 from lima_jax import sampling  # pylint: disable=wrong-import-position
 from lima_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
@@ -116,6 +117,23 @@ async def http_run(url, requests, concurrency):
           "itl_ms": percentiles([x for r in ok for x in r["itl"]])}
 
 
+async def memory_run(url, requests, process, concurrency=32):
+  """RSS after the first tenth of many short non-streamed requests and after all of them."""
+  limit = asyncio.Semaphore(concurrency)
+  done, errors, rss = [0], [0], {}
+  async with httpx.AsyncClient(timeout=600) as client:
+    async def one(prompt, length):
+      async with limit:
+        r = await client.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": length})
+        errors[0] += r.status_code != 200
+        done[0] += 1
+        if done[0] == len(requests) // 10:
+          rss["after_first_tenth_mb"] = process.memory_info().rss / 2**20
+    await asyncio.gather(*(one(p, n) for p, n in requests))
+  rss["after_all_mb"] = process.memory_info().rss / 2**20
+  return {"requests": len(requests), "errored": errors[0], **rss}
+
+
 def serve_in_thread(service):
   import uvicorn  # pylint: disable=g-import-not-at-top
   config = uvicorn.Config(server.create_app(service), host="127.0.0.1", port=0, log_level="warning")
@@ -155,7 +173,7 @@ def static_batches(cfg, params, requests, slots, max_len):
 def continuous(engine, requests):
   settings = [engine_lib.SlotSettings(max_tokens=n, greedy=True, repetition_penalty=1.0) for _, n in requests]
   prompts = [p for p, _ in requests]
-  batcher_lib.generate_all(engine, prompts[:engine.slots], settings[:engine.slots])  # Compiles.
+  engine.warm_up()
   start = time.perf_counter()
   handles = batcher_lib.generate_all(engine, prompts, settings)
   return sum(h.generated for h in handles) / (time.perf_counter() - start)
@@ -188,12 +206,14 @@ def parse_args():
   parser.add_argument("--slots", type=int, default=8)
   parser.add_argument("--steps_per_call", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--memory_requests", type=int, default=1000, help="short requests for the RSS check")
   parser.add_argument("--skip_hf", action="store_true")
   parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results", "serve.json"))
   args = parser.parse_args()
   if args.smoke:
     args.concurrency, args.requests_per_run, args.max_new_tokens, args.repeats = "1,4", 4, 8, 1
+    args.memory_requests = 20
   return args
 
 
@@ -208,10 +228,14 @@ def main():
             "jax": jax.__version__, "host": platform.node(), "cpus": os.cpu_count(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "slots": args.slots, "steps_per_call": args.steps_per_call,
             "load_average_before": os.getloadavg(), "http": []}
-  engine = engine_lib.Engine(cfg, params, slots=args.slots, max_len=max_len, stop_ids=(),
+  # Over HTTP answers are text: the model narrowed to the bundled tokenizer's ids (its LM head
+  # then has 1,152 rows, not 49,152), so that every sampled id decodes.
+  http_cfg, http_params = sampling.without_padding_rows(cfg, params, tok.vocab_size)
+  report["http_model_vocab"] = http_cfg.vocab_size
+  engine = engine_lib.Engine(http_cfg, http_params, slots=args.slots, max_len=max_len, stop_ids=(),
                              steps_per_call=args.steps_per_call, top_logprobs=0)
   engine.warm_up()
-  loaded = inference.LoadedModel(cfg, params, tok, "checkpoint", "benchmark", (), True, [])
+  loaded = inference.LoadedModel(http_cfg, http_params, tok, "checkpoint", "benchmark", (), True, [])
   service = server.Service(loaded, batcher_lib.Batcher(engine, max_queue=1024),
                            sampling.SamplingConfig(greedy=True, repetition_penalty=1.0, max_len=max_len),
                            "benchmark")
@@ -225,13 +249,16 @@ def main():
     print(json.dumps(run), flush=True)
     report["http"].append(run)
   report["rss_mb_end"] = process.memory_info().rss / 2**20
+  report["memory"] = asyncio.run(memory_run(url, workload(tok, args.memory_requests, 4, seed=2), process))
+  print(json.dumps(report["memory"]), flush=True)
   uv.should_exit = True
   thread.join(30)
   service.batcher.shutdown(10)
 
   requests = workload(tok, 4 * args.slots, args.max_new_tokens, seed=1)
   static = static_batches(cfg, params, requests, args.slots, max_len)
-  batched = continuous(engine, requests)
+  batched = continuous(engine_lib.Engine(cfg, params, slots=args.slots, max_len=max_len, stop_ids=(),
+                                         steps_per_call=args.steps_per_call, top_logprobs=0), requests)
   report["continuous_vs_static"] = {"requests": len(requests), "static_output_tokens_per_s": static,
                                     "continuous_output_tokens_per_s": batched, "ratio": batched / static}
   print(json.dumps(report["continuous_vs_static"]), flush=True)
@@ -240,10 +267,7 @@ def main():
   print(json.dumps(report["decode"]), flush=True)
   report["load_average_after"] = os.getloadavg()
   os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  tmp = args.output + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2)
-  os.replace(tmp, args.output)
+  paths.write_text_atomic(args.output, json.dumps(report, indent=2) + "\n")
   print(f"wrote {args.output}")
 
 

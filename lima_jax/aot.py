@@ -8,7 +8,7 @@ for a slice. `tools/aot_compile.py` is the command line; `tools/make_tpu_table.p
 
 The programs compiled are the real ones: `lima_jax.train_step.make_train_step` (the jitted step
 that training runs, with the preset's mesh, remat policy and micro-batching) and
-`lima_jax.sampling.make_decode_fns(...).generate` (prefill + KV-cache sampling loop).
+one decode step of the serving engine (`lima_jax.serve.programs`, all slots).
 
 Model FLOPs come from an analytic count (`lima_jax.flops`), not `cost_analysis()`: the compiler
 counts a while-loop body once, so a step scanned over 80 layers reports about 1% of its work.
@@ -34,6 +34,7 @@ from lima_jax import paths
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import train_step
+from lima_jax.serve import programs as serve_programs
 
 GiB = chips.GiB
 
@@ -123,12 +124,32 @@ def lower_train(config, mesh):
 
 
 def lower_decode(config, mesh):
-  """Lowers the evaluation's `generate` (prefill + KV-cache sampling loop) for the mesh."""
+  """Lowers one decode step of the serving engine (`lima_jax.serve`) over `config.serve.slots`
+  slots of `sampling.max_len` tokens, as `lima-serve` / `lima-evaluate` run it.
+
+  Weights are served in the compute dtype (`--dtype`), and the layers unrolled so that the
+  compiler's cost analysis counts every layer (a scanned layer is counted once).
+  Returns (lowered, abstract params, model config, sampling config, slots, abstract state).
+  """
   model_config = _tpu_model_config(config)
+  model_config = model_config.replace(param_dtype=model_config.dtype, scan_layers=False)
   scfg = sampling.SamplingConfig.from_dict(config.sampling)
-  fns = sampling.make_decode_fns(model_config, scfg, mesh, int(scfg.batch_size), int(scfg.max_len))
-  args = fns.abstract_generate_args(int(scfg.prompt_budget))
-  return fns.generate.lower(*args), args[0], model_config, scfg
+  slots = int(config.serve.slots) if "serve" in config else int(scfg.batch_size)
+  programs = serve_programs.Programs(model_config, slots=slots, max_len=int(scfg.max_len), mesh=mesh, pad_id=0,
+                                     steps_per_call=1, top_logprobs=0, per_layer=False)
+  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        model_lib.abstract_params(model_config), model_lib.param_shardings(model_config, mesh))
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       programs.abstract_state(), programs.state_shardings)
+  return programs.lower_generate(params), params, model_config, scfg, slots, state
+
+
+def bytes_accessed(compiled) -> int:
+  """The compiler's count of bytes one device reads and writes in one run of the program."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return int(cost.get("bytes accessed", 0))
 
 
 def bytes_per_device(tree) -> int:
@@ -234,13 +255,11 @@ def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
         flops_formula="6*N*tokens + 12*L*(H*Dh)*seq^2*batch (model); +2*N*tokens + "
                       "4*L*(H*Dh)*seq^2*batch with full remat (hardware)")
   elif program == "decode":
-    lowered, params, model_config, scfg = lower_decode(config, mesh)
-    new = min(scfg.max_new_tokens, scfg.max_len)
-    flops = flops_lib.decode_flops(model_config, scfg.batch_size, scfg.prompt_budget, new, scfg.max_len)
-    report.update(batch_size=scfg.batch_size, prompt_len=scfg.prompt_budget, cache_len=scfg.max_len,
-                  max_new_tokens=new, flops=flops,
-                  flops_formula="prefill 2*N*prompt + 4*L*(H*Dh)*prompt*cache a row; each new "
-                                "token 2*N + 4*L*(H*Dh)*cache a row")
+    lowered, params, model_config, scfg, slots, state = lower_decode(config, mesh)
+    flops = flops_lib.decode_flops(model_config, slots, 0, 1, scfg.max_len)
+    report.update(batch_size=slots, slots=slots, cache_len=scfg.max_len, flops=flops,
+                  kv_cache_bytes_per_device=bytes_per_device(state["cache"]),
+                  flops_formula="each token step 2*N + 4*L*(H*Dh)*cache a slot")
   else:
     raise ValueError(f"--program={program!r}: expected train or decode")
   if model_config.lora is not None:
@@ -295,7 +314,10 @@ def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
     report.update(step_seconds=step, tokens_per_second=flops["tokens"] / step)
   else:
     step = flops["per_token_step"] / (mfu * peak_flops)
-    report.update(decode_step_seconds_compute_bound=step,
+    accessed = bytes_accessed(compiled)
+    live = report["param_bytes_per_device"] + report["kv_cache_bytes_per_device"]
+    report.update(decode_step_seconds_compute_bound=step, bytes_accessed_per_step=accessed,
+                  bytes_accessed_vs_weights_and_kv_cache=accessed / live,
                   weight_read_seconds_per_token=report["param_bytes_per_device"] / tpu_slice.chip.hbm_bandwidth)
   if not report["fits"]:
     report["largest_buffers"] = []
@@ -319,8 +341,8 @@ def format_report(report: dict) -> str:
                  f"{report['attention']}, params {report['param_dtype']} / compute "
                  f"{report['compute_dtype']}")
   else:
-    lines.append(f"  batch {report['batch_size']}, prompt {report['prompt_len']}, cache "
-                 f"{report['cache_len']}, attention {report['attention']}")
+    lines.append(f"  {report['slots']} slots, cache {report['cache_len']} tokens a slot, params "
+                 f"{report['param_dtype']}, attention {report['attention']}")
   mem = report["memory"]
   if "peak_bytes" in mem:
     lines.append("  per chip: arguments {:.2f} GiB, outputs {:.2f} GiB (aliased {:.2f}), "
@@ -335,6 +357,12 @@ def format_report(report: dict) -> str:
     lines.append(f"  model FLOPs a step {f['model']:.3e} (hardware, with remat {f['hardware']:.3e}); "
                  f"at {report['mfu_assumed']:.0%} MFU: {report['step_seconds']:.2f} s a step, "
                  f"{report['tokens_per_second']:,.0f} tokens/s")
+  if report["program"] == "decode" and "bytes_accessed_per_step" in report:
+    lines.append(f"  decode step, {report['slots']} slots x {report['cache_len']} tokens: the compiler "
+                 f"counts {report['bytes_accessed_per_step'] / GiB:.2f} GiB accessed a chip, "
+                 f"{report['bytes_accessed_vs_weights_and_kv_cache']:.2f} x the weights "
+                 f"({report['param_bytes_per_device'] / GiB:.2f} GiB) + KV cache "
+                 f"({report['kv_cache_bytes_per_device'] / GiB:.2f} GiB) it holds")
   if report["program"] == "decode" and "weight_read_seconds_per_token" in report:
     lines.append(f"  decode step: >= {report['weight_read_seconds_per_token'] * 1e3:.2f} ms "
                  f"(reading each chip's weights once), compute "

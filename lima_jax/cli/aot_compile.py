@@ -1,4 +1,4 @@
-r"""Compile lima_jax's training step (or evaluation decode) for a Cloud TPU slice, from any host.
+r"""Compile lima_jax's training step (or the serving engine's decode step) for a Cloud TPU slice, from any host.
 
   python tools/aot_compile.py --config=configs/lima.py:65b --topology=v5p-128
   python tools/aot_compile.py --config=configs/lima.py:7b --topology=v5e-256 --program=decode
@@ -34,7 +34,7 @@ def define_flags() -> None:
                       "or a shape such as v5p:4x4x12")
   flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network")
   flags.DEFINE_enum("program", "train", ["train", "decode"],
-                    "train: the optimizer step; decode: the evaluation's prefill + KV-cache sampling loop")
+                    "train: the optimizer step; decode: one decode step of the serving engine (all slots)")
   flags.DEFINE_float("mfu", chips.DEFAULT_MFU, "Model FLOPs utilisation assumed for the implied step time")
   flags.DEFINE_string("output", "", "Write the report as JSON here (atomically)")
   flags.DEFINE_string("dump_hlo", "", "Write the optimised HLO text here")

@@ -22,26 +22,18 @@ or on when it joined: greedy answers equal `sampling.generate`'s, and a seeded s
 the same alone and under load.
 """
 
-import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lima_jax import attention
 from lima_jax import model as model_lib
 from lima_jax import sampling
-from lima_jax import sharding
+from lima_jax.serve import programs as programs_lib
 
-MAX_STOP_IDS = 8  # Stop ids a slot can hold (the model's EOT/EOS, plus a generation config's).
-_SLOT_AXES = {"token": ("batch",), "position": ("batch",), "count": ("batch",), "budget": ("batch",),
-              "active": ("batch",), "key": ("batch", None),
-              "temperature": ("batch",), "nucleus_cut": ("batch",), "penalty": ("batch",),
-              "greedy": ("batch",), "logprobs": ("batch",), "stop": ("batch", None),
-              "seen": ("batch", "vocab")}
+MAX_STOP_IDS = programs_lib.MAX_STOP_IDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +106,12 @@ class Engine:
     self.steps_per_call = steps_per_call
     self.top_logprobs = min(top_logprobs, model_config.vocab_size)
     self.params = sampling.place_params(params, model_config, mesh)
-    self.per_layer = sampling.per_layer_copies(self.params)
-    self._state_shardings = None if mesh is None else self._shardings(self._abstract_state())
-    self._programs = self._compile_fns()
-    self.layers = self._programs["unstack"](self.params) if self.per_layer else None
+    self.programs = programs_lib.Programs(
+        model_config, slots=slots, max_len=max_len, mesh=mesh, pad_id=self.pad_id,
+        steps_per_call=steps_per_call, top_logprobs=self.top_logprobs,
+        per_layer=sampling.per_layer_copies(self.params))
+    self._programs = self.programs.fns
+    self.layers = self._programs["unstack"](self.params) if self.programs.per_layer else None
     self.state = self._programs["init"]()
 
   # -- Public programs -------------------------------------------------------------------------
@@ -193,145 +187,8 @@ class Engine:
     self.release(0)
     self.state = self._programs["init"]()
 
-  # -- Building the programs -------------------------------------------------------------------
-
   def _put(self, value):
-    return jax.device_put(value, None if self.mesh is None else NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-
-  def _context(self):
-    return sharding.activation_sharding(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-
-  def _jit(self, fn, *, donate=(), state_out: str | None = None):
-    """jax.jit under the mesh's activation rules; `state_out` names where the state is returned
-    ("all" or "first" of a pair), so it keeps one sharding from call to call (no recompiles)."""
-    def traced(*args):
-      with self._context():
-        return fn(*args)
-    out = None
-    if self._state_shardings is not None and state_out is not None:
-      out = self._state_shardings if state_out == "all" else (self._state_shardings, None)
-    if out is None:
-      return jax.jit(traced, donate_argnums=donate)
-    return jax.jit(traced, donate_argnums=donate, out_shardings=out)
-
-  def _shardings(self, abstract_state):
-    slot_values = {k: v for k, v in abstract_state.items() if k != "cache"}
-    out = sharding.tree_shardings({k: _SLOT_AXES[k] for k in slot_values}, slot_values, self.mesh)
-    cache, axes = abstract_state["cache"], attention.cache_logical_axes(abstract_state["cache"])
-    if isinstance(cache, tuple):  # Per-layer caches: one {"k", "v"} each.
-      out["cache"] = tuple(sharding.tree_shardings(a, c, self.mesh) for a, c in zip(axes, cache))
-    else:
-      out["cache"] = sharding.tree_shardings(axes, cache, self.mesh)
-    return out
-
-  def _new_cache(self, batch: int, length: int):
-    cache = model_lib.init_cache(self.model_config, batch, length)
-    if self.per_layer:
-      cache = attention.unstack_cache(cache)
-    return attention.constrain_cache(cache)
-
-  def _init_state(self):
-    b, vpad = self.slots, self.model_config.padded_vocab_size
-    key_shape = jax.random.key_data(jax.random.key(0)).shape
-    zeros = lambda dtype, *shape: jnp.zeros((b,) + shape, dtype)
-    return dict(
-        cache=self._new_cache(b, self.max_len), token=zeros(jnp.int32), position=zeros(jnp.int32),
-        count=zeros(jnp.int32), budget=zeros(jnp.int32), active=zeros(bool),
-        key=zeros(jnp.uint32, *key_shape), temperature=jnp.ones((b,), jnp.float32),
-        nucleus_cut=zeros(jnp.float32), penalty=jnp.ones((b,), jnp.float32), greedy=zeros(bool),
-        logprobs=zeros(bool), stop=jnp.full((b, MAX_STOP_IDS), -1, jnp.int32),
-        seen=sharding.constrain(zeros(bool, vpad), ("batch", "vocab")))
-
-  def _abstract_state(self):
-    with self._context():
-      return jax.eval_shape(self._init_state)
-
-  def _compile_fns(self) -> dict[str, Any]:
-    return dict(
-        init=self._jit(self._init_state, state_out="all"),
-        unstack=jax.jit(model_lib.unstack_layers),
-        prefill=self._jit(self._prefill_impl),
-        insert=self._jit(self._insert_impl, donate=(0,), state_out="all"),
-        release=self._jit(lambda state, slot: {**state, "active": state["active"].at[slot].set(False)},
-                          donate=(0,), state_out="all"),
-        generate=self._jit(self._generate_impl, donate=(2,), state_out="first"),
-        score=self._jit(self._score_impl))
-
-  def _prefill_impl(self, params, layers, tokens, length):
-    width = tokens.shape[1]
-    positions = jnp.arange(width, dtype=jnp.int32)[None]
-    _, cache = model_lib.bind(self.model_config, params).decode(
-        tokens, positions, self._new_cache(1, width), padded_vocab=True, layers=layers)
-    valid = positions < length
-    seen = sampling.token_presence(tokens, valid, self.model_config.padded_vocab_size)[0]
-    return {"cache": attention.constrain_cache(cache), "seen": seen}
-
-  def _insert_impl(self, state, prefix, slot, row):
-    def put(big, small, axes):
-      start = tuple(slot if a == "batch" else 0 for a in axes)
-      return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
-    axes = attention.cache_logical_axes(state["cache"])
-    cache = jax.tree.map(put, state["cache"], prefix["cache"], axes)
-    base = jax.random.key(row["seed"][0])
-    key = jax.random.key_data(jax.random.fold_in(base, row["seed"][1]))
-    seen = prefix["seen"] & row["penalize_prompt"]
-    new = dict(state, cache=attention.constrain_cache(cache))
-    for name in ("token", "position", "budget", "temperature", "nucleus_cut", "penalty", "greedy",
-                 "logprobs", "stop"):
-      new[name] = state[name].at[slot].set(row[name])
-    new.update(count=state["count"].at[slot].set(0), active=state["active"].at[slot].set(True),
-               key=state["key"].at[slot].set(key), seen=state["seen"].at[slot].set(seen))
-    return new
-
-  def _generate_impl(self, params, layers, state):
-    cfg = self.model_config
-    model = model_lib.bind(cfg, params)
-    k = self.top_logprobs
-    rows = jnp.arange(self.slots)
-
-    def step(s, _):
-      logits, cache = model.decode(s["token"][:, None], s["position"][:, None], s["cache"],
-                                   padded_vocab=True, layers=layers)
-      raw = sampling.mask_padded_vocab(logits[:, 0].astype(jnp.float32), cfg.vocab_size)
-      processed = sampling.process_logits_per_row(raw, s["seen"], s["penalty"], s["temperature"],
-                                                  s["nucleus_cut"], s["greedy"])
-      keys = jax.vmap(lambda d, i: jax.random.fold_in(jax.random.wrap_key_data(d), i))(s["key"], s["count"])
-      sampled = jax.vmap(jax.random.categorical)(keys, processed)
-      active = s["active"]
-      token = jnp.where(s["greedy"], jnp.argmax(processed, axis=-1), sampled).astype(jnp.int32)
-      token = jnp.where(active, token, self.pad_id)
-      lp, top_ids, top_lps = self._logprobs(raw, token, s["logprobs"] & active, k)
-      count = s["count"] + active.astype(jnp.int32)
-      stopped = active & jnp.any(token[:, None] == s["stop"], axis=-1)
-      finished = active & (stopped | (count >= s["budget"]))
-      new = dict(s, cache=attention.constrain_cache(cache), count=count, active=active & ~finished,
-                 token=jnp.where(active, token, s["token"]),
-                 position=jnp.where(active, jnp.minimum(s["position"] + 1, self.max_len - 1), s["position"]),
-                 seen=s["seen"].at[rows, token].max(active))
-      out = dict(tokens=token, emitted=active, stopped=stopped, finished=finished, logprobs=lp,
-                 top_ids=top_ids, top_logprobs=top_lps)
-      return new, out
-
-    return jax.lax.scan(step, state, None, length=self.steps_per_call)
-
-  def _logprobs(self, raw, token, wanted, k):
-    """The chosen token's log-probability and the top k, computed only when some slot asks."""
-    b = raw.shape[0]
-    def compute(raw):
-      logp = jax.nn.log_softmax(raw, axis=-1)
-      chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-      if not k:
-        return chosen, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32)
-      top_lps, top_ids = jax.lax.top_k(logp, k)
-      return chosen, top_ids.astype(jnp.int32), top_lps
-    def skip(raw):
-      return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32))
-    return jax.lax.cond(jnp.any(wanted), compute, skip, raw)
-
-  def _score_impl(self, params, tokens):
-    logits = model_lib.bind(self.model_config, params)(tokens, padded_vocab=True)[0]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    following = jnp.roll(tokens[0], -1)
-    chosen = jnp.take_along_axis(logp, following[:, None], axis=-1)[:, 0]
-    top_lps, top_ids = jax.lax.top_k(logp, max(self.top_logprobs, 1))
-    return chosen, top_ids.astype(jnp.int32), top_lps
+    """Host values onto the default device, or replicated on the mesh: always the same placement,
+    so no call sees new input shardings (which would compile)."""
+    where = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+    return jax.device_put(value, where)
