@@ -326,6 +326,65 @@ def per_layer_copies(params) -> bool:
   return 2 * weight_bytes < psutil.virtual_memory().available
 
 
+def _initial_seen(prompts: jax.Array, prompt_lens: jax.Array, scfg: SamplingConfig, vpad: int) -> jax.Array:
+  """Which ids the repetition penalty counts as seen before the first new token."""
+  b, p = prompts.shape
+  if scfg.penalty_scope == "all":
+    valid = jnp.arange(p)[None, :] < prompt_lens[:, None]
+    seen = token_presence(prompts, valid, vpad)
+  else:
+    seen = jnp.zeros((b, vpad), bool)
+  return sharding.constrain(seen, ("batch", "vocab"))
+
+
+def _sampling_loop(step_impl, params, layers, state, *, rows, prompt_lens, budgets, row_keys, stop,
+                   scfg: SamplingConfig, vocab: int, num_new: int, cache_len: int, pad_id: int):
+  """The while loop of `generate`: a decode step, its logits processed and a token chosen per
+  row (`rows` = arange(B)), until every row has stopped or spent its budget."""
+
+  def cond(s):
+    return (s["step"] < num_new) & ~jnp.all(s["done"])
+
+  def body(s):
+    step = s["step"]
+    positions = jnp.minimum(prompt_lens - 1 + step, cache_len - 1)
+    logits, cache = step_impl(params, s["token"], positions, s["cache"], layers)
+    logits = process_logits(logits, s["seen"], scfg, vocab)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+    token = choose_tokens(logits, keys, scfg.greedy)
+    active = ~s["done"]
+    token = jnp.where(active, token, pad_id)
+    out = jax.lax.dynamic_update_slice(s["out"], token[:, None], (0, step))
+    seen = s["seen"].at[rows, token].max(active)
+    count = s["count"] + active.astype(jnp.int32)
+    is_stop = active & jnp.isin(token, stop)
+    done = s["done"] | is_stop | (count >= budgets)
+    return dict(step=step + 1, cache=cache, token=token, seen=seen, out=out, count=count,
+                done=done, stopped=s["stopped"] | is_stop)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def _decode_shardings(cfg: model_lib.ModelConfig, mesh: Mesh | None, batch_size: int, cache_len: int):
+  """(params, cache, [B] arrays, [B, P] arrays) shardings on `mesh`; all None without one."""
+  if mesh is None:
+    return None, None, None, None
+  p_sh = model_lib.param_shardings(cfg, mesh)
+  cache_shape = jax.eval_shape(lambda: model_lib.init_cache(cfg, batch_size, cache_len))
+  c_sh = sharding.tree_shardings(attention.cache_logical_axes(cache_shape), cache_shape, mesh)
+  batch_spec = sharding.logical_to_spec(("batch",), mesh=mesh, shape=(batch_size,))
+  return p_sh, c_sh, NamedSharding(mesh, batch_spec), NamedSharding(mesh, PartitionSpec(*batch_spec, None))
+
+
+def _traced(fn, mesh: Mesh | None):
+  """`fn` traced under the activation-sharding context, so the model's `constrain` sees the mesh."""
+  @functools.wraps(fn)
+  def wrapper(*args):
+    with sharding.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
+      return fn(*args)
+  return wrapper
+
+
 def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: SamplingConfig,
                     mesh: Mesh | None, batch_size: int, cache_len: int,
                     stop_ids: Sequence[int] = (), pad_id: int = 0) -> DecodeFns:
@@ -342,12 +401,6 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
   vocab, vpad = cfg.vocab_size, cfg.padded_vocab_size
   num_new = min(scfg.max_new_tokens, cache_len)
 
-  def context():
-    return sharding.activation_sharding(mesh) if mesh is not None else contextlib.nullcontext()
-
-  def new_cache():
-    return attention.constrain_cache(model_lib.init_cache(cfg, batch_size, cache_len))
-
   def prefill_impl(params, tokens, cache, layers=None):
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -363,7 +416,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
   def generate_impl(params, prompts, prompt_lens, budgets, row_seeds, seed):
     b, p = prompts.shape
     layers = None
-    cache = new_cache()
+    cache = attention.constrain_cache(model_lib.init_cache(cfg, batch_size, cache_len))
     if per_layer_copies(params):
       layers = model_lib.unstack_layers(params)
       cache = attention.constrain_cache(attention.unstack_cache(cache))
@@ -371,12 +424,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
       cache = prefill_impl(params, prompts[:, :-1], cache, layers)
     rows = jnp.arange(b)
     last = prompts[rows, jnp.maximum(prompt_lens - 1, 0)]
-    if scfg.penalty_scope == "all":
-      valid = jnp.arange(p)[None, :] < prompt_lens[:, None]
-      seen = token_presence(prompts, valid, vpad)
-    else:
-      seen = jnp.zeros((b, vpad), bool)
-    seen = sharding.constrain(seen, ("batch", "vocab"))
+    seen = _initial_seen(prompts, prompt_lens, scfg, vpad)
     base_key = jax.random.key(seed)
     row_keys = jax.vmap(lambda s: jax.random.fold_in(base_key, s))(row_seeds)
     stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -384,61 +432,25 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
         step=jnp.int32(0), cache=cache, token=last, seen=seen,
         out=jnp.full((b, num_new), pad_id, jnp.int32),
         count=jnp.zeros((b,), jnp.int32), done=budgets <= 0, stopped=jnp.zeros((b,), bool))
-
-    def cond(s):
-      return (s["step"] < num_new) & ~jnp.all(s["done"])
-
-    def body(s):
-      step = s["step"]
-      positions = jnp.minimum(prompt_lens - 1 + step, cache_len - 1)
-      logits, cache = step_impl(params, s["token"], positions, s["cache"], layers)
-      logits = process_logits(logits, s["seen"], scfg, vocab)
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-      token = choose_tokens(logits, keys, scfg.greedy)
-      active = ~s["done"]
-      token = jnp.where(active, token, pad_id)
-      out = jax.lax.dynamic_update_slice(s["out"], token[:, None], (0, step))
-      seen = s["seen"].at[rows, token].max(active)
-      count = s["count"] + active.astype(jnp.int32)
-      is_stop = active & jnp.isin(token, stop)
-      done = s["done"] | is_stop | (count >= budgets)
-      return dict(step=step + 1, cache=cache, token=token, seen=seen, out=out, count=count,
-                  done=done, stopped=s["stopped"] | is_stop)
-
-    state = jax.lax.while_loop(cond, body, state)
+    state = _sampling_loop(step_impl, params, layers, state, rows=rows, prompt_lens=prompt_lens,
+                           budgets=budgets, row_keys=row_keys, stop=stop, scfg=scfg, vocab=vocab,
+                           num_new=num_new, cache_len=cache_len, pad_id=pad_id)
     return state["out"], state["count"], state["stopped"]
 
+  p_sh, c_sh, b_sh, t_sh = _decode_shardings(cfg, mesh, batch_size, cache_len)
   if mesh is None:
-    p_sh = c_sh = b_sh = t_sh = None
-  else:
-    p_sh = model_lib.param_shardings(cfg, mesh)
-    cache_shape = jax.eval_shape(lambda: model_lib.init_cache(cfg, batch_size, cache_len))
-    c_sh = sharding.tree_shardings(attention.cache_logical_axes(cache_shape), cache_shape, mesh)
-    batch_spec = sharding.logical_to_spec(("batch",), mesh=mesh, shape=(batch_size,))
-    b_sh = NamedSharding(mesh, batch_spec)
-    t_sh = NamedSharding(mesh, PartitionSpec(*batch_spec, None))
-
-  def traced(fn):
-    """Traces under the activation-sharding context, so the model's `constrain` sees the mesh."""
-    @functools.wraps(fn)
-    def wrapper(*args):
-      with context():
-        return fn(*args)
-    return wrapper
-
-  if mesh is None:
-    prefill = jax.jit(traced(prefill_impl), donate_argnums=(2,))
-    decode_step = jax.jit(traced(step_impl), donate_argnums=(3,))
-    generate_fn = jax.jit(traced(generate_impl))
+    prefill = jax.jit(_traced(prefill_impl, mesh), donate_argnums=(2,))
+    decode_step = jax.jit(_traced(step_impl, mesh), donate_argnums=(3,))
+    generate_fn = jax.jit(_traced(generate_impl, mesh))
   else:
     rep = NamedSharding(mesh, PartitionSpec())
     logits_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", "vocab"), mesh=mesh,
                                                              shape=(batch_size, vpad)))
-    prefill = jax.jit(traced(prefill_impl), in_shardings=(p_sh, t_sh, c_sh), out_shardings=c_sh,
+    prefill = jax.jit(_traced(prefill_impl, mesh), in_shardings=(p_sh, t_sh, c_sh), out_shardings=c_sh,
                       donate_argnums=(2,))
-    decode_step = jax.jit(traced(step_impl), in_shardings=(p_sh, b_sh, b_sh, c_sh),
+    decode_step = jax.jit(_traced(step_impl, mesh), in_shardings=(p_sh, b_sh, b_sh, c_sh),
                           out_shardings=(logits_sh, c_sh), donate_argnums=(3,))
-    generate_fn = jax.jit(traced(generate_impl), in_shardings=(p_sh, t_sh, b_sh, b_sh, b_sh, rep),
+    generate_fn = jax.jit(_traced(generate_impl, mesh), in_shardings=(p_sh, t_sh, b_sh, b_sh, b_sh, rep),
                           out_shardings=(t_sh, b_sh, b_sh))
   return DecodeFns(cfg, scfg, mesh, batch_size, cache_len, stop_ids, pad_id, prefill, decode_step,
                    generate_fn, p_sh, c_sh, b_sh, t_sh)
