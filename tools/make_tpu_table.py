@@ -12,8 +12,14 @@ libtpu versions, so a rerun only compiles what is missing or stale. A 65B compil
 CPU minutes.
 
 Besides the table it finds, for each preset and TPU generation, the smallest slice that fits:
-slices whose optimizer state alone (16 bytes a parameter over all chips) exceeds the chip's HBM
-are ruled out without compiling; the rest are compiled from the smallest up until one fits.
+slices whose state alone (fp32 weights and AdamW moments, 12 bytes a parameter over all chips:
+the fused step holds no gradient) exceeds the chip's HBM are ruled out without compiling; the
+rest are compiled from the smallest up until one fits.
+
+Cells are compiled with the step training runs: the fused optimizer step where it applies
+(`lima_jax.fused_update`). `--compare_ordinary=65b@v4-64,...` also compiles the ordinary step
+(`--config.train.fused_update=false`) of those cells, and a cell compiled before the fused step
+existed keeps its peak as the ordinary step's: docs/tpu_table.md sets the two side by side.
 The same search runs for LoRA (`--lora_rank`, default 16: `--config.lora.rank=16`, whose floor
 is the bf16 base, 2 bytes a parameter); those entries are keyed "PRESET+loraR@SLICE".
 """
@@ -69,17 +75,17 @@ def split_name(name: str) -> tuple[str, int]:
 
 
 def state_floor_bytes(preset: str, tpu_slice: hardware.Slice) -> float:
-  """fp32 weights + 2 fp32 AdamW moments + fp32 gradients, split over every chip; with LoRA
-  the bf16 base alone."""
+  """fp32 weights + 2 fp32 AdamW moments (the fused step holds no gradient), split over every
+  chip; with LoRA the bf16 base alone."""
   from configs import lima  # pylint: disable=g-import-not-at-top
   from lima_jax import model  # pylint: disable=g-import-not-at-top
   preset, rank = split_name(preset)
   config = model.ModelConfig.from_dict(lima.get_config(preset).model)
-  return (2 if rank else 16) * config.num_params() / tpu_slice.num_devices
+  return (2 if rank else 12) * config.num_params() / tpu_slice.num_devices
 
 
-def compile_one(preset: str, topology: str, mfu: float, timeout: int) -> dict:
-  """One `tools/aot_compile.py` run in its own process; its JSON report (fits or not)."""
+def compile_one(preset: str, topology: str, mfu: float, timeout: int, flags=()) -> dict:
+  """One `tools/aot_compile.py` run (with `flags`) in its own process; its JSON report."""
   preset, rank = split_name(preset)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "report.json")
@@ -88,6 +94,7 @@ def compile_one(preset: str, topology: str, mfu: float, timeout: int) -> dict:
            f"--topology={topology}", f"--mfu={mfu}", f"--output={out}"]
     if rank:
       cmd.append(f"--config.lora.rank={rank}")
+    cmd += list(flags)
     env = dict(os.environ, LIMA_AOT_LOG_DIR=os.path.join(tmp, "tpu_logs"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if proc.returncode not in (0, 2) or not os.path.exists(out):
@@ -113,19 +120,43 @@ class Results:
       with open(path) as f:
         self.data = json.load(f)
 
+  def _fresh(self, entry: dict | None) -> bool:
+    """Compiled by these versions at this MFU, by the code that has the fused step (its
+    reports name the update; LoRA steps, always ordinary, are unchanged by it)."""
+    return bool(entry) and entry.get("versions") == self.versions and entry.get(
+        "mfu_assumed", self.mfu) == self.mfu and ("update" in entry or "lora" in entry)
+
   def get(self, preset: str, topology: str) -> dict | None:
     """The cached report, else a fresh compile (None: not compiled, with --cached-only)."""
     key = f"{preset}@{topology}"
     entry = self.data.get(key)
-    fresh = entry and entry.get("versions") == self.versions and entry.get(
-        "mfu_assumed", self.mfu) == self.mfu
-    if fresh and (self.cached_only or not (self.force or "error" in entry)):
+    if self._fresh(entry) and (self.cached_only or not (self.force or "error" in entry)):
       return entry  # Failed compiles are shown, and retried by the next run that compiles.
     if self.cached_only:
       return None
-    print(f"compiling {preset} on {topology} ...", flush=True)
+    new = self._compile(preset, topology)
+    if entry and "error" not in entry and "update" not in entry and "lora" not in entry:
+      new.setdefault("ordinary_step", _summary(entry, "the cell's previous compile"))
+    elif entry and "ordinary_step" in entry:
+      new.setdefault("ordinary_step", entry["ordinary_step"])
+    self._store(key, new)
+    return new
+
+  def compare_ordinary(self, preset: str, topology: str) -> None:
+    """Compiles the cell's ordinary step too (unless done by these versions) and records it."""
+    entry = self.get(preset, topology)
+    done = (entry or {}).get("ordinary_step", {})
+    if entry is None or "error" in entry or entry.get("update") != "fused" or (
+        done.get("versions") == self.versions and done.get("source") == "compiled beside it"):
+      return
+    ordinary = self._compile(preset, topology, ["--config.train.fused_update=false"])
+    entry["ordinary_step"] = _summary(ordinary, "compiled beside it")
+    self._store(f"{preset}@{topology}", entry)
+
+  def _compile(self, preset: str, topology: str, flags=()) -> dict:
+    print(f"compiling {preset} on {topology} {' '.join(flags)}...", flush=True)
     try:
-      entry = compile_one(preset, topology, self.mfu, self.timeout)
+      entry = compile_one(preset, topology, self.mfu, self.timeout, flags)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
       print(f"  FAILED: {e}", flush=True)
       reason = (f"compile did not finish in {self.timeout} s" if isinstance(
@@ -133,12 +164,21 @@ class Results:
       entry = {"error": reason, "fits": None, "mfu_assumed": self.mfu}
     entry["versions"] = self.versions
     entry["compiled_on"] = datetime.date.today().isoformat()
+    print(f"  {preset} on {topology}: fits={entry['fits']} peak {_peak(entry) / GiB:.1f} GiB",
+          flush=True)
+    return entry
+
+  def _store(self, key: str, entry: dict) -> None:
     with self.lock:
       self.data[key] = entry
       paths.write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
-    peak = _peak(entry)
-    print(f"  {preset} on {topology}: fits={entry['fits']} peak {peak / GiB:.1f} GiB", flush=True)
-    return entry
+
+
+def _summary(entry: dict, source: str) -> dict:
+  """What the before/after table keeps of a compile of the ordinary step."""
+  return {"peak_bytes": _peak(entry), "fits": entry.get("fits"), "source": source,
+          "versions": entry.get("versions"), "compiled_on": entry.get("compiled_on"),
+          "micro_batches": entry.get("micro_batches", 1)}
 
 
 def _peak(entry: dict) -> int:
@@ -236,6 +276,24 @@ def _readme_smallest_rows(results: Results, presets, generations) -> list[str]:
   return lines
 
 
+def _before_after_rows(results: Results, presets) -> list[str]:
+  """Each compiled cell that also has the ordinary step's peak: both, and what the fused saves."""
+  lines = ["| preset | slice | ordinary step (gradient, then update) | fused step | saved a chip |",
+           "|---|---|---|---|---|"]
+  order = {p: i for i, p in enumerate(presets)}
+  cells = [k.split("@") for k, e in results.data.items() if "ordinary_step" in e and "error" not in e]
+  for preset, name in sorted(cells, key=lambda c: (order.get(c[0], len(order)), c[1])):
+    entry = results.data[f"{preset}@{name}"]
+    before, after = entry["ordinary_step"], _peak(entry)
+    mark = lambda fits: "✓" if fits else "✗"
+    micro = (f", {before['micro_batches']} micro-batches" if before.get("micro_batches", 1) > 1
+             else "")
+    lines.append(f"| {preset} | {name} | {before['peak_bytes'] / GiB:.1f} GiB {mark(before['fits'])}"
+                 f"{micro} | {after / GiB:.1f} GiB {mark(entry['fits'])} ({entry.get('update', '')}) | "
+                 f"{(before['peak_bytes'] - after) / GiB:.1f} GiB |")
+  return lines
+
+
 LORA_NOTE = ("LoRA (`--config.lora.rank=R`, all seven projections): the base frozen in bf16 with "
              "no optimizer state, adapters and EOT rows in fp32; the step computes no weight "
              "gradients of the base (model FLOPs 4·N·tokens + 6·N_lora·tokens + attention).")
@@ -253,7 +311,8 @@ def render(results: Results, presets, slices, generations, more_tables=(), lora_
       "training step (`lima_jax.train_step.make_train_step`) with libtpu's compiler "
       f"({results.versions}); do not edit by hand. Batch: 64 conversations x 2048 tokens "
       "(32 for 65b), fp32 master weights and AdamW moments, bf16 compute, full remat, splash "
-      "attention, each preset's default mesh for the slice.",
+      "attention, each preset's default mesh for the slice, and the fused optimizer step "
+      "(no whole-model gradient; `lima_jax.fused_update`) wherever one micro-batch is chosen.",
       "",
       "Each cell: per-chip peak (`memory_analysis().peak_memory_in_bytes`) / usable HBM, fits "
       f"(✓/✗), and the step time and tokens/s implied at {mfu:.0%} MFU by the analytic model "
@@ -282,6 +341,16 @@ def render(results: Results, presets, slices, generations, more_tables=(), lora_
               "Per generation, compiled from the smallest slice up; smaller slices are listed "
               "with why they do not fit.", ""]
     lines += _smallest_rows(results, presets, generations)
+  before_after = _before_after_rows(results, presets)
+  if len(before_after) > 2:
+    lines += ["", "## The fused optimizer step: per-chip peak before and after", "",
+              "The ordinary step holds the whole fp32 gradient (4 bytes a parameter, split over the "
+              "chips) between the backward pass and the update; the fused step "
+              "(`lima_jax.fused_update`, the default where it applies) updates each layer as its "
+              "gradient is produced. Same compiler; the ordinary step's peak comes from the "
+              "cell's compile before the fused step existed, or from "
+              "`--compare_ordinary` (`--config.train.fused_update=false`).", ""]
+    lines += before_after
   if lora_presets and lora_generations:
     lines += ["", "## Smallest slice that trains each preset with LoRA at the paper's batch size",
               "", LORA_NOTE, ""]
@@ -348,6 +417,9 @@ def main(argv=None) -> int:
   parser.add_argument("--lora_rank", type=int, default=16)
   parser.add_argument("--lora_search_generations", default="v5p,v4",
                       help="generations searched for the smallest LoRA slice")
+  parser.add_argument("--compare_ordinary", default="",
+                      help="cells PRESET@SLICE,... whose ordinary step is compiled too, for the "
+                           "before/after table")
   parser.add_argument("--cached-only", dest="cached_only", action="store_true",
                       help="compile nothing; render what docs/tpu_table.json holds")
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
@@ -375,7 +447,10 @@ def main(argv=None) -> int:
   family = [p for p in order if p in FAMILY_PRESETS]
   order = [p for p in order if p not in FAMILY_PRESETS]
   cells = [(p, s) for p in order for s in slices] + [(p, s) for s in family_slices for p in family]
+  compare = [tuple(c.split("@")) for c in args.compare_ordinary.split(",") if c]
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    if not args.cached_only:
+      list(pool.map(lambda ps: results.compare_ordinary(*ps), compare))
     list(pool.map(lambda ps: results.get(*ps), cells))
     if args.search:
       list(pool.map(lambda pg: smallest(results, *pg),
