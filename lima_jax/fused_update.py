@@ -164,8 +164,16 @@ def loss_and_update(model_config: model_lib.ModelConfig, mesh, tx: optax.Gradien
     grads = jax.lax.with_sharding_constraint(grads, slice_shardings)
     leaf_of = lambda k: moments[k][index] if k in moments else state_leaves[k]
     new_weights, new_state = sliced.update({"layers": grads}, {"layers": weights}, leaf_of)
-    stack = jax.tree.map(lambda a, w: a.at[index].set(w), stack, new_weights["layers"])
-    moments = {k: a.at[index].set(new_state[k]) for k, a in moments.items()}
+    # In-place writes need every read of the old slice done first: the weights are read for the
+    # input's gradient too, and the weights' update reads the old moments. XLA copies each
+    # stacked weight and moment every layer unless that order is a data dependency, so each
+    # write adds zero times (a value computed after those reads): exact, and a dependency.
+    after_reads = dx.reshape(-1)[0].astype(jnp.float32) * 0.0
+    stack = jax.tree.map(lambda a, w: a.at[index].set(w + after_reads.astype(w.dtype)), stack,
+                         new_weights["layers"])
+    after_weights = sum(a[index].reshape(-1)[0] * 0.0 for a in jax.tree.leaves(stack))
+    moments = {k: a.at[index].set(new_state[k] + after_weights.astype(a.dtype))
+               for k, a in moments.items()}
     return (dx, stack, moments, sumsq + _sum_of_squares(grads)), None
 
   (dx, new_layers, new_moments, sumsq), _ = jax.lax.scan(
