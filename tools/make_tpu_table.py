@@ -132,8 +132,8 @@ class Results:
     entry = self.data.get(key)
     if self._fresh(entry) and (self.cached_only or not (self.force or "error" in entry)):
       return entry  # Failed compiles are shown, and retried by the next run that compiles.
-    if self.cached_only:
-      return None
+    if self.cached_only:  # A compile of the ordinary step by these versions is shown, marked.
+      return entry if entry and entry.get("versions") == self.versions else None
     new = self._compile(preset, topology)
     if entry and "error" not in entry and "update" not in entry and "lora" not in entry:
       new.setdefault("ordinary_step", _summary(entry, "the cell's previous compile"))
@@ -186,17 +186,33 @@ def _peak(entry: dict) -> int:
   return int(mem.get("peak_bytes") or mem.get("needed_bytes") or 0)
 
 
+PRE_FUSED_MARK = "†"
+PRE_FUSED_NOTE = (f"{PRE_FUSED_MARK} compiled before the fused optimizer step existed, with the "
+                  "ordinary step (whole fp32 gradient); not recompiled yet. The fused step's peak "
+                  "is lower by about 4 bytes a parameter over the chips (see the before/after "
+                  "table).")
+
+
+def _pre_fused(entry: dict) -> bool:
+  return "update" not in entry and "lora" not in entry and "error" not in entry
+
+
+def _mark(entry: dict) -> str:
+  return PRE_FUSED_MARK if _pre_fused(entry) else ""
+
+
 def _cell(entry: dict | None) -> str:
   if entry is None:
     return "not compiled yet"
   if "error" in entry:
     return entry["error"]
   hbm = entry["usable_hbm_bytes"] / GiB
+  mark = _mark(entry)
   if entry["fits"]:
-    return (f"{_peak(entry) / GiB:.1f} / {hbm:.1f} GiB ✓ {entry['step_seconds']:.1f} s "
+    return (f"{_peak(entry) / GiB:.1f} / {hbm:.1f} GiB ✓{mark} {entry['step_seconds']:.1f} s "
             f"({entry['tokens_per_second'] / 1e3:.1f}k tok/s)")
   need = _peak(entry) / GiB
-  return f"{need:.1f} / {hbm:.1f} GiB ✗" if need else f"— / {hbm:.1f} GiB ✗"
+  return f"{need:.1f} / {hbm:.1f} GiB ✗{mark}" if need else f"— / {hbm:.1f} GiB ✗"
 
 
 def _mesh(entry: dict | None) -> str:
@@ -223,7 +239,7 @@ def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict 
       return "", None, notes
     if entry["fits"]:
       return name, entry, notes
-    notes.append(f"{name}: needs {_peak(entry) / GiB:.1f} GiB a chip")
+    notes.append(f"{name}: needs {_peak(entry) / GiB:.1f} GiB a chip{_mark(entry)}")
   return "", None, notes
 
 
@@ -248,7 +264,8 @@ def _smallest_rows(results: Results, presets, generations) -> list[str]:
     for generation in generations:
       name, entry, notes = smallest(results, preset, generation)
       incomplete = _search_incomplete(notes)
-      text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
+      text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB{_mark(entry)}, "
+              f"{entry['step_seconds']:.1f} s/step)"
               if entry else "search incomplete" if incomplete
               else "none up to " + SEARCH[generation][-1])
       if notes:
@@ -266,7 +283,8 @@ def _readme_smallest_rows(results: Results, presets, generations) -> list[str]:
     for generation in generations:
       name, entry, notes = smallest(results, preset, generation)
       if entry:
-        cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip, {entry['step_seconds']:.1f} s a step "
+        cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip{_mark(entry)}, "
+                     f"{entry['step_seconds']:.1f} s a step "
                      f"at {results.mfu:.0%} MFU)")
       elif _search_incomplete(notes):
         cells.append("search incomplete: " + notes[-1])
@@ -341,6 +359,8 @@ def render(results: Results, presets, slices, generations, more_tables=(), lora_
               "Per generation, compiled from the smallest slice up; smaller slices are listed "
               "with why they do not fit.", ""]
     lines += _smallest_rows(results, presets, generations)
+  if any(_pre_fused(e) for e in results.data.values()):
+    lines += ["", PRE_FUSED_NOTE]
   before_after = _before_after_rows(results, presets)
   if len(before_after) > 2:
     lines += ["", "## The fused optimizer step: per-chip peak before and after", "",
@@ -380,6 +400,8 @@ def readme_block(results: Results, presets, slices, generations, more_tables=(),
     lines += ["", "With LoRA (base frozen in bf16; " + ", ".join(
         f"`{p}` = `--config.lora.rank={split_name(p)[1]}`" for p in lora_presets[:1]) + "):", ""]
     lines += _readme_smallest_rows(results, lora_presets, lora_generations)
+  if any(_pre_fused(e) for e in results.data.values()):
+    lines += ["", PRE_FUSED_NOTE]
   lines.append(README_END)
   return "\n".join(lines)
 
