@@ -389,7 +389,10 @@ def readme_block(results: Results, presets, slices, generations, more_tables=(),
   of each generation for every preset (and with LoRA)."""
   lines = [README_BEGIN,
            f"Per-chip peak / usable HBM, fits, and the step time and tokens/s implied at "
-           f"{results.mfu:.0%} MFU ([docs/tpu_table.md](docs/tpu_table.md) has the meshes):", ""]
+           f"{results.mfu:.0%} MFU, with the fused optimizer step that holds no whole-model "
+           "gradient ([docs/training.md](docs/training.md#the-fused-optimizer-step-no-whole-model-"
+           "gradient); [docs/tpu_table.md](docs/tpu_table.md) has the meshes and the peaks before "
+           "and after it):", ""]
   lines += _fit_table(results, presets, slices)
   for table_presets, table_slices in more_tables:
     lines += [""] + _fit_table(results, table_presets, table_slices)
