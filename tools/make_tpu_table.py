@@ -36,6 +36,7 @@ import tempfile
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/ (the presets) is not an installed package.
 from lima_jax import hardware
 from lima_jax import paths
 
