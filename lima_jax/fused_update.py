@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lima_jax import lora as lora_lib
 from lima_jax import model as model_lib
+from lima_jax import sharding
 
 FUSED = "fused"
 ORDINARY = "ordinary"
@@ -91,6 +92,27 @@ def _layer_shardings(model_config: model_lib.ModelConfig, mesh):
   """One layer's slice of each stacked weight, sharded like the stack without its layer axis."""
   stacked = model_lib.param_shardings(model_config, mesh)["layers"]
   return jax.tree.map(lambda s: NamedSharding(mesh, PartitionSpec(*s.spec[1:])), stacked)
+
+
+def _write_in_place(stack, moments, index, new_weights, new_state, dx):
+  """Writes one layer's new weights and moments into the stacked buffers, in place.
+
+  In-place writes need every read of the old slice done first: the weights are read for the
+  input's gradient too, and the weights' update reads the old moments. XLA:CPU copies every
+  stacked weight and moment each layer unless that order is a data dependency, so there each
+  write adds zero times (a value computed after those reads): exact, and a dependency. The TPU
+  compiler orders them itself (its compiled peak drops by the whole gradient without them), and
+  the scalar reads would each be a collective there.
+  """
+  if sharding.target_platform() != "cpu":
+    stack = jax.tree.map(lambda a, w: a.at[index].set(w), stack, new_weights)
+    return stack, {k: a.at[index].set(new_state[k]) for k, a in moments.items()}
+  after_reads = dx.reshape(-1)[0].astype(jnp.float32) * 0.0
+  stack = jax.tree.map(lambda a, w: a.at[index].set(w + after_reads.astype(w.dtype)), stack,
+                       new_weights)
+  after_weights = sum(a[index].reshape(-1)[0] * 0.0 for a in jax.tree.leaves(stack))
+  return stack, {k: a.at[index].set(new_state[k] + after_weights.astype(a.dtype))
+                 for k, a in moments.items()}
 
 
 class _Pullbacks:
@@ -164,16 +186,7 @@ def loss_and_update(model_config: model_lib.ModelConfig, mesh, tx: optax.Gradien
     grads = jax.lax.with_sharding_constraint(grads, slice_shardings)
     leaf_of = lambda k: moments[k][index] if k in moments else state_leaves[k]
     new_weights, new_state = sliced.update({"layers": grads}, {"layers": weights}, leaf_of)
-    # In-place writes need every read of the old slice done first: the weights are read for the
-    # input's gradient too, and the weights' update reads the old moments. XLA copies each
-    # stacked weight and moment every layer unless that order is a data dependency, so each
-    # write adds zero times (a value computed after those reads): exact, and a dependency.
-    after_reads = dx.reshape(-1)[0].astype(jnp.float32) * 0.0
-    stack = jax.tree.map(lambda a, w: a.at[index].set(w + after_reads.astype(w.dtype)), stack,
-                         new_weights["layers"])
-    after_weights = sum(a[index].reshape(-1)[0] * 0.0 for a in jax.tree.leaves(stack))
-    moments = {k: a.at[index].set(new_state[k] + after_weights.astype(a.dtype))
-               for k, a in moments.items()}
+    stack, moments = _write_in_place(stack, moments, index, new_weights["layers"], new_state, dx)
     return (dx, stack, moments, sumsq + _sum_of_squares(grads)), None
 
   (dx, new_layers, new_moments, sumsq), _ = jax.lax.scan(
