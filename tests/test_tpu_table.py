@@ -33,10 +33,10 @@ def test_readme_block_names_the_smallest_fitting_slice_and_why_smaller_ones_do_n
   assert "68.4 / 95.7 GiB ✓" in table and "v5p-8: state alone 182.4 GiB a chip" in table
 
   readme = tmp_path / "README.md"
-  readme.write_text(f"intro\n{make_tpu_table.README_BEGIN}\nold\n{make_tpu_table.README_END}\nrest\n")
+  readme.write_text(f"intro\n{make_tpu_table.README_BEGIN}\nOLD-BLOCK\n{make_tpu_table.README_END}\nrest\n")
   assert make_tpu_table.splice_readme(str(readme), block)
   text = readme.read_text()
-  assert text.startswith("intro\n") and text.endswith("\nrest\n") and "old" not in text and block in text
+  assert text.startswith("intro\n") and text.endswith("\nrest\n") and "OLD-BLOCK" not in text and block in text
   readme.write_text("no markers\n")
   assert not make_tpu_table.splice_readme(str(readme), block)
   assert readme.read_text() == "no markers\n"

@@ -235,18 +235,19 @@ def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict 
       notes.append(f"{name}: state alone {floor / GiB:.1f} GiB a chip")
       continue
     entry = results.get(preset, name)
-    if entry is None or "error" in entry:
+    if entry is None or "error" in entry:  # Noted; a larger slice may still be known to fit.
       notes.append(f"{name}: " + (entry["error"] if entry else "not compiled yet"))
-      return "", None, notes
+      continue
     if entry["fits"]:
       return name, entry, notes
     notes.append(f"{name}: needs {_peak(entry) / GiB:.1f} GiB a chip{_mark(entry)}")
-  return "", None, notes
+  unsettled = _unsettled(notes)
+  return "", None, notes[:notes.index(unsettled[0]) + 1] if unsettled else notes
 
 
-def _search_incomplete(notes: list[str]) -> bool:
-  """Whether `smallest` stopped at a slice not compiled (or failed) rather than ruling all out."""
-  return bool(notes) and not notes[-1].split(": ", 1)[1].startswith(("state", "needs"))
+def _unsettled(notes: list[str]) -> list[str]:
+  """The notes of slices neither ruled out nor compiled (not compiled yet, or failed)."""
+  return [n for n in notes if not n.split(": ", 1)[1].startswith(("state", "needs"))]
 
 
 def _fit_table(results: Results, presets, slices) -> list[str]:
@@ -264,10 +265,9 @@ def _smallest_rows(results: Results, presets, generations) -> list[str]:
     cells = []
     for generation in generations:
       name, entry, notes = smallest(results, preset, generation)
-      incomplete = _search_incomplete(notes)
       text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB{_mark(entry)}, "
               f"{entry['step_seconds']:.1f} s/step)"
-              if entry else "search incomplete" if incomplete
+              if entry else "search incomplete" if _unsettled(notes)
               else "none up to " + SEARCH[generation][-1])
       if notes:
         text += "<br>" + "<br>".join(notes)
@@ -283,12 +283,14 @@ def _readme_smallest_rows(results: Results, presets, generations) -> list[str]:
     cells = []
     for generation in generations:
       name, entry, notes = smallest(results, preset, generation)
+      unsettled = _unsettled(notes)
       if entry:
         cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip{_mark(entry)}, "
                      f"{entry['step_seconds']:.1f} s a step "
-                     f"at {results.mfu:.0%} MFU)")
-      elif _search_incomplete(notes):
-        cells.append("search incomplete: " + notes[-1])
+                     f"at {results.mfu:.0%} MFU)" + "".join(
+                         f"; {note} (may fit)" for note in unsettled))
+      elif unsettled:
+        cells.append("search incomplete: " + "; ".join(unsettled))
       else:
         cells.append("none up to " + SEARCH[generation][-1])
     lines.append(f"| {preset} | " + " | ".join(cells) + " |")
