@@ -8,7 +8,13 @@ FLOP/s use the analytic count of `lima_jax.flops.train_flops` (as the training l
 set beside a jitted float32 2048^3 matmul timed in the same process, since a shared CPU's speed
 drifts.
 
+Both optimizer steps run, their timed steps alternating in this one process (the shared
+machine's speed drifts): the fused step (`lima_jax.fused_update`, each layer's AdamW update in
+the backward pass; what training runs) and the ordinary one (whole gradient, then the update).
+Each reports the compiled step's memory analysis (peak live bytes, temporaries).
+
     python benchmarks/benchmark_train.py [--steps 5] [--out benchmarks/results/train.json]
+    python benchmarks/benchmark_train.py --smoke      # a tiny model, in seconds
 """
 
 import argparse
@@ -18,6 +24,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 from lima_jax import process
@@ -41,14 +48,17 @@ from lima_jax.cli import common  # pylint: disable=wrong-import-position
 MAXTEXT_TOKENS_PER_S = 368.0
 
 
+REFERENCE_SHAPE = dict(vocab_size=32000, d_model=512, n_layers=8, n_heads=8, head_dim=64, mlp_dim=1408)
+SMOKE_SHAPE = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
+UPDATES = ("fused", "ordinary")
+
+
 def reference_config(args):
   config = common.load_config(common.resolve_config_spec("tiny"))
   config.model.update(dict(
-      vocab_size=32000, d_model=512, n_layers=8, n_heads=8, head_dim=64, mlp_dim=1408,
+      **(SMOKE_SHAPE if args.smoke else REFERENCE_SHAPE),
       max_seq_len=args.seq_len, dtype="float32", param_dtype="float32",
       remat_policy=args.remat, scan_layers=not args.unroll, residual_dropout=args.dropout))
-  if getattr(args, "smoke", False):  # The smallest run that exercises every line.
-    config.model.update(dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128))
   config.data.max_len = args.seq_len
   config.train.batch_size = args.batch_size
   config.train.micro_batches = 1
@@ -82,9 +92,9 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
   return 2 * n ** 3 / min(walls), 2 * n ** 3 / min(cpus)
 
 
-def main():
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--steps", type=int, default=5, help="timed steps")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps of each optimizer step")
   parser.add_argument("--warmup", type=int, default=3,
                       help="untimed steps first (the first one compiles)")
   parser.add_argument("--batch_size", type=int, default=4)
@@ -92,70 +102,122 @@ def main():
   parser.add_argument("--remat", default="none", help="model.remat_policy")
   parser.add_argument("--dropout", type=float, default=0.0, help="model.residual_dropout")
   parser.add_argument("--unroll", action="store_true", help="scan_layers=False")
+  parser.add_argument("--smoke", action="store_true",
+                      help="a tiny model (d_model 64, 2 layers, 32 tokens, 2 rows), 2 steps: seconds")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results", "train.json"))
-  parser.add_argument("--smoke", action="store_true", help="the smallest run that exercises every line (the test suite's smoke test)")
   args = parser.parse_args()
   if args.smoke:
-    args.steps, args.warmup, args.batch_size, args.seq_len = 1, 1, 2, 32
+    args.steps, args.warmup, args.batch_size, args.seq_len = 2, 1, 2, 32
+    if args.out == parser.get_default("out"):
+      args.out = os.path.join(tempfile.mkdtemp(prefix="benchmark_train_"), "train.json")
+  return args
 
+
+def compiled_step(config, model_config, mesh, update: str, batch):
+  """The jitted step of `update` ("fused" or "ordinary"), a fresh state, and its memory analysis."""
+  config.train.fused_update = update == "fused"
+  step_fn, _, batch_shardings = train_step.make_train_step(config, model_config, mesh, total_steps=1000)
+  if train_step.update_kind(config, model_config) != update:
+    raise SystemExit(f"the {update} step does not apply to this config")
+  state = train_step.init_train_state(config, model_config, mesh, seed=0, total_steps=1000)
+  batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()}
+  mem = step_fn.lower(state, batch).compile().memory_analysis()
+  # The outputs alias the donated arguments, so arguments + temporaries is what the step holds
+  # at most (XLA:CPU's peak_memory_in_bytes counts only the arguments).
+  memory = {"peak_bytes": int(getattr(mem, "peak_memory_in_bytes", 0)),
+            "temporaries_bytes": int(mem.temp_size_in_bytes),
+            "arguments_bytes": int(mem.argument_size_in_bytes),
+            "live_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)}
+  return step_fn, state, batch, memory
+
+
+def timed_steps(args, steps: dict) -> dict:
+  """Warms each step up, then times them alternately; per update: wall and CPU times, losses."""
+  runs = {u: {"times": [], "cpu": [], "losses": []} for u in steps}
+  compile_s = {}
+  for update, step in steps.items():
+    start = time.perf_counter()
+    for _ in range(args.warmup):  # The first step compiles; the next map XLA's fresh buffers.
+      step["state"], m = step["fn"](step["state"], step["batch"])
+      jax.block_until_ready(m)
+    compile_s[update] = time.perf_counter() - start
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(args.steps):
+    for update, step in steps.items():
+      wall, cpu = time.perf_counter(), time.process_time()
+      step["state"], m = step["fn"](step["state"], step["batch"])
+      runs[update]["losses"].append(float(m["loss"]))  # Fetching the loss waits for the step.
+      runs[update]["times"].append(time.perf_counter() - wall)
+      runs[update]["cpu"].append(time.process_time() - cpu)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.steps * len(steps))
+  return {"runs": runs, "warmup_s": compile_s, "page_faults_per_step": faults}
+
+
+def main():
+  args = parse_args()
   config = reference_config(args)
   model_config = model_lib.ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  peak_before, per_cpu_before = matmul_flops()
+  matmul_n = 256 if args.smoke else 2048
+  peak_before, per_cpu_before = matmul_flops(matmul_n)
 
-  start = time.perf_counter()
-  step_fn, _, batch_shardings = train_step.make_train_step(config, model_config, mesh, total_steps=1000)
-  state = train_step.init_train_state(config, model_config, mesh, seed=0, total_steps=1000)
-  batch = {k: jax.device_put(v, batch_shardings[k])
-           for k, v in synthetic_batch(config, model_config.vocab_size).items()}
-  state, m = step_fn(state, batch)
-  jax.block_until_ready(m)
-  compile_and_first_s = time.perf_counter() - start
-  # More untimed steps: the first few runs may still map fresh memory for XLA's buffers (a few
-  # seconds of page faults each) until the heap settles; then it is reused, as in a long run.
-  for _ in range(args.warmup - 1):
-    state, m = step_fn(state, batch)
-    jax.block_until_ready(m)
-
-  times, cpu_times, losses = [], [], []
-  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(args.steps):
-    wall, cpu = time.perf_counter(), time.process_time()
-    state, m = step_fn(state, batch)
-    losses.append(float(m["loss"]))  # Fetching the loss waits for the step.
-    times.append(time.perf_counter() - wall)
-    cpu_times.append(time.process_time() - cpu)
-  page_faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
-  peak_after, per_cpu_after = matmul_flops()
+  batch = synthetic_batch(config, model_config.vocab_size)
+  steps, memory = {}, {}
+  for update in UPDATES:
+    fn, state, device_batch, memory[update] = compiled_step(config, model_config, mesh, update, batch)
+    steps[update] = {"fn": fn, "state": state, "batch": device_batch}
+  timing = timed_steps(args, steps)
+  peak_after, per_cpu_after = matmul_flops(matmul_n)
   load = os.getloadavg()[0]
 
-  step_s = statistics.median(times)
   tokens = config.train.batch_size * config.data.max_len
   step_flops = flops.train_flops(model_config, config.train.batch_size, config.data.max_len)["model"]
   matmul = max(peak_before, peak_after)
+  per_update = {}
+  for update in UPDATES:
+    run = timing["runs"][update]
+    per_update[update] = {
+        "step_time_s": {"median": statistics.median(run["times"]), "min": min(run["times"]),
+                        "max": max(run["times"]), "all": run["times"]},
+        "cpu_seconds_per_step": min(run["cpu"]), "memory": memory[update],
+        "losses": run["losses"], "warmup_s": timing["warmup_s"][update]}
+  fused, ordinary = per_update["fused"], per_update["ordinary"]
+  step_s = fused["step_time_s"]["median"]
+  # Paired: step i of each ran back to back, so their ratio sees the same machine load.
+  ratios = [f / o for f, o in zip(timing["runs"]["fused"]["times"], timing["runs"]["ordinary"]["times"])]
   result = {
-      "config": {"d_model": 512, "n_layers": 8, "n_heads": 8, "head_dim": 64, "mlp_dim": 1408,
-                 "vocab_size": 32000, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                 "dtype": "float32", "remat_policy": args.remat, "scan_layers": not args.unroll,
-                 "residual_dropout": args.dropout, "devices": 1,
-                 "params": model_config.num_params(), "matmul_params": model_config.num_params(False)},
-      "step_time_s": {"median": step_s, "min": min(times), "max": max(times), "all": times},
+      "config": {**{k: int(config.model[k]) for k in REFERENCE_SHAPE}, "seq_len": args.seq_len,
+                 "batch_size": args.batch_size, "dtype": "float32", "remat_policy": args.remat,
+                 "scan_layers": not args.unroll, "residual_dropout": args.dropout, "devices": 1,
+                 "smoke": args.smoke, "params": model_config.num_params(),
+                 "matmul_params": model_config.num_params(False)},
+      "updates": per_update,
+      "fused_over_ordinary": {
+          "step_time_median_ratio": step_s / ordinary["step_time_s"]["median"],
+          "step_time_paired_ratio_median": statistics.median(ratios),
+          "cpu_time_ratio": fused["cpu_seconds_per_step"] / ordinary["cpu_seconds_per_step"],
+          "live_bytes_saved": ordinary["memory"]["live_bytes"] - fused["memory"]["live_bytes"],
+          "param_bytes": model_config.num_params() * 4,
+          "layer_param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+              model_lib.abstract_params(model_config)["layers"])),
+          "target_step_time_ratio": 1.05},
+      # The step training runs (the fused one), as before: throughput and the matmul comparison.
+      "step_time_s": fused["step_time_s"],
       "tokens_per_s": tokens / step_s,
       "model_flops_per_step": step_flops,
       "achieved_flops_per_s": step_flops / step_s,
-      "matmul_2048_flops_per_s": {"before": peak_before, "after": peak_after, "used": matmul},
+      f"matmul_{matmul_n}_flops_per_s": {"before": peak_before, "after": peak_after, "used": matmul},
       "fraction_of_matmul": step_flops / step_s / matmul,
-      "compile_and_first_step_s": compile_and_first_s,
       "warmup_steps": args.warmup,
       # The machine is shared: CPU time is less sensitive to other processes than wall time.
-      "cpu_seconds_per_step": min(cpu_times),
+      "cpu_seconds_per_step": fused["cpu_seconds_per_step"],
       "matmul_flops_per_cpu_second": max(per_cpu_before, per_cpu_after),
-      "fraction_of_matmul_per_cpu_second": step_flops / min(cpu_times) / max(per_cpu_before, per_cpu_after),
+      "fraction_of_matmul_per_cpu_second": step_flops / fused["cpu_seconds_per_step"] / max(
+          per_cpu_before, per_cpu_after),
       "load_average_1min": load,
-      "page_faults_per_step": page_faults_per_step,
+      "page_faults_per_step": timing["page_faults_per_step"],
       "malloc_env": {k: os.environ.get(k) for k in process.CPU_ALLOCATOR_ENV},
-      "losses": losses,
       "vs_maxtext": {"maxtext_tokens_per_s": MAXTEXT_TOKENS_PER_S,
                      "speedup": tokens / step_s / MAXTEXT_TOKENS_PER_S,
                      "target_speedup": 1.2, "target_fraction_of_matmul": 0.6},
@@ -168,12 +230,22 @@ def main():
   with open(tmp, "w") as f:
     json.dump(result, f, indent=2)
   os.replace(tmp, args.out)
-  print(f"step {step_s:.3f} s (min {min(times):.3f}), {tokens / step_s:.0f} tokens/s "
-        f"({tokens / step_s / MAXTEXT_TOKENS_PER_S:.2f}x MaxText's {MAXTEXT_TOKENS_PER_S:.0f}), "
-        f"{step_flops / step_s / 1e9:.1f} GFLOP/s = {step_flops / step_s / matmul:.2f} of the "
-        f"{matmul / 1e9:.1f} GFLOP/s matmul; per CPU-second "
+  ratio = result["fused_over_ordinary"]
+  for update in UPDATES:
+    u = per_update[update]
+    print(f"{update:8s} step {u['step_time_s']['median']:.3f} s (min {u['step_time_s']['min']:.3f}), "
+          f"live {u['memory']['live_bytes'] / 2**20:.0f} MiB (arguments "
+          f"{u['memory']['arguments_bytes'] / 2**20:.0f} + temporaries "
+          f"{u['memory']['temporaries_bytes'] / 2**20:.0f})")
+  print(f"fused / ordinary: step time {ratio['step_time_paired_ratio_median']:.3f} (paired median), "
+        f"CPU time {ratio['cpu_time_ratio']:.3f}; {ratio['live_bytes_saved'] / 2**20:.0f} MiB less live "
+        f"(the layers' fp32 weights are {ratio['layer_param_bytes'] / 2**20:.0f} MiB, all weights "
+        f"{ratio['param_bytes'] / 2**20:.0f} MiB)")
+  print(f"fused: {tokens / step_s:.0f} tokens/s ({tokens / step_s / MAXTEXT_TOKENS_PER_S:.2f}x MaxText's "
+        f"{MAXTEXT_TOKENS_PER_S:.0f}), {step_flops / step_s / 1e9:.1f} GFLOP/s = "
+        f"{step_flops / step_s / matmul:.2f} of the {matmul / 1e9:.1f} GFLOP/s matmul; per CPU-second "
         f"{result['fraction_of_matmul_per_cpu_second']:.2f} of the matmul's; load average "
-        f"{load:.1f}; compile+first step {compile_and_first_s:.1f} s -> {args.out}")
+        f"{load:.1f} -> {args.out}")
 
 
 if __name__ == "__main__":

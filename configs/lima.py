@@ -135,6 +135,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.train.epochs = 15
   config.train.batch_size = 32 if preset == "65b" else 64  # Conversations per optimizer step.
   config.train.micro_batches = 1  # Gradient accumulation steps per optimizer step.
+  # Apply each layer's AdamW update in the backward pass (no whole-model gradient in memory)
+  # where the step allows it: one micro-batch, no clipping, full fine-tuning. False: never.
+  config.train.fused_update = True
   config.train.seed = 0
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 0  # 0 = only at epoch ends.

@@ -27,6 +27,7 @@ from jax.experimental import topologies
 
 from lima_jax import flops as flops_lib
 from lima_jax import chips
+from lima_jax import fused_update
 from lima_jax import process
 from lima_jax import lora as lora_lib
 from lima_jax import model as model_lib
@@ -78,8 +79,9 @@ def apply_slice_defaults(config, tpu_slice: chips.Slice) -> list[str]:
   if int(config.train.micro_batches) == 1:
     sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, tpu_slice.num_devices)))
     model_config = _tpu_model_config(config)
+    fused = train_step.update_kind(config, model_config) == fused_update.FUSED
     micro = flops_lib.default_micro_batches(model_config, sizes, batch, seq,
-                                           tpu_slice.usable_hbm_bytes())
+                                           tpu_slice.usable_hbm_bytes(), fused)
     config.train.micro_batches = micro
   flags.append(f"--config.train.micro_batches={int(config.train.micro_batches)}")
   flags.append(f"--config.model.remat_policy={config.model.remat_policy}")
@@ -209,8 +211,8 @@ def _advice(config, program: str, needed: int, hbm: int, tpu_slice) -> list[str]
   if sizes["data"] > tpu_slice.num_slices:
     tips.append(f"move data-parallel devices to fsdp (--config.mesh.data={tpu_slice.num_slices} "
                 f"--config.mesh.fsdp=-1): replicas each hold the whole optimizer state")
-  tips.append(f"a slice with more chips: the optimizer state and gradients "
-              f"(16 bytes a parameter) are split over fsdp x sequence x tensor = "
+  tips.append(f"a slice with more chips: the weights and AdamW moments (12 bytes a parameter, "
+              f"16 with a whole gradient) are split over fsdp x sequence x tensor = "
               f"{sizes['fsdp'] * sizes['sequence'] * sizes['tensor']} chips now; needing "
               f"{needed / GiB:.1f} of {hbm / GiB:.2f} GiB, about "
               f"{math.ceil(needed / hbm)}x the chips")
@@ -251,6 +253,7 @@ def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
     flops = flops_lib.train_flops(model_config, batch, seq)
     report.update(
         remat_policy=model_config.remat_policy, micro_batches=int(config.train.micro_batches),
+        update=train_step.update_kind(config, model_config),
         batch_size=batch, seq_len=seq, train_flags=flags, flops=flops,
         flops_formula="6*N*tokens + 12*L*(H*Dh)*seq^2*batch (model); +2*N*tokens + "
                       "4*L*(H*Dh)*seq^2*batch with full remat (hardware)")

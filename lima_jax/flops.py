@@ -73,11 +73,12 @@ def decode_flops(model_config, batch_size: int, prompt_len: int, new_tokens: int
 
 
 def train_bytes_estimate(model_config, mesh: dict, batch_size: int, seq_len: int,
-                         micro_batches: int = 1) -> int:
+                         micro_batches: int = 1, fused_update: bool = False) -> int:
   """A rough per-device HBM estimate of one training step, only to choose defaults.
 
-  fp32 parameters + two fp32 AdamW moments + fp32 gradients (+ an fp32 accumulator when
-  micro-batching), all split over fsdp x tensor; with full remat the bf16 layer inputs of every
+  fp32 parameters + two fp32 AdamW moments + fp32 gradients (none with the fused update of one
+  micro-batch; an fp32 accumulator more when micro-batching), all split over fsdp x tensor;
+  with full remat the bf16 layer inputs of every
   layer, plus one layer's working set and the float32 logits. The compiler's figure
   (tools/aot_compile.py) is the one to trust.
   """
@@ -85,7 +86,8 @@ def train_bytes_estimate(model_config, mesh: dict, batch_size: int, seq_len: int
   shards = mesh["fsdp"] * mesh.get("tensor", 1) * mesh.get("sequence", 1)
   params = c.num_params() + (c.padded_vocab_size - c.vocab_size) * c.d_model * (
       1 if c.tie_embeddings else 2)
-  state = params * (16 + (4 if micro_batches > 1 else 0)) / shards
+  per_param = 12 if fused_update and micro_batches == 1 else 16 + (4 if micro_batches > 1 else 0)
+  state = params * per_param / shards
   if getattr(c, "lora", None) is not None:  # A frozen base, no moments; only adapters train.
     base = params * {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(c.param_dtype), 4)
     state = (base + lora_lib.num_trainable(c) * (16 + (4 if micro_batches > 1 else 0))) / shards
@@ -101,7 +103,7 @@ def train_bytes_estimate(model_config, mesh: dict, batch_size: int, seq_len: int
 
 
 def default_micro_batches(model_config, mesh: dict, batch_size: int, seq_len: int,
-                          hbm_bytes: int) -> int:
+                          hbm_bytes: int, fused_update: bool = False) -> int:
   """1 when the step fits; else the fewest halvings of each device's rows that make it fit.
 
   Micro-batching trades activation memory for an fp32 gradient accumulator, which at 65B costs
@@ -110,7 +112,8 @@ def default_micro_batches(model_config, mesh: dict, batch_size: int, seq_len: in
   """
   rows = batch_size // (mesh["data"] * mesh["fsdp"])
   micro = 1
-  while train_bytes_estimate(model_config, mesh, batch_size, seq_len, micro) > 0.9 * hbm_bytes:
+  while train_bytes_estimate(model_config, mesh, batch_size, seq_len, micro,
+                             fused_update) > 0.9 * hbm_bytes:
     if rows % (micro * 2) or batch_size % (micro * 2):
       return 1
     micro *= 2

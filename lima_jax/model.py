@@ -232,7 +232,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x, _ = self._decoder(tokens, positions, segment_ids, dropout_key, None, None)
-    return self._logits(x, padded_vocab)
+    return self.output_logits(x, padded_vocab)
 
   def decode(self, tokens, positions, cache, *, padded_vocab: bool = False, layers=None):
     """One KV-cache step (prefill or a decode token); returns (logits, new cache).
@@ -246,17 +246,25 @@ class Transformer(nnx.Module):
     b, t = attention.cache_batch_and_length(cache)
     cache_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x, new_cache = self._decoder(tokens, positions, None, None, cache, cache_positions, layers)
-    return self._logits(x, padded_vocab), new_cache
+    return self.output_logits(x, padded_vocab), new_cache
 
-  def _decoder(self, tokens, positions, segment_ids, dropout_key, cache, cache_positions,
-               layers=None):
+  def embed_tokens(self, tokens):
+    """The decoder's input [B, S, d_model] in the compute dtype."""
+    x = jnp.take(self.embed["embedding"][...], tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+    return sharding.constrain(x, ("batch", "length", "activation_embed"))
+
+  def layer_scan_inputs(self, dropout_key):
+    """What the scan over layers reads per layer besides its weights: (dropout rates, dropout
+    keys or None, layer indices)."""
     c = self.config
-    dt = jnp.dtype(c.dtype)
-    x = jnp.take(self.embed["embedding"][...], tokens, axis=0).astype(dt)
-    x = sharding.constrain(x, ("batch", "length", "activation_embed"))
-    layer_def, layer_state = nnx.split(self.layers)
-    rates = residual_dropout_rates(c)
     keys = None if dropout_key is None else jax.random.split(dropout_key, c.n_layers)
+    return residual_dropout_rates(c), keys, jnp.arange(c.n_layers, dtype=jnp.int32)
+
+  def layer_step(self, positions, segment_ids, cache_positions=None):
+    """The scan body over layers, remat policy applied: ((x, cache), (layer weights, rate,
+    key, index)) -> ((x, cache), None). One layer's weights are a slice of params["layers"]."""
+    c = self.config
+    layer_def = nnx.split(self.layers)[0]
 
     def layer_step(carry, layer_inputs):
       x, cache = carry
@@ -272,18 +280,32 @@ class Transformer(nnx.Module):
       layer = nnx.merge(layer_def, state)
       return layer(x, positions, segment_ids, rate, key, cache, cache_positions, index), None
 
+    if c.remat_policy == "none":
+      return layer_step
+    return jax.checkpoint(layer_step, policy=REMAT_POLICIES[c.remat_policy],
+                          prevent_cse=not c.scan_layers)
+
+  def output_logits(self, x, padded_vocab: bool = False):
+    """The final norm and the head over the last layer's output."""
+    return self._logits(self.final_norm(x), padded_vocab)
+
+  def _decoder(self, tokens, positions, segment_ids, dropout_key, cache, cache_positions,
+               layers=None):
+    c = self.config
+    x = self.embed_tokens(tokens)
+    layer_def, layer_state = nnx.split(self.layers)
+    rates, keys, indices = self.layer_scan_inputs(dropout_key)
+
     if layers is not None:
       new_caches = []
       for i, state in enumerate(layers):
         x, layer_cache = nnx.merge(layer_def, state)(x, positions, segment_ids, rates[i], None,
                                                      cache[i], cache_positions, None)
         new_caches.append(layer_cache)
-      return self.final_norm(x), tuple(new_caches)
+      return x, tuple(new_caches)
 
-    policy = REMAT_POLICIES[c.remat_policy]
-    if c.remat_policy != "none":
-      layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=not c.scan_layers)
-    xs = (layer_state, rates, keys, jnp.arange(c.n_layers, dtype=jnp.int32))
+    layer_step = self.layer_step(positions, segment_ids, cache_positions)
+    xs = (layer_state, rates, keys, indices)
     if c.scan_layers:
       (x, new_cache), _ = jax.lax.scan(layer_step, (x, cache), xs)
     else:
@@ -291,7 +313,7 @@ class Transformer(nnx.Module):
       for i in range(c.n_layers):
         carry, _ = layer_step(carry, jax.tree.map(lambda a, i=i: a[i], xs))
       x, new_cache = carry
-    return self.final_norm(x), new_cache
+    return x, new_cache
 
   def _logits(self, x, padded_vocab):
     c = self.config

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lima_jax import fused_update
 from lima_jax import lora as lora_lib
+from lima_jax import metrics as metrics_lib
 from lima_jax import model as model_lib
 from lima_jax import optim
 from lima_jax import sharding
@@ -186,6 +188,18 @@ def token_losses(model_config: model_lib.ModelConfig, params, batch: Mapping[str
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
 
 
+def masked_loss(logits: jax.Array, batch: Mapping[str, jax.Array], denom: jax.Array) -> jax.Array:
+  """The step's loss from padded logits: summed cross entropy over the loss-mask tokens / denom."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return jnp.sum(losses * batch["loss_mask"]) / denom
+
+
+def update_kind(config, model_config: model_lib.ModelConfig) -> str:
+  """Which optimizer step `make_train_step` builds: "fused" (each layer updated in the
+  backward pass, no whole-model gradient) or "ordinary"; see `lima_jax.fused_update`."""
+  return fused_update.describe(config, model_config)[0]
+
+
 def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
                     total_steps: int | None = None) -> tuple[Callable, TrainState, dict]:
   """The jitted optimizer step and the shardings it expects.
@@ -199,6 +213,10 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
   `total_steps` sets the lr schedule's length; it does not change the compiled program's shape,
   so ahead-of-time compilation may leave it out. The mesh is an argument and nothing here looks
   at the devices, so the step lowers for any topology.
+
+  Where LIMA's recipe allows it (one micro-batch, no clipping, full fine-tuning;
+  `train.fused_update`, on by default) the step is the fused one of `lima_jax.fused_update`:
+  the same update with no whole-model gradient in memory. Which one runs is logged.
   """
   tx = optimizer(config, total_steps)
   abstract = abstract_train_state(config, model_config, mesh, total_steps)
@@ -212,6 +230,8 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
   schedule = optim.learning_rate_schedule(config.optimizer, _schedule_steps(config, total_steps))
 
   adapter_dropout = lora_lib.enabled(model_config) and model_config.lora.dropout > 0
+  kind, description = fused_update.describe(config, model_config)
+  metrics_lib.log("%s", description)
 
   def dropout_key_or_none(state, index):
     # A zero rate would still draw a mask per residual; skip the work instead.
@@ -226,38 +246,47 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
       return jnp.sum(losses * batch["loss_mask"]) / denom
     return jax.value_and_grad(loss_fn)(params)
 
+  def ordinary_update(state, batch, denom):
+    """(loss, gradient norm, new params, new optimizer state): the whole gradient, then `tx`."""
+    if micro == 1:
+      loss, grads = micro_grads(state.params, state.frozen, batch,
+                                dropout_key_or_none(state, 0), denom)
+    else:
+      # Row r of micro-batch m is global row r * micro + m: each device keeps its own rows.
+      split = jax.tree.map(
+          lambda x: sharding.constrain(
+              x.reshape(batch_size // micro, micro, *x.shape[1:]).swapaxes(0, 1),
+              (None, *BATCH_LOGICAL_AXES)), batch)
+
+      def accumulate(carry, inputs):
+        loss_sum, grad_sum = carry
+        index, mb = inputs
+        loss, grads = micro_grads(state.params, state.frozen, mb,
+                                  dropout_key_or_none(state, index), denom)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        grad_sum = jax.lax.with_sharding_constraint(grad_sum, shards.params)
+        return (loss_sum + loss, grad_sum), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      zeros = jax.lax.with_sharding_constraint(zeros, shards.params)
+      (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                      (jnp.arange(micro), split))
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return loss, optax.tree.norm(grads), optax.apply_updates(state.params, updates), opt_state
+
   def step_fn(state: TrainState, batch):
     with sharding.activation_sharding(mesh):
       denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-      if micro == 1:
-        loss, grads = micro_grads(state.params, state.frozen, batch,
-                                  dropout_key_or_none(state, 0), denom)
+      if kind == fused_update.FUSED:
+        loss, grad_norm, params, opt_state = fused_update.loss_and_update(
+            model_config, mesh, tx, state.params, state.opt_state, batch,
+            dropout_key_or_none(state, 0), lambda logits: masked_loss(logits, batch, denom))
       else:
-        # Row r of micro-batch m is global row r * micro + m: each device keeps its own rows.
-        split = jax.tree.map(
-            lambda x: sharding.constrain(
-                x.reshape(batch_size // micro, micro, *x.shape[1:]).swapaxes(0, 1),
-                (None, *BATCH_LOGICAL_AXES)), batch)
-
-        def accumulate(carry, inputs):
-          loss_sum, grad_sum = carry
-          index, mb = inputs
-          loss, grads = micro_grads(state.params, state.frozen, mb,
-                                    dropout_key_or_none(state, index), denom)
-          grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-          grad_sum = jax.lax.with_sharding_constraint(grad_sum, shards.params)
-          return (loss_sum + loss, grad_sum), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, shards.params)
-        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                        (jnp.arange(micro), split))
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+        loss, grad_norm, params, opt_state = ordinary_update(state, batch, denom)
       metrics = {
           "loss": loss,
-          "grad_norm": optax.tree.norm(grads),
+          "grad_norm": grad_norm,
           "lr": schedule(state.step),
           "loss_tokens": jnp.sum(batch["loss_mask"]),
           "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),

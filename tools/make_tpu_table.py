@@ -12,8 +12,14 @@ libtpu versions, so a rerun only compiles what is missing or stale. A 65B compil
 CPU minutes.
 
 Besides the table it finds, for each preset and TPU generation, the smallest slice that fits:
-slices whose optimizer state alone (16 bytes a parameter over all chips) exceeds the chip's HBM
-are ruled out without compiling; the rest are compiled from the smallest up until one fits.
+slices whose state alone (fp32 weights and AdamW moments, 12 bytes a parameter over all chips:
+the fused step holds no gradient) exceeds the chip's HBM are ruled out without compiling; the
+rest are compiled from the smallest up until one fits.
+
+Cells are compiled with the step training runs: the fused optimizer step where it applies
+(`lima_jax.fused_update`). `--compare_ordinary=65b@v4-64,...` also compiles the ordinary step
+(`--config.train.fused_update=false`) of those cells, and a cell compiled before the fused step
+existed keeps its peak as the ordinary step's: docs/tpu_table.md sets the two side by side.
 The same search runs for LoRA (`--lora_rank`, default 16: `--config.lora.rank=16`, whose floor
 is the bf16 base, 2 bytes a parameter); those entries are keyed "PRESET+loraR@SLICE".
 """
@@ -69,17 +75,17 @@ def split_name(name: str) -> tuple[str, int]:
 
 
 def state_floor_bytes(preset: str, tpu_slice: chips.Slice) -> float:
-  """fp32 weights + 2 fp32 AdamW moments + fp32 gradients, split over every chip; with LoRA
-  the bf16 base alone."""
-  from configs import lima  # pylint: disable=g-import-not-at-top
+  """fp32 weights + 2 fp32 AdamW moments (the fused step holds no gradient), split over every
+  chip; with LoRA the bf16 base alone."""
+  from lima_jax.configs import lima  # pylint: disable=g-import-not-at-top
   from lima_jax import model  # pylint: disable=g-import-not-at-top
   preset, rank = split_name(preset)
   config = model.ModelConfig.from_dict(lima.get_config(preset).model)
-  return (2 if rank else 16) * config.num_params() / tpu_slice.num_devices
+  return (2 if rank else 12) * config.num_params() / tpu_slice.num_devices
 
 
-def compile_one(preset: str, topology: str, mfu: float, timeout: int) -> dict:
-  """One `tools/aot_compile.py` run in its own process; its JSON report (fits or not)."""
+def compile_one(preset: str, topology: str, mfu: float, timeout: int, flags=()) -> dict:
+  """One `tools/aot_compile.py` run (with `flags`) in its own process; its JSON report."""
   preset, rank = split_name(preset)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "report.json")
@@ -88,6 +94,7 @@ def compile_one(preset: str, topology: str, mfu: float, timeout: int) -> dict:
            f"--topology={topology}", f"--mfu={mfu}", f"--output={out}"]
     if rank:
       cmd.append(f"--config.lora.rank={rank}")
+    cmd += list(flags)
     env = dict(os.environ, LIMA_AOT_LOG_DIR=os.path.join(tmp, "tpu_logs"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if proc.returncode not in (0, 2) or not os.path.exists(out):
@@ -113,19 +120,43 @@ class Results:
       with open(path) as f:
         self.data = json.load(f)
 
+  def _fresh(self, entry: dict | None) -> bool:
+    """Compiled by these versions at this MFU, by the code that has the fused step (its
+    reports name the update; LoRA steps, always ordinary, are unchanged by it)."""
+    return bool(entry) and entry.get("versions") == self.versions and entry.get(
+        "mfu_assumed", self.mfu) == self.mfu and ("update" in entry or "lora" in entry)
+
   def get(self, preset: str, topology: str) -> dict | None:
     """The cached report, else a fresh compile (None: not compiled, with --cached-only)."""
     key = f"{preset}@{topology}"
     entry = self.data.get(key)
-    fresh = entry and entry.get("versions") == self.versions and entry.get(
-        "mfu_assumed", self.mfu) == self.mfu
-    if fresh and (self.cached_only or not (self.force or "error" in entry)):
+    if self._fresh(entry) and (self.cached_only or not (self.force or "error" in entry)):
       return entry  # Failed compiles are shown, and retried by the next run that compiles.
-    if self.cached_only:
-      return None
-    print(f"compiling {preset} on {topology} ...", flush=True)
+    if self.cached_only:  # A compile of the ordinary step by these versions is shown, marked.
+      return entry if entry and entry.get("versions") == self.versions else None
+    new = self._compile(preset, topology)
+    if entry and "error" not in entry and "update" not in entry and "lora" not in entry:
+      new.setdefault("ordinary_step", _summary(entry, "the cell's previous compile"))
+    elif entry and "ordinary_step" in entry:
+      new.setdefault("ordinary_step", entry["ordinary_step"])
+    self._store(key, new)
+    return new
+
+  def compare_ordinary(self, preset: str, topology: str) -> None:
+    """Compiles the cell's ordinary step too (unless done by these versions) and records it."""
+    entry = self.get(preset, topology)
+    done = (entry or {}).get("ordinary_step", {})
+    if entry is None or "error" in entry or entry.get("update") != "fused" or (
+        done.get("versions") == self.versions and done.get("source") == "compiled beside it"):
+      return
+    ordinary = self._compile(preset, topology, ["--config.train.fused_update=false"])
+    entry["ordinary_step"] = _summary(ordinary, "compiled beside it")
+    self._store(f"{preset}@{topology}", entry)
+
+  def _compile(self, preset: str, topology: str, flags=()) -> dict:
+    print(f"compiling {preset} on {topology} {' '.join(flags)}...", flush=True)
     try:
-      entry = compile_one(preset, topology, self.mfu, self.timeout)
+      entry = compile_one(preset, topology, self.mfu, self.timeout, flags)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
       print(f"  FAILED: {e}", flush=True)
       reason = (f"compile did not finish in {self.timeout} s" if isinstance(
@@ -133,17 +164,41 @@ class Results:
       entry = {"error": reason, "fits": None, "mfu_assumed": self.mfu}
     entry["versions"] = self.versions
     entry["compiled_on"] = datetime.date.today().isoformat()
+    print(f"  {preset} on {topology}: fits={entry['fits']} peak {_peak(entry) / GiB:.1f} GiB",
+          flush=True)
+    return entry
+
+  def _store(self, key: str, entry: dict) -> None:
     with self.lock:
       self.data[key] = entry
       paths.write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
-    peak = _peak(entry)
-    print(f"  {preset} on {topology}: fits={entry['fits']} peak {peak / GiB:.1f} GiB", flush=True)
-    return entry
+
+
+def _summary(entry: dict, source: str) -> dict:
+  """What the before/after table keeps of a compile of the ordinary step."""
+  return {"peak_bytes": _peak(entry), "fits": entry.get("fits"), "source": source,
+          "versions": entry.get("versions"), "compiled_on": entry.get("compiled_on"),
+          "micro_batches": entry.get("micro_batches", 1)}
 
 
 def _peak(entry: dict) -> int:
   mem = entry.get("memory", {})
   return int(mem.get("peak_bytes") or mem.get("needed_bytes") or 0)
+
+
+PRE_FUSED_MARK = "†"
+PRE_FUSED_NOTE = (f"{PRE_FUSED_MARK} compiled before the fused optimizer step existed, with the "
+                  "ordinary step (whole fp32 gradient); not recompiled yet. The fused step's peak "
+                  "is lower by about 4 bytes a parameter over the chips (see the before/after "
+                  "table).")
+
+
+def _pre_fused(entry: dict) -> bool:
+  return "update" not in entry and "lora" not in entry and "error" not in entry
+
+
+def _mark(entry: dict) -> str:
+  return PRE_FUSED_MARK if _pre_fused(entry) else ""
 
 
 def _cell(entry: dict | None) -> str:
@@ -152,11 +207,12 @@ def _cell(entry: dict | None) -> str:
   if "error" in entry:
     return entry["error"]
   hbm = entry["usable_hbm_bytes"] / GiB
+  mark = _mark(entry)
   if entry["fits"]:
-    return (f"{_peak(entry) / GiB:.1f} / {hbm:.1f} GiB ✓ {entry['step_seconds']:.1f} s "
+    return (f"{_peak(entry) / GiB:.1f} / {hbm:.1f} GiB ✓{mark} {entry['step_seconds']:.1f} s "
             f"({entry['tokens_per_second'] / 1e3:.1f}k tok/s)")
   need = _peak(entry) / GiB
-  return f"{need:.1f} / {hbm:.1f} GiB ✗" if need else f"— / {hbm:.1f} GiB ✗"
+  return f"{need:.1f} / {hbm:.1f} GiB ✗{mark}" if need else f"— / {hbm:.1f} GiB ✗"
 
 
 def _mesh(entry: dict | None) -> str:
@@ -178,18 +234,19 @@ def smallest(results: Results, preset: str, generation: str) -> tuple[str, dict 
       notes.append(f"{name}: state alone {floor / GiB:.1f} GiB a chip")
       continue
     entry = results.get(preset, name)
-    if entry is None or "error" in entry:
+    if entry is None or "error" in entry:  # Noted; a larger slice may still be known to fit.
       notes.append(f"{name}: " + (entry["error"] if entry else "not compiled yet"))
-      return "", None, notes
+      continue
     if entry["fits"]:
       return name, entry, notes
-    notes.append(f"{name}: needs {_peak(entry) / GiB:.1f} GiB a chip")
-  return "", None, notes
+    notes.append(f"{name}: needs {_peak(entry) / GiB:.1f} GiB a chip{_mark(entry)}")
+  unsettled = _unsettled(notes)
+  return "", None, notes[:notes.index(unsettled[0]) + 1] if unsettled else notes
 
 
-def _search_incomplete(notes: list[str]) -> bool:
-  """Whether `smallest` stopped at a slice not compiled (or failed) rather than ruling all out."""
-  return bool(notes) and not notes[-1].split(": ", 1)[1].startswith(("state", "needs"))
+def _unsettled(notes: list[str]) -> list[str]:
+  """The notes of slices neither ruled out nor compiled (not compiled yet, or failed)."""
+  return [n for n in notes if not n.split(": ", 1)[1].startswith(("state", "needs"))]
 
 
 def _fit_table(results: Results, presets, slices) -> list[str]:
@@ -207,9 +264,9 @@ def _smallest_rows(results: Results, presets, generations) -> list[str]:
     cells = []
     for generation in generations:
       name, entry, notes = smallest(results, preset, generation)
-      incomplete = _search_incomplete(notes)
-      text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB, {entry['step_seconds']:.1f} s/step)"
-              if entry else "search incomplete" if incomplete
+      text = (f"**{name}** ({_peak(entry) / GiB:.1f} GiB{_mark(entry)}, "
+              f"{entry['step_seconds']:.1f} s/step)"
+              if entry else "search incomplete" if _unsettled(notes)
               else "none up to " + SEARCH[generation][-1])
       if notes:
         text += "<br>" + "<br>".join(notes)
@@ -225,14 +282,35 @@ def _readme_smallest_rows(results: Results, presets, generations) -> list[str]:
     cells = []
     for generation in generations:
       name, entry, notes = smallest(results, preset, generation)
+      unsettled = _unsettled(notes)
       if entry:
-        cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip, {entry['step_seconds']:.1f} s a step "
-                     f"at {results.mfu:.0%} MFU)")
-      elif _search_incomplete(notes):
-        cells.append("search incomplete: " + notes[-1])
+        cells.append(f"{name} ({_peak(entry) / GiB:.1f} GiB a chip{_mark(entry)}, "
+                     f"{entry['step_seconds']:.1f} s a step "
+                     f"at {results.mfu:.0%} MFU)" + "".join(
+                         f"; {note} (may fit)" for note in unsettled))
+      elif unsettled:
+        cells.append("search incomplete: " + "; ".join(unsettled))
       else:
         cells.append("none up to " + SEARCH[generation][-1])
     lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _before_after_rows(results: Results, presets) -> list[str]:
+  """Each compiled cell that also has the ordinary step's peak: both, and what the fused saves."""
+  lines = ["| preset | slice | ordinary step (gradient, then update) | fused step | saved a chip |",
+           "|---|---|---|---|---|"]
+  order = {p: i for i, p in enumerate(presets)}
+  cells = [k.split("@") for k, e in results.data.items() if "ordinary_step" in e and "error" not in e]
+  for preset, name in sorted(cells, key=lambda c: (order.get(c[0], len(order)), c[1])):
+    entry = results.data[f"{preset}@{name}"]
+    before, after = entry["ordinary_step"], _peak(entry)
+    mark = lambda fits: "✓" if fits else "✗"
+    micro = (f", {before['micro_batches']} micro-batches" if before.get("micro_batches", 1) > 1
+             else "")
+    lines.append(f"| {preset} | {name} | {before['peak_bytes'] / GiB:.1f} GiB {mark(before['fits'])}"
+                 f"{micro} | {after / GiB:.1f} GiB {mark(entry['fits'])} ({entry.get('update', '')}) | "
+                 f"{(before['peak_bytes'] - after) / GiB:.1f} GiB |")
   return lines
 
 
@@ -253,7 +331,8 @@ def render(results: Results, presets, slices, generations, more_tables=(), lora_
       "training step (`lima_jax.train_step.make_train_step`) with libtpu's compiler "
       f"({results.versions}); do not edit by hand. Batch: 64 conversations x 2048 tokens "
       "(32 for 65b), fp32 master weights and AdamW moments, bf16 compute, full remat, splash "
-      "attention, each preset's default mesh for the slice.",
+      "attention, each preset's default mesh for the slice, and the fused optimizer step "
+      "(no whole-model gradient; `lima_jax.fused_update`) wherever one micro-batch is chosen.",
       "",
       "Each cell: per-chip peak (`memory_analysis().peak_memory_in_bytes`) / usable HBM, fits "
       f"(✓/✗), and the step time and tokens/s implied at {mfu:.0%} MFU by the analytic model "
@@ -282,6 +361,18 @@ def render(results: Results, presets, slices, generations, more_tables=(), lora_
               "Per generation, compiled from the smallest slice up; smaller slices are listed "
               "with why they do not fit.", ""]
     lines += _smallest_rows(results, presets, generations)
+  if any(_pre_fused(e) for e in results.data.values()):
+    lines += ["", PRE_FUSED_NOTE]
+  before_after = _before_after_rows(results, presets)
+  if len(before_after) > 2:
+    lines += ["", "## The fused optimizer step: per-chip peak before and after", "",
+              "The ordinary step holds the whole fp32 gradient (4 bytes a parameter, split over the "
+              "chips) between the backward pass and the update; the fused step "
+              "(`lima_jax.fused_update`, the default where it applies) updates each layer as its "
+              "gradient is produced. Same compiler; the ordinary step's peak comes from the "
+              "cell's compile before the fused step existed, or from "
+              "`--compare_ordinary` (`--config.train.fused_update=false`).", ""]
+    lines += before_after
   if lora_presets and lora_generations:
     lines += ["", "## Smallest slice that trains each preset with LoRA at the paper's batch size",
               "", LORA_NOTE, ""]
@@ -300,7 +391,10 @@ def readme_block(results: Results, presets, slices, generations, more_tables=(),
   of each generation for every preset (and with LoRA)."""
   lines = [README_BEGIN,
            f"Per-chip peak / usable HBM, fits, and the step time and tokens/s implied at "
-           f"{results.mfu:.0%} MFU ([docs/tpu_table.md](docs/tpu_table.md) has the meshes):", ""]
+           f"{results.mfu:.0%} MFU, with the fused optimizer step that holds no whole-model "
+           "gradient ([docs/training.md](docs/training.md#the-fused-optimizer-step-no-whole-model-"
+           "gradient); [docs/tpu_table.md](docs/tpu_table.md) has the meshes and the peaks before "
+           "and after it):", ""]
   lines += _fit_table(results, presets, slices)
   for table_presets, table_slices in more_tables:
     lines += [""] + _fit_table(results, table_presets, table_slices)
@@ -311,6 +405,8 @@ def readme_block(results: Results, presets, slices, generations, more_tables=(),
     lines += ["", "With LoRA (base frozen in bf16; " + ", ".join(
         f"`{p}` = `--config.lora.rank={split_name(p)[1]}`" for p in lora_presets[:1]) + "):", ""]
     lines += _readme_smallest_rows(results, lora_presets, lora_generations)
+  if any(_pre_fused(e) for e in results.data.values()):
+    lines += ["", PRE_FUSED_NOTE]
   lines.append(README_END)
   return "\n".join(lines)
 
@@ -348,6 +444,9 @@ def main(argv=None) -> int:
   parser.add_argument("--lora_rank", type=int, default=16)
   parser.add_argument("--lora_search_generations", default="v5p,v4",
                       help="generations searched for the smallest LoRA slice")
+  parser.add_argument("--compare_ordinary", default="",
+                      help="cells PRESET@SLICE,... whose ordinary step is compiled too, for the "
+                           "before/after table")
   parser.add_argument("--cached-only", dest="cached_only", action="store_true",
                       help="compile nothing; render what docs/tpu_table.json holds")
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
@@ -375,7 +474,10 @@ def main(argv=None) -> int:
   family = [p for p in order if p in FAMILY_PRESETS]
   order = [p for p in order if p not in FAMILY_PRESETS]
   cells = [(p, s) for p in order for s in slices] + [(p, s) for s in family_slices for p in family]
+  compare = [tuple(c.split("@")) for c in args.compare_ordinary.split(",") if c]
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    if not args.cached_only:
+      list(pool.map(lambda ps: results.compare_ordinary(*ps), compare))
     list(pool.map(lambda ps: results.get(*ps), cells))
     if args.search:
       list(pool.map(lambda pg: smallest(results, *pg),
