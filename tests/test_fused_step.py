@@ -29,8 +29,7 @@ from lima_jax import model as model_lib  # pylint: disable=wrong-import-position
 from lima_jax import sharding  # pylint: disable=wrong-import-position
 from lima_jax import train_step  # pylint: disable=wrong-import-position
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import test_train  # pylint: disable=wrong-import-position
+import test_train  # pylint: disable=wrong-import-position  # tests/ is on the path (pyproject), or the script's folder.
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The families' shapes, each under a different remat policy (the fused step keeps the model's).
