@@ -44,6 +44,15 @@ def small_tiny_config():
   return config
 
 
+def test_decode_mesh_is_tensor_over_a_host_on_tpu_unless_set():
+  default = dict(sharding.DEFAULT_MESH)
+  assert sharding.decode_mesh_config(default, "tpu", 4) == {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 4}
+  assert sharding.decode_mesh_config(None, "tpu", 256)["tensor"] == 8
+  assert sharding.decode_mesh_config(default, "cpu", 8) == default
+  chosen = dict(default, fsdp=2, tensor=2)
+  assert sharding.decode_mesh_config(chosen, "tpu", 4) == chosen
+
+
 def test_slice_names():
   assert chips.parse_slice("v5p-32").topology_name == "v5:2x2x4"
   assert chips.parse_slice("v5p-128").num_devices == 64
