@@ -129,8 +129,9 @@ def lower_decode(config, mesh):
   """Lowers one decode step of the serving engine (`lima_jax.serve`) over `config.serve.slots`
   slots of `sampling.max_len` tokens, as `lima-serve` / `lima-evaluate` run it.
 
-  Weights are served in the compute dtype (`--dtype`), and the layers unrolled so that the
-  compiler's cost analysis counts every layer (a scanned layer is counted once).
+  Weights are served in the compute dtype (`--dtype`) and in the layouts the compiler picks (as
+  the engine stores them on TPU), and the layers unrolled so that the compiler's cost analysis
+  counts every layer (a scanned layer is counted once). The mesh is `sharding.decode_mesh_config`'s.
   Returns (lowered, abstract params, model config, sampling config, slots, abstract state).
   """
   model_config = _tpu_model_config(config)
@@ -237,7 +238,8 @@ def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
   log_dir = process.prepare_libtpu_environment(log_dir)
   devices = slice_devices(tpu_slice)
   flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
-  mesh = sharding.make_mesh(config.mesh, devices, tpu_slice.num_slices)
+  mesh_config = config.mesh if program == "train" else sharding.decode_mesh_config(dict(config.mesh), "tpu", len(devices))
+  mesh = sharding.make_mesh(mesh_config, devices, tpu_slice.num_slices)
   hbm = tpu_slice.usable_hbm_bytes()
   report: dict[str, Any] = {
       "program": program, "preset": config.get("preset", ""), "topology": tpu_slice.name,

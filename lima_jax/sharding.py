@@ -82,6 +82,19 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 # The `mesh` section a preset leaves to the slice: see `mesh_for`.
 DEFAULT_MESH = {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
+# Decoding reads every weight once a token; over fsdp each step would all-gather them all, so a
+# TPU decodes over tensor (the heads split across one host's chips, up to 8) unless the mesh is set.
+MAX_DECODE_TENSOR = 8
+
+
+def decode_mesh_config(mesh_config: Mapping[str, int] | None, platform: str, num_devices: int) -> dict:
+  """The mesh `lima-serve`, `lima-evaluate` and `lima-aot --program=decode` decode on: the
+  config's, except that on TPU the preset's default (fsdp over every chip) becomes tensor over
+  gcd(chips, 8) chips, fsdp over the rest."""
+  given = {axis: int((mesh_config or {}).get(axis, DEFAULT_MESH[axis])) for axis in MESH_AXES}
+  if platform != "tpu" or given != DEFAULT_MESH:
+    return given
+  return {"data": 1, "fsdp": -1, "sequence": 1, "tensor": math.gcd(num_devices, MAX_DECODE_TENSOR)}
 
 
 def default_mesh(num_devices: int, batch_size: int, seq_len: int, num_slices: int = 1) -> dict:

@@ -198,14 +198,33 @@ def test_bad_requests_get_openai_error_bodies(server, client, body, status, para
   assert client.chat.completions.create(model="tiny", messages=CHAT[:1], max_tokens=2).choices  # Still serving.
 
 
+def serve_metrics(url) -> dict[str, float]:
+  """/metrics' samples by name (Prometheus text format)."""
+  lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+  return {name: float(value) for name, value in (l.split() for l in lines if l and not l.startswith("#"))}
+
+
 @pytest.mark.slow
 def test_disconnect_frees_the_slot_and_sigterm_finishes_in_flight(ckpt):
-  proc, url = start_server(ckpt, "--slots", "1", "--config.sampling.max_new_tokens=60")
+  # One token a round and 1000 to go, so an abandoned stream that kept its slot would run 1000 rounds.
+  proc, url = start_server(ckpt, "--slots", "1", "--config.sampling.max_len=1024",
+                           "--config.sampling.max_new_tokens=1000", "--config.serve.steps_per_call=1")
   try:
-    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "Tell a story", "max_tokens": 60,
-                                                            "stream": True, "temperature": 0}) as r:
-      next(r.iter_lines())
-    # The one slot is free again: a short request is answered although the stream had 60 tokens to go.
+    body = {"prompt": "Tell a story", "max_tokens": 1000, "stream": True, "temperature": 0,
+            "stop": [], "repetition_penalty": 1.0}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+      lines = r.iter_lines()
+      for _ in range(6):
+        next(lines)
+      assert serve_metrics(url)["lima_serve_requests_running"] == 1
+    at_close = serve_metrics(url)["lima_serve_rounds_total"]
+    deadline = time.time() + 10
+    while serve_metrics(url)["lima_serve_requests_running"] and time.time() < deadline:
+      time.sleep(0.01)
+    freed = serve_metrics(url)
+    assert freed["lima_serve_requests_running"] == 0 and freed["lima_serve_cancelled_total"] == 1
+    assert freed["lima_serve_rounds_total"] - at_close <= 2, (at_close, freed)  # Freed within a round or so.
+    assert freed["lima_serve_rounds_total"] < 500, freed
     r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
     client = httpx.Client(timeout=120)

@@ -162,7 +162,8 @@ def test_cancel_frees_the_slot_and_bad_prompts_are_refused(params):
 
 @pytest.mark.slow
 def test_engine_on_eight_devices_equals_one():
-  """On an 8-device mesh (fsdp 4 x tensor 2) the engine's sampled answers equal one device's."""
+  """On an 8-device mesh (fsdp 4 x tensor 2), weights in default or compiler-chosen layouts, the
+  engine's sampled answers equal one device's."""
   script = textwrap.dedent(f"""
       import jax
       from lima_jax import model as model_lib, sampling, sharding
@@ -174,10 +175,10 @@ def test_engine_on_eight_devices_equals_one():
       settings = [engine.SlotSettings.from_sampling(scfg, 8, stream=i) for i in range(10)]
       mesh = sharding.make_mesh(dict(data=1, fsdp=4, sequence=1, tensor=2))
       answers = []
-      for m in (mesh, None):
-        e = engine.Engine(cfg, params, slots=8, max_len=64, stop_ids=(), mesh=m)
+      for m, pinned in ((mesh, False), (mesh, True), (None, False)):
+        e = engine.Engine(cfg, params, slots=8, max_len=64, stop_ids=(), mesh=m, compiler_weight_layouts=pinned)
         answers.append([h.tokens for h in batcher.generate_all(e, prompts, settings)])
-      assert answers[0] == answers[1], answers
+      assert answers[0] == answers[1] == answers[2], answers
       single = sampling.generate(cfg, params, prompts, sampling_config=scfg, stop_ids=(), prompt_seeds=range(10))
       assert answers[1] == [r.tokens for r in single]
       print("ok", len(jax.devices()))

@@ -399,7 +399,7 @@ class Answerer:
 def _model_answerer(checkpoint: str, scfg: sampling.SamplingConfig, *, mesh_config, tokenizer, dtype, eot,
                     serve_config: dict, chat_template: str, log: Callable[[str], None]) -> Answerer:
   try:
-    mesh = sharding.make_mesh(mesh_config or {"fsdp": -1})
+    mesh = sharding.make_mesh(sharding.decode_mesh_config(mesh_config, jax.devices()[0].platform, jax.device_count()))
   except ValueError as e:
     raise InputError(str(e)) from None
   try:

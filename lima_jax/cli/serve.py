@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+import jax
 from absl import flags
 
 from lima_jax import errors
@@ -36,7 +37,7 @@ def build_service(f, log):
   config = f.config
   try:
     scfg = decoding_flags.sampling_config_from_flags(f)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = sharding.make_mesh(sharding.decode_mesh_config(dict(config.mesh), jax.devices()[0].platform, jax.device_count()))
   except ValueError as e:
     raise errors.InputError(f"--config: {e}") from None
   try:

@@ -76,6 +76,8 @@ class Batcher:
     self._lock = threading.Condition()
     self._stopping = False
     self._thread: threading.Thread | None = None
+    self.rounds = 0  # `generate` calls so far.
+    self.cancelled = 0  # Answers ended by `cancel` (a stop string, a client gone, shutdown).
 
   # -- Submitting ------------------------------------------------------------------------------
 
@@ -100,6 +102,12 @@ class Batcher:
     with self._lock:
       return len(self._queue) + sum(h is not None for h in self._slots)
 
+  def stats(self) -> dict[str, int]:
+    """Counters a monitor reads: slots decoding, requests waiting, rounds run, answers cancelled."""
+    with self._lock:
+      return {"running": sum(h is not None for h in self._slots), "waiting": len(self._queue),
+              "rounds": self.rounds, "cancelled": self.cancelled}
+
   # -- Rounds ----------------------------------------------------------------------------------
 
   def step(self) -> bool:
@@ -109,7 +117,9 @@ class Batcher:
     if all(h is None for h in self._slots):
       with self._lock:
         return bool(self._queue)
-    self._dispatch(self.engine.generate())
+    outputs = self.engine.generate()
+    self.rounds += 1
+    self._dispatch(outputs)
     with self._lock:
       return bool(self._queue) or any(h is not None for h in self._slots)
 
@@ -162,12 +172,15 @@ class Batcher:
     for slot, handle in enumerate(self._slots):
       if handle is not None and handle.cancel_reason is not None:
         self.engine.release(slot)
-        self._slots[slot] = None
+        with self._lock:
+          self._slots[slot] = None
+          self.cancelled += 1
         self._finish(handle, handle.cancel_reason)
     with self._lock:
       cancelled = [h for h in self._queue if h.cancel_reason is not None]
       for h in cancelled:
         self._queue.remove(h)
+      self.cancelled += len(cancelled)
     for h in cancelled:
       self._finish(h, h.cancel_reason)
 

@@ -89,12 +89,13 @@ class Engine:
 
   `max_len` is each slot's context (prompt + answer). On a mesh the parameters and the cache take
   the training shardings (`model.param_shardings`, the cache's logical axes), the per-slot
-  values the batch axis; one host is the scope.
+  values the batch axis; one host is the scope. `compiler_weight_layouts` (default: on a TPU
+  mesh) stores the weights in the layouts the decode program wants (`Programs.pin_weight_formats`).
   """
 
   def __init__(self, model_config: model_lib.ModelConfig, params, *, slots: int, max_len: int,
                stop_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
-               steps_per_call: int = 4, top_logprobs: int = 20):
+               steps_per_call: int = 4, top_logprobs: int = 20, compiler_weight_layouts: bool | None = None):
     if slots < 1 or steps_per_call < 1 or max_len < 2:
       raise ValueError(f"engine: slots={slots}, steps_per_call={steps_per_call}, max_len={max_len}; "
                        f"expected slots >= 1, steps_per_call >= 1, max_len >= 2")
@@ -110,6 +111,10 @@ class Engine:
         model_config, slots=slots, max_len=max_len, mesh=mesh, pad_id=self.pad_id,
         steps_per_call=steps_per_call, top_logprobs=self.top_logprobs,
         per_layer=sampling.per_layer_copies(self.params))
+    if compiler_weight_layouts is None:  # On a TPU mesh: a decode step reads each weight once.
+      compiler_weight_layouts = mesh is not None and mesh.devices.flat[0].platform == "tpu"
+    if compiler_weight_layouts and mesh is not None and not self.programs.per_layer:
+      self.params = self.programs.pin_weight_formats(self.params)
     self._programs = self.programs.fns
     self.layers = self._programs["unstack"](self.params) if self.programs.per_layer else None
     self.state = self._programs["init"]()

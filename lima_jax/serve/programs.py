@@ -10,7 +10,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.experimental.layout import Format, Layout
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lima_jax import attention
 from lima_jax import model as model_lib
@@ -35,6 +36,7 @@ class Programs:
     self.pad_id, self.steps_per_call, self.top_logprobs = pad_id, steps_per_call, top_logprobs
     self.per_layer = per_layer  # Per-layer weight and cache copies (CPU; sampling.per_layer_copies).
     self.state_shardings = None if mesh is None else self._shardings(self.abstract_state())
+    self.weight_formats = None  # The weights' device layouts, once `pin_weight_formats` chose them.
     self.fns = self._compile_fns()
 
   def abstract_state(self):
@@ -42,28 +44,43 @@ class Programs:
       return jax.eval_shape(self._init_state)
 
   def lower_generate(self, abstract_params):
-    """`generate` lowered for ShapeDtypeStructs (with shardings on a mesh): ahead-of-time compiles."""
-    state = self.abstract_state()
-    if self.state_shardings is not None:
-      state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
-                           self.state_shardings)
-    return self.fns["generate"].lower(abstract_params, None, state)
+    """`generate` lowered for ShapeDtypeStructs with shardings, the weights' layouts left to the
+    compiler (as `pin_weight_formats` serves them): ahead-of-time compiles."""
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         self.abstract_state(), self.state_shardings)
+    auto = jax.tree.map(lambda p: Format(Layout.AUTO, p.sharding), abstract_params)
+    plain = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)
+    return self._jit(self._generate_impl, donate=(2,), state_out="first",
+                     in_shardings=(auto, None, self.state_shardings)).lower(plain, None, state)
+
+  def pin_weight_formats(self, params):
+    """Lets the compiler choose the weights' layouts for `generate` (the TPU's default layout of the
+    q/k/v projections is re-laid out on every decode step otherwise, a third more bytes a token),
+    recompiles every program that reads the weights for those layouts, and returns the weights
+    in them. A mesh is needed (the layouts come with its shardings)."""
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params)
+    self.weight_formats = self.lower_generate(abstract).compile().input_formats[0][0]
+    self.fns = self._compile_fns()
+    return jax.device_put(params, self.weight_formats)
 
   def _context(self):
     return sharding.activation_sharding(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  def _jit(self, fn, *, donate=(), state_out: str | None = None):
+  def _jit(self, fn, *, donate=(), state_out: str | None = None, in_shardings=None):
     """jax.jit under the mesh's activation rules; `state_out` names where the state is returned
     ("all" or "first" of a pair), so it keeps one sharding from call to call (no recompiles)."""
     def traced(*args):
       with self._context():
         return fn(*args)
-    out = None
+    kwargs = {} if in_shardings is None else {"in_shardings": in_shardings}
     if self.state_shardings is not None and state_out is not None:
-      out = self.state_shardings if state_out == "all" else (self.state_shardings, None)
-    if out is None:
-      return jax.jit(traced, donate_argnums=donate)
-    return jax.jit(traced, donate_argnums=donate, out_shardings=out)
+      kwargs["out_shardings"] = self.state_shardings if state_out == "all" else (self.state_shardings, None)
+    return jax.jit(traced, donate_argnums=donate, **kwargs)
+
+  def _weights_in(self, *rest):
+    """in_shardings for a program whose first argument is the weights: their pinned formats
+    (None until `pin_weight_formats`), the other arguments `rest`."""
+    return None if self.weight_formats is None else (self.weight_formats,) + rest
 
   def _shardings(self, abstract_state):
     slot_values = {k: v for k, v in abstract_state.items() if k != "cache"}
@@ -94,15 +111,17 @@ class Programs:
         seen=sharding.constrain(zeros(bool, vpad), ("batch", "vocab")))
 
   def _compile_fns(self) -> dict[str, Any]:
+    replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
     return dict(
         init=self._jit(self._init_state, state_out="all"),
         unstack=jax.jit(model_lib.unstack_layers),
-        prefill=self._jit(self._prefill_impl),
+        prefill=self._jit(self._prefill_impl, in_shardings=self._weights_in(None, replicated, replicated)),
         insert=self._jit(self._insert_impl, donate=(0,), state_out="all"),
         release=self._jit(lambda state, slot: {**state, "active": state["active"].at[slot].set(False)},
                           donate=(0,), state_out="all"),
-        generate=self._jit(self._generate_impl, donate=(2,), state_out="first"),
-        score=self._jit(self._score_impl))
+        generate=self._jit(self._generate_impl, donate=(2,), state_out="first",
+                           in_shardings=self._weights_in(None, self.state_shardings)),
+        score=self._jit(self._score_impl, in_shardings=self._weights_in(replicated)))
 
   def _prefill_impl(self, params, layers, tokens, length):
     width = tokens.shape[1]

@@ -169,6 +169,21 @@ async def _stream(service: Service, handles, waiter: Waiter, decoding: protocol.
         h.cancel("abort")
 
 
+_METRICS = {"running": ("gauge", "requests decoding in a slot"),
+            "waiting": ("gauge", "requests queued for a slot"),
+            "rounds": ("counter", "engine generate calls"),
+            "cancelled": ("counter", "answers cancelled (stop string, client gone, shutdown)")}
+
+
+def _prometheus(stats: dict[str, int]) -> str:
+  """The batcher's counters in Prometheus' text format (as vLLM's /metrics serves its own)."""
+  lines = []
+  for name, (kind, text) in _METRICS.items():
+    metric = f"lima_serve_requests_{name}" if kind == "gauge" else f"lima_serve_{name}_total"
+    lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}", f"{metric} {stats[name]}"]
+  return "\n".join(lines) + "\n"
+
+
 def create_app(service: Service) -> fastapi.FastAPI:
   app = fastapi.FastAPI(title="lima-serve", docs_url=None, redoc_url=None)
 
@@ -194,6 +209,10 @@ def create_app(service: Service) -> fastapi.FastAPI:
   @app.get("/health")
   async def health():
     return responses.Response(status_code=200)
+
+  @app.get("/metrics")
+  async def metrics():
+    return responses.PlainTextResponse(_prometheus(service.batcher.stats()))
 
   @app.get("/v1/models")
   async def models():
