@@ -25,13 +25,14 @@ from typing import Any
 import jax
 from jax.experimental import topologies
 
-from lima_jax import flops as flops_lib
 from lima_jax import chips
+from lima_jax import flops as flops_lib
 from lima_jax import fused_update
-from lima_jax import process
 from lima_jax import lora as lora_lib
+from lima_jax import memory_fit
 from lima_jax import model as model_lib
 from lima_jax import paths
+from lima_jax import process
 from lima_jax import sampling
 from lima_jax import sharding
 from lima_jax import train_step
@@ -227,28 +228,9 @@ def _advice(config, program: str, needed: int, hbm: int, tpu_slice) -> list[str]
   return tips
 
 
-def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
-                    mfu: float = chips.DEFAULT_MFU, log_dir: str | None = None,
-                    hlo_path: str | None = None) -> dict:
-  """Compiles `program` ("train" or "decode") for the slice; returns the report dict.
-
-  Raises DoesNotFit (its `.report` filled in) when the compiler or the memory analysis says
-  the program needs more than the chip's usable HBM. `hlo_path` saves the optimised HLO.
-  """
-  log_dir = process.prepare_libtpu_environment(log_dir)
-  devices = slice_devices(tpu_slice)
-  flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
-  mesh_config = config.mesh if program == "train" else sharding.decode_mesh_config(dict(config.mesh), "tpu", len(devices))
-  mesh = sharding.make_mesh(mesh_config, devices, tpu_slice.num_slices)
-  hbm = tpu_slice.usable_hbm_bytes()
-  report: dict[str, Any] = {
-      "program": program, "preset": config.get("preset", ""), "topology": tpu_slice.name,
-      "topology_name": tpu_slice.topology_name, "num_slices": tpu_slice.num_slices,
-      "chip": tpu_slice.chip.name, "devices": tpu_slice.num_devices, "hosts": tpu_slice.num_hosts,
-      "mesh": {k: int(v) for k, v in mesh.shape.items()},
-      "usable_hbm_bytes": hbm, "jax_version": jax.__version__,
-  }
-  start = time.perf_counter()
+def _lower_program(config, mesh, program: str, flags: list[str], report: dict):
+  """(lowered program, abstract params, model config, FLOP counts); the program's own fields go
+  into `report`."""
   if program == "train":
     lowered, params, model_config = lower_train(config, mesh)
     batch, seq = int(config.train.batch_size), int(config.data.max_len)
@@ -271,11 +253,22 @@ def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
     report["lora"] = {"rank": model_config.lora.rank, "alpha": model_config.lora.alpha,
                       "targets": list(model_config.lora.targets),
                       "trainable_params": lora_lib.num_trainable(model_config)}
-  report.update(
-      attention=model_config.attention, param_dtype=model_config.param_dtype,
-      compute_dtype=model_config.dtype, num_params=model_config.num_params(),
-      param_bytes_per_device=bytes_per_device(params),
-      lower_seconds=round(time.perf_counter() - start, 1))
+  return lowered, params, model_config, flops
+
+
+def _does_not_fit(config, program: str, report: dict, tpu_slice: chips.Slice, needed: int,
+                  what: str) -> "DoesNotFit":
+  """The error for a program needing `needed` bytes a chip, its advice and message in the report."""
+  hbm = tpu_slice.usable_hbm_bytes()
+  report["advice"] = _advice(config, program, needed, hbm, tpu_slice)
+  report["message"] = (f"{program} for {report['preset']} on {tpu_slice.name} does not fit: "
+                       f"{what} {needed / GiB:.2f} GiB a chip, {hbm / GiB:.2f} GiB usable "
+                       f"(over by {(needed - hbm) / GiB:.2f} GiB)")
+  return DoesNotFit(report)
+
+
+def _compile(lowered, config, program: str, report: dict, tpu_slice: chips.Slice, log_dir: str):
+  """The compiled program; a compiler out-of-memory error becomes DoesNotFit with its figures."""
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -287,50 +280,83 @@ def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
     needed = _to_bytes(m.group(1), m.group(2)) if m else 0
     report.update(
         fits=False, compile_seconds=round(time.perf_counter() - start, 1),
-        memory={"needed_bytes": needed, "over_by_bytes": max(0, needed - hbm)},
+        memory={"needed_bytes": needed, "over_by_bytes": max(0, needed - tpu_slice.usable_hbm_bytes())},
         largest_buffers=largest_buffers(log_dir),
         compiler_message=text.strip().splitlines()[0][:500])
-    report["advice"] = _advice(config, program, needed, hbm, tpu_slice)
-    report["message"] = (f"{program} for {report['preset']} on {tpu_slice.name} does not fit: "
-                         f"needs {needed / GiB:.2f} GiB a chip, {hbm / GiB:.2f} GiB usable "
-                         f"(over by {(needed - hbm) / GiB:.2f} GiB)")
-    raise DoesNotFit(report) from e
+    raise _does_not_fit(config, program, report, tpu_slice, needed, "needs") from e
   report["compile_seconds"] = round(time.perf_counter() - start, 1)
-  if hlo_path:
-    paths.write_text_atomic(hlo_path, compiled.as_text())
-  mem = compiled.memory_analysis()
-  peak = int(getattr(mem, "peak_memory_in_bytes", 0)) or int(
-      mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-      + mem.temp_size_in_bytes)
-  report["memory"] = {
-      "arguments_bytes": int(mem.argument_size_in_bytes),
-      "outputs_bytes": int(mem.output_size_in_bytes),
-      "aliased_bytes": int(mem.alias_size_in_bytes),
-      "temporaries_bytes": int(mem.temp_size_in_bytes),
-      "peak_bytes": peak,
+  return compiled
+
+
+def memory_report(compiled, hbm: int) -> dict:
+  """The compiled program's memory analysis, its peak held against the chip's usable HBM."""
+  mem = memory_fit.StepMemory.of(compiled, "tpu")
+  return {
+      "arguments_bytes": mem.arguments,
+      "outputs_bytes": mem.outputs,
+      "aliased_bytes": mem.aliased,
+      "temporaries_bytes": mem.temporaries,
+      "peak_bytes": mem.peak,
       "usable_hbm_bytes": hbm,
-      "headroom_bytes": hbm - peak,
+      "headroom_bytes": hbm - mem.peak,
   }
-  report["fits"] = peak <= hbm
+
+
+def _speed_figures(compiled, program: str, flops: dict, report: dict, tpu_slice: chips.Slice,
+                   mfu: float) -> dict:
+  """Step time implied at `mfu`; for decode also the bytes a token step reads vs the weights + KV cache."""
   peak_flops = tpu_slice.chip.bf16_flops * tpu_slice.num_devices
-  report["mfu_assumed"] = mfu
   if program == "train":
     step = flops["model"] / (mfu * peak_flops)
-    report.update(step_seconds=step, tokens_per_second=flops["tokens"] / step)
-  else:
-    step = flops["per_token_step"] / (mfu * peak_flops)
-    accessed = bytes_accessed(compiled)
-    live = report["param_bytes_per_device"] + report["kv_cache_bytes_per_device"]
-    report.update(decode_step_seconds_compute_bound=step, bytes_accessed_per_step=accessed,
-                  bytes_accessed_vs_weights_and_kv_cache=accessed / live,
-                  weight_read_seconds_per_token=report["param_bytes_per_device"] / tpu_slice.chip.hbm_bandwidth)
+    return dict(step_seconds=step, tokens_per_second=flops["tokens"] / step)
+  step = flops["per_token_step"] / (mfu * peak_flops)
+  accessed = bytes_accessed(compiled)
+  live = report["param_bytes_per_device"] + report["kv_cache_bytes_per_device"]
+  return dict(decode_step_seconds_compute_bound=step, bytes_accessed_per_step=accessed,
+              bytes_accessed_vs_weights_and_kv_cache=accessed / live,
+              weight_read_seconds_per_token=report["param_bytes_per_device"] / tpu_slice.chip.hbm_bandwidth)
+
+
+def compile_program(config, tpu_slice: chips.Slice, program: str = "train",
+                    mfu: float = chips.DEFAULT_MFU, log_dir: str | None = None,
+                    hlo_path: str | None = None) -> dict:
+  """Compiles `program` ("train" or "decode") for the slice; returns the report dict.
+
+  Raises DoesNotFit (its `.report` filled in) when the compiler or the memory analysis says
+  the program needs more than the chip's usable HBM. `hlo_path` saves the optimised HLO.
+  """
+  log_dir = process.prepare_libtpu_environment(log_dir)
+  devices = slice_devices(tpu_slice)
+  flags = apply_slice_defaults(config, tpu_slice) if program == "train" else []
+  mesh_config = (config.mesh if program == "train"
+                 else sharding.decode_mesh_config(dict(config.mesh), "tpu", len(devices)))
+  mesh = sharding.make_mesh(mesh_config, devices, tpu_slice.num_slices)
+  hbm = tpu_slice.usable_hbm_bytes()
+  report: dict[str, Any] = {
+      "program": program, "preset": config.get("preset", ""), "topology": tpu_slice.name,
+      "topology_name": tpu_slice.topology_name, "num_slices": tpu_slice.num_slices,
+      "chip": tpu_slice.chip.name, "devices": tpu_slice.num_devices, "hosts": tpu_slice.num_hosts,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "usable_hbm_bytes": hbm, "jax_version": jax.__version__,
+  }
+  start = time.perf_counter()
+  lowered, params, model_config, flops = _lower_program(config, mesh, program, flags, report)
+  report.update(
+      attention=model_config.attention, param_dtype=model_config.param_dtype,
+      compute_dtype=model_config.dtype, num_params=model_config.num_params(),
+      param_bytes_per_device=bytes_per_device(params),
+      lower_seconds=round(time.perf_counter() - start, 1))
+  compiled = _compile(lowered, config, program, report, tpu_slice, log_dir)
+  if hlo_path:
+    paths.write_text_atomic(hlo_path, compiled.as_text())
+  report["memory"] = memory_report(compiled, hbm)
+  peak = report["memory"]["peak_bytes"]
+  report["fits"] = peak <= hbm
+  report["mfu_assumed"] = mfu
+  report.update(_speed_figures(compiled, program, flops, report, tpu_slice, mfu))
   if not report["fits"]:
     report["largest_buffers"] = []
-    report["advice"] = _advice(config, program, peak, hbm, tpu_slice)
-    report["message"] = (f"{program} for {report['preset']} on {tpu_slice.name} does not fit: "
-                         f"peak {peak / GiB:.2f} GiB a chip, {hbm / GiB:.2f} GiB usable "
-                         f"(over by {(peak - hbm) / GiB:.2f} GiB)")
-    raise DoesNotFit(report)
+    raise _does_not_fit(config, program, report, tpu_slice, peak, "peak")
   return report
 
 

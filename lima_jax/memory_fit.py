@@ -14,11 +14,11 @@ import math
 import jax
 import psutil
 
-from lima_jax import errors
 from lima_jax import chips
+from lima_jax import errors
 from lima_jax import metrics as metrics_lib
 
-GiB = 2 ** 30
+GiB = chips.GiB
 LORA_RANK_HINT = 8
 
 

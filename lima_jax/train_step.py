@@ -200,6 +200,50 @@ def update_kind(config, model_config: model_lib.ModelConfig) -> str:
   return fused_update.describe(config, model_config)[0]
 
 
+def _accumulated_grads(micro_grads, dropout_key_or_none, state: TrainState, batch, denom,
+                       micro: int, params_shardings):
+  """(loss, gradient) summed over `micro` micro-batches in a scan (one fp32 accumulator)."""
+  batch_size = batch["inputs"].shape[0]
+  # Row r of micro-batch m is global row r * micro + m: each device keeps its own rows.
+  split = jax.tree.map(
+      lambda x: sharding.constrain(
+          x.reshape(batch_size // micro, micro, *x.shape[1:]).swapaxes(0, 1),
+          (None, *BATCH_LOGICAL_AXES)), batch)
+
+  def accumulate(carry, inputs):
+    loss_sum, grad_sum = carry
+    index, mb = inputs
+    loss, grads = micro_grads(state.params, state.frozen, mb,
+                              dropout_key_or_none(state, index), denom)
+    grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+    grad_sum = jax.lax.with_sharding_constraint(grad_sum, params_shardings)
+    return (loss_sum + loss, grad_sum), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+  zeros = jax.lax.with_sharding_constraint(zeros, params_shardings)
+  (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                  (jnp.arange(micro), split))
+  return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+
+def _step_metrics(loss, grad_norm, lr, batch) -> dict:
+  """What a step reports (METRIC_KEYS): loss, gradient norm, lr and its token counts."""
+  return {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "lr": lr,
+      "loss_tokens": jnp.sum(batch["loss_mask"]),
+      "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
+      # Sum of squared sequence lengths: a sequence of length n has positions 0..n-1 and
+      # sum(2p + 1) = n^2, the query-key pairs its (segment-local) attention computes.
+      "attended": jnp.sum(jnp.where(batch["segment_ids"] > 0,
+                                    2 * batch["positions"].astype(jnp.float32) + 1, 0.0)),
+  }
+
+
+METRIC_KEYS = ("loss", "grad_norm", "lr", "loss_tokens", "tokens", "attended")
+
+
 def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
                     total_steps: int | None = None) -> tuple[Callable, TrainState, dict]:
   """The jitted optimizer step and the shardings it expects.
@@ -252,26 +296,8 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
       loss, grads = micro_grads(state.params, state.frozen, batch,
                                 dropout_key_or_none(state, 0), denom)
     else:
-      # Row r of micro-batch m is global row r * micro + m: each device keeps its own rows.
-      split = jax.tree.map(
-          lambda x: sharding.constrain(
-              x.reshape(batch_size // micro, micro, *x.shape[1:]).swapaxes(0, 1),
-              (None, *BATCH_LOGICAL_AXES)), batch)
-
-      def accumulate(carry, inputs):
-        loss_sum, grad_sum = carry
-        index, mb = inputs
-        loss, grads = micro_grads(state.params, state.frozen, mb,
-                                  dropout_key_or_none(state, index), denom)
-        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-        grad_sum = jax.lax.with_sharding_constraint(grad_sum, shards.params)
-        return (loss_sum + loss, grad_sum), None
-
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-      zeros = jax.lax.with_sharding_constraint(zeros, shards.params)
-      (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                      (jnp.arange(micro), split))
-      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+      loss, grads = _accumulated_grads(micro_grads, dropout_key_or_none, state, batch, denom,
+                                       micro, shards.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return loss, optax.tree.norm(grads), optax.apply_updates(state.params, updates), opt_state
 
@@ -284,22 +310,12 @@ def make_train_step(config, model_config: model_lib.ModelConfig, mesh: Mesh,
             dropout_key_or_none(state, 0), lambda logits: masked_loss(logits, batch, denom))
       else:
         loss, grad_norm, params, opt_state = ordinary_update(state, batch, denom)
-      metrics = {
-          "loss": loss,
-          "grad_norm": grad_norm,
-          "lr": schedule(state.step),
-          "loss_tokens": jnp.sum(batch["loss_mask"]),
-          "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
-          # Sum of squared sequence lengths: a sequence of length n has positions 0..n-1 and
-          # sum(2p + 1) = n^2, the query-key pairs its (segment-local) attention computes.
-          "attended": jnp.sum(jnp.where(batch["segment_ids"] > 0,
-                                        2 * batch["positions"].astype(jnp.float32) + 1, 0.0)),
-      }
+      metrics = _step_metrics(loss, grad_norm, schedule(state.step), batch)
       new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
       return new_state, metrics
 
   rep = replicated(mesh)
-  metric_shards = {k: rep for k in ("loss", "grad_norm", "lr", "loss_tokens", "tokens", "attended")}
+  metric_shards = {k: rep for k in METRIC_KEYS}
   jitted = jax.jit(step_fn, in_shardings=(shards, b_shards), out_shardings=(shards, metric_shards),
                    donate_argnums=0)
   return jitted, shards, b_shards
