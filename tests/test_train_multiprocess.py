@@ -183,6 +183,9 @@ def test_a_killed_peer_ends_the_survivor_with_how_to_resume_and_sigterm_saves_on
   assert (ckpt_lib.resolve(workdir) / "opt_state").is_dir()
 
   # And once more to the run's normal end, without the preemption service: the log says so.
-  outputs = [_finish(p) for p in _start_pair(workdir, cache, JAX_ENABLE_PREEMPTION_SERVICE="false")]
-  assert "preemption handling is OFF" in outputs[0]
+  procs = _start_pair(workdir, cache, JAX_ENABLE_PREEMPTION_SERVICE="false")
+  outputs = [p.communicate(timeout=400) for p in procs]
+  for p, (_, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, stderr[-4000:]
+  assert "preemption handling is OFF" in outputs[0][1]  # A warning: on stderr.
   assert ckpt_lib.read_train_state(workdir)["step"] == FAULT_STEPS
