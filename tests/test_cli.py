@@ -208,6 +208,10 @@ HELP_COMMANDS = {
     "convert hf-to-orbax": ([str(ROOT / "tools" / "convert_weights.py"), "hf-to-orbax"],
                             ["--hf_dir", "--ckpt_dir", "--[no]add_eot"]),
     "compare": ([str(ROOT / "tools" / "compare.py")], ["--prompts", "--resamples", "--level"]),
+    "serve": ([str(ROOT / "tools" / "serve.py")], ["--checkpoint", "--host", "--port", "--api_key", "--config"]),
+    "judge": ([str(ROOT / "tools" / "judge.py")], ["--a", "--b", "--judge_url", "--judge_model"]),
+    "annotate": ([str(ROOT / "tools" / "annotate.py")], ["--a", "--b", "--output", "--overlap"]),
+    "select": ([str(ROOT / "tools" / "select_checkpoint.py")], ["--workdir", "--epochs", "--config"]),
 }
 
 

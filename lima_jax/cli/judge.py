@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   kind = argv[0] if argv and not argv[0].startswith("-") else None
   if kind is not None and kind not in prompts.KINDS:
     common.fail(f"MODE {kind!r}: expected one of {', '.join(prompts.KINDS)}")
-  if kind is None and not any(a.lstrip("-").startswith("help") for a in argv):
+  if kind is None and not common.help_requested([common.prog_name(), *argv]):
     common.fail(f"the first argument is the MODE, one of {', '.join(prompts.KINDS)}")
   positional = ("MODE",) if kind == prompts.PAIRWISE else ("MODE", "ANSWERS")
   values, args = common.parse_own_flags(argv, define_flags, __doc__, positional=positional)
