@@ -24,9 +24,14 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+
+from lima_jax import process
+
+process.default_to_cpu_without_tpu(log=True)  # Before jax loads: a CPU host with libtpu stays quiet.
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 
 from lima_jax import convert  # pylint: disable=g-import-not-at-top
 from lima_jax import model as model_lib

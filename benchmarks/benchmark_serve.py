@@ -32,9 +32,14 @@ import threading
 import time
 
 import httpx
-import jax
-import numpy as np
-import psutil
+
+from lima_jax import process
+
+process.default_to_cpu_without_tpu(log=True)  # Before jax loads: a CPU host with libtpu stays quiet.
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import psutil  # pylint: disable=wrong-import-position
 
 import benchmark_decode  # The script's own folder is on sys.path when it runs.
 
