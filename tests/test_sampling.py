@@ -1,9 +1,6 @@
 """LIMA decoding against transformers (logits processors, greedy generate) and against itself
 (batched vs alone, cache vs full forward, sharded vs single device)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,11 +11,12 @@ import torch
 import transformers
 from transformers.generation import logits_process
 
+
+import multi_device
 from lima_jax import convert
 from lima_jax import model as model_lib
 from lima_jax import sampling
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Vocabulary 100 padded to 128: padded entries exist and must never be sampled.
 CFG = model_lib.ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -290,8 +288,4 @@ def test_sharded_generation_equals_single_device(tmp_path):
       assert len(set(tuple(r.tokens) for r in single)) > 1
       print("ok", len(jax.devices()))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "ok 8" in proc.stdout
+  multi_device.run_on_8_cpu_devices(script)

@@ -2,9 +2,6 @@
 and whenever a request joins, and no compile after warm-up whatever the requests' settings."""
 
 import contextlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,12 +9,13 @@ import numpy as np
 import pytest
 from jax import monitoring
 
+
+import multi_device
 from lima_jax import model as model_lib
 from lima_jax import sampling
 from lima_jax.serve import batcher as batcher_lib
 from lima_jax.serve import engine as engine_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Vocabulary 100 padded to 128: padded entries exist and must never be sampled.
 CFG = model_lib.ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
                             vocab_pad_multiple=128, rope_theta=10000.0, max_seq_len=256)
@@ -183,11 +181,7 @@ def test_engine_on_eight_devices_equals_one():
       assert answers[1] == [r.tokens for r in single]
       print("ok", len(jax.devices()))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "ok 8" in proc.stdout
+  multi_device.run_on_8_cpu_devices(script)
 
 
 @pytest.mark.slow
