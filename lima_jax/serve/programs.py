@@ -161,10 +161,9 @@ class Programs:
       raw = sampling.mask_padded_vocab(logits[:, 0].astype(jnp.float32), cfg.vocab_size)
       processed = sampling.process_logits_per_row(raw, s["seen"], s["penalty"], s["temperature"],
                                                   s["nucleus_cut"], s["greedy"])
-      keys = jax.vmap(lambda d, i: jax.random.fold_in(jax.random.wrap_key_data(d), i))(s["key"], s["count"])
-      sampled = jax.vmap(jax.random.categorical)(keys, processed)
       active = s["active"]
-      token = jnp.where(s["greedy"], jnp.argmax(processed, axis=-1), sampled).astype(jnp.int32)
+      token = jnp.where(s["greedy"], sampling.first_argmax(processed),
+                        self._sample(processed, s["key"], s["count"], active & ~s["greedy"]))
       token = jnp.where(active, token, self.pad_id)
       lp, top_ids, top_lps = self._logprobs(raw, token, s["logprobs"] & active, k)
       count = s["count"] + active.astype(jnp.int32)
@@ -179,6 +178,15 @@ class Programs:
       return new, out
 
     return jax.lax.scan(step, state, None, length=self.steps_per_call)
+
+  def _sample(self, processed, key_data, count, wanted):
+    """Each row's draw with key fold_in(its key, its count), computed only when some slot samples
+    (the Gumbel noise over the vocabulary costs as much as a large matmul on a CPU)."""
+    def draw(processed):
+      keys = jax.vmap(lambda d, i: jax.random.fold_in(jax.random.wrap_key_data(d), i))(key_data, count)
+      return jax.vmap(sampling.categorical)(keys, processed)
+    skip = lambda processed: jnp.zeros(processed.shape[:1], jnp.int32)
+    return jax.lax.cond(jnp.any(wanted), draw, skip, processed)
 
   def _logprobs(self, raw, token, wanted, k):
     """The chosen token's log-probability and the top k, computed only when some slot asks."""
