@@ -39,16 +39,21 @@ LIMA_MIX = (
 )
 
 
-def lima_like_lengths(seed: int = 0, sigma: float = 0.5) -> np.ndarray:
-  """Untruncated token counts ([BOS] + input + EOT + output + EOT) of 1,000 conversations."""
+def lima_like_parts(seed: int = 0, sigma: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+  """Input and output token counts of 1,000 conversations drawn around LIMA's Table 1."""
   rng = np.random.default_rng(seed)
   mu = -sigma**2 / 2  # A log-normal factor with mean 1.
-  lengths = []
+  inputs, outputs = [], []
   for _, count, mean_in, mean_out in LIMA_MIX:
-    inputs = np.maximum(1, np.round(mean_in * rng.lognormal(mu, sigma, count)))
-    outputs = np.maximum(1, np.round(mean_out * rng.lognormal(mu, sigma, count)))
-    lengths.append(1 + inputs + 1 + outputs + 1)
-  return np.concatenate(lengths).astype(np.int64)
+    inputs.append(np.maximum(1, np.round(mean_in * rng.lognormal(mu, sigma, count))))
+    outputs.append(np.maximum(1, np.round(mean_out * rng.lognormal(mu, sigma, count))))
+  return np.concatenate(inputs).astype(np.int64), np.concatenate(outputs).astype(np.int64)
+
+
+def lima_like_lengths(seed: int = 0, sigma: float = 0.5) -> np.ndarray:
+  """Untruncated token counts ([BOS] + input + EOT + output + EOT) of 1,000 conversations."""
+  inputs, outputs = lima_like_parts(seed, sigma)
+  return 1 + inputs + 1 + outputs + 1
 
 
 def synthetic_examples(lengths, max_len: int) -> list[data.Example]:

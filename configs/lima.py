@@ -179,10 +179,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   config.sampling = ml_collections.ConfigDict(sampling.SamplingConfig().to_dict())
 
   # lima-serve / lima-evaluate's engine (lima_jax/serve, docs/serving.md): decode slots sharing
-  # one KV cache of sampling.max_len tokens each, decode steps per engine call, waiting requests
-  # before 503, most top_logprobs, seconds SIGTERM waits for answers in flight.
+  # one KV cache of up to sampling.max_len tokens each (never shorter than min_cache_len), decode
+  # steps per engine call, waiting requests before 503, most top_logprobs, seconds SIGTERM waits
+  # for answers in flight.
   config.serve = ml_collections.ConfigDict(dict(
-      slots=8, steps_per_call=4, max_queue=256, top_logprobs=20, shutdown_timeout=30.0))
+      slots=8, steps_per_call=4, min_cache_len=128, max_queue=256, top_logprobs=20,
+      shutdown_timeout=30.0))
 
   if preset == "tiny":
     config.data.max_len = 512

@@ -60,7 +60,7 @@ def _grouped(x, kv_heads):
 
 
 def _scores(q, k, mask, key_layout: str = "btkd"):
-  """Grouped queries [B, S, KV, G, D] and keys (`key_layout`: [B, T, KV, D], or "bktd" for a
+  """Grouped queries [B, S, KV, G, D] and keys (`key_layout`: [B, T, KV, D], or "bkdt" for a
   layer's own cache) -> masked scaled scores [B, KV, G, S, T] (float32)."""
   scores = jnp.einsum(f"bskgd,{key_layout}->bkgst", q, k, preferred_element_type=jnp.float32)
   scores = scores * (q.shape[-1] ** -0.5)
@@ -284,17 +284,19 @@ def self_attention_fn(mode: str):
 #     scanned (or unrolled) layer loop and updated in place at each layer's index. This is the
 #     cache `init_cache` makes, that `prefill`/`decode_step` take, and TPUs always use: slicing a
 #     layer out and stacking it back would copy the whole cache every step.
-#   * per layer, a tuple of {"k": [batch, kv_heads, length, head_dim],
-#     "v": [batch, kv_heads, head_dim, length]} (`unstack_cache`), for the CPU decode loop over
-#     per-layer weight copies (`model.unstack_layers`): XLA:CPU copies a layer's slice out of the
+#   * per layer, a tuple of {"k": [batch, kv_heads, head_dim, length],
+#     "v": [batch, kv_heads, length, head_dim]} (`unstack_cache`), for the CPU decode loop over
+#     per-layer weight copies (`model.decode_copies`): XLA:CPU copies a layer's slice out of the
 #     stacked arrays before using it, and transposes the cache into the operand layout of the two
-#     batched matmuls, on every token; one slice and transpose before the loop avoids both.
+#     batched matmuls, on every token; one slice and transpose before the loop avoids both. In
+#     these layouts both matmuls take the few grouped queries as their rows (q @ K, p @ V), which
+#     XLA:CPU runs twice as fast as the layouts that make the cache length the rows.
 # One layout for both would either change the TPU programs (the stacked cache in the matmul
 # layout, which cannot be timed here) or bring the per-token transpose back on CPU.
 
 CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-LAYER_CACHE_LOGICAL_AXES = {"k": ("batch", "kv_heads", "cache_length", "head_dim"),
-                            "v": ("batch", "kv_heads", "head_dim", "cache_length")}
+LAYER_CACHE_LOGICAL_AXES = {"k": ("batch", "kv_heads", "head_dim", "cache_length"),
+                            "v": ("batch", "kv_heads", "cache_length", "head_dim")}
 
 
 def init_cache(layers: int, batch: int, length: int, kv_heads: int, head_dim: int,
@@ -306,8 +308,21 @@ def init_cache(layers: int, batch: int, length: int, kv_heads: int, head_dim: in
 
 def unstack_cache(cache: Mapping[str, jax.Array]) -> tuple[dict, ...]:
   """A stacked cache as one dict per layer, in the per-layer layout."""
-  return tuple({"k": jnp.transpose(cache["k"][i], (0, 2, 1, 3)),
-                "v": jnp.transpose(cache["v"][i], (0, 2, 3, 1))} for i in range(cache["k"].shape[0]))
+  return tuple({"k": jnp.transpose(cache["k"][i], (0, 2, 3, 1)),
+                "v": jnp.transpose(cache["v"][i], (0, 2, 1, 3))} for i in range(cache["k"].shape[0]))
+
+
+def resize_cache(cache, length: int):
+  """The cache (either layout) cut to its first `length` positions, or padded with zeros to them."""
+  def resize(array, axes):
+    axis = axes.index("cache_length")
+    have = array.shape[axis]
+    if length <= have:
+      return jax.lax.slice_in_dim(array, 0, length, axis=axis)
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (0, length - have)
+    return jnp.pad(array, pad)
+  return jax.tree.map(resize, cache, cache_logical_axes(cache))
 
 
 def cache_logical_axes(cache) -> dict | tuple:
@@ -328,7 +343,7 @@ def constrain_cache(cache):
 def cache_batch_and_length(cache) -> tuple[int, int]:
   """(batch, slots) of a cache in either layout."""
   if isinstance(cache, tuple):
-    return cache[0]["k"].shape[0], cache[0]["k"].shape[2]
+    return cache[0]["k"].shape[0], cache[0]["k"].shape[3]
   return cache["k"].shape[1], cache["k"].shape[2]
 
 
@@ -341,8 +356,8 @@ def cached_attention(q, k, v, cache, positions, cache_positions, layer=None, *, 
   """
   if layer is None:
     rows = jnp.arange(k.shape[0])[:, None]
-    new_cache = {"k": cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype)),
-                 "v": cache["v"].at[rows, :, :, positions].set(v.astype(cache["v"].dtype))}
+    new_cache = {"k": cache["k"].at[rows, :, :, positions].set(k.astype(cache["k"].dtype)),
+                 "v": cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))}
     out = _attention_over_layer_cache(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
                                       visible(positions, cache_positions, window=window))
     return out, new_cache
@@ -361,9 +376,16 @@ def _write_layer(cache: jax.Array, new: jax.Array, positions: jax.Array, layer) 
 
 
 def _attention_over_layer_cache(q, k, v, mask):
-  """q [B, S, H, D] over one layer's cache, keys [B, KV, T, D] and values [B, KV, D, T]: the
+  """q [B, S, H, D] over one layer's cache, keys [B, KV, D, T] and values [B, KV, T, D]: the
   operand layouts of the two batched matmuls, so that no decode step transposes the cache."""
   b, s, h, d = q.shape
-  kv = k.shape[1]
-  probs = jax.nn.softmax(_scores(_grouped(q, kv), k, mask, "bktd"), axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgst,bkdt->bskgd", probs, v).reshape(b, s, h, d)
+  kv, t = k.shape[1], k.shape[3]
+  g = h // kv
+  rows = jnp.transpose(_grouped(q, kv), (0, 2, 3, 1, 4)).reshape(b, kv, g * s, d)  # [B, KV, G*S, D]
+  batch = ((0, 1), (0, 1))
+  scores = jax.lax.dot_general(rows, k, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, kv, g, s, t) * (d ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * s, t)
+  out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, KV, G*S, D]
+  return jnp.transpose(out.reshape(b, kv, g, s, d), (0, 3, 1, 2, 4)).reshape(b, s, h, d)

@@ -330,7 +330,7 @@ def without_padding_rows(config: model_lib.ModelConfig, params, vocab: int,
 
 
 def per_layer_copies(params) -> bool:
-  """Whether `generate` slices per-layer weights and caches once (model.unstack_layers).
+  """Whether `generate` makes the CPU copies of the weights and caches once (model.decode_copies).
 
   On CPU that spares a copy of every layer's weights per token, at the price of a second copy of
   the decoder weights while `generate` runs: done when that copy fits in the host's free memory
@@ -353,7 +353,7 @@ def _initial_seen(prompts: jax.Array, prompt_lens: jax.Array, scfg: SamplingConf
   return sharding.constrain(seen, ("batch", "vocab"))
 
 
-def _sampling_loop(step_impl, params, layers, state, *, rows, prompt_lens, budgets, row_keys, stop,
+def _sampling_loop(step_impl, params, copies, state, *, rows, prompt_lens, budgets, row_keys, stop,
                    scfg: SamplingConfig, vocab: int, num_new: int, cache_len: int, pad_id: int):
   """The while loop of `generate`: a decode step, its logits processed and a token chosen per
   row (`rows` = arange(B)), until every row has stopped or spent its budget."""
@@ -364,7 +364,7 @@ def _sampling_loop(step_impl, params, layers, state, *, rows, prompt_lens, budge
   def body(s):
     step = s["step"]
     positions = jnp.minimum(prompt_lens - 1 + step, cache_len - 1)
-    logits, cache = step_impl(params, s["token"], positions, s["cache"], layers)
+    logits, cache = step_impl(params, s["token"], positions, s["cache"], copies)
     logits = process_logits(logits, s["seen"], scfg, vocab)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
     token = choose_tokens(logits, keys, scfg.greedy)
@@ -417,27 +417,27 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
   vocab, vpad = cfg.vocab_size, cfg.padded_vocab_size
   num_new = min(scfg.max_new_tokens, cache_len)
 
-  def prefill_impl(params, tokens, cache, layers=None):
+  def prefill_impl(params, tokens, cache, copies=None):
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     _, cache = model_lib.bind(cfg, params).decode(tokens, positions, cache, padded_vocab=True,
-                                                  layers=layers)
+                                                  copies=copies)
     return attention.constrain_cache(cache)
 
-  def step_impl(params, tokens, positions, cache, layers=None):
+  def step_impl(params, tokens, positions, cache, copies=None):
     logits, cache = model_lib.bind(cfg, params).decode(
-        tokens[:, None], positions[:, None], cache, padded_vocab=True, layers=layers)
+        tokens[:, None], positions[:, None], cache, padded_vocab=True, copies=copies)
     return logits[:, 0], attention.constrain_cache(cache)
 
   def generate_impl(params, prompts, prompt_lens, budgets, row_seeds, seed):
     b, p = prompts.shape
-    layers = None
+    copies = None
     cache = attention.constrain_cache(model_lib.init_cache(cfg, batch_size, cache_len))
     if per_layer_copies(params):
-      layers = model_lib.unstack_layers(params)
+      copies = model_lib.decode_copies(params)
       cache = attention.constrain_cache(attention.unstack_cache(cache))
     if p > 1:
-      cache = prefill_impl(params, prompts[:, :-1], cache, layers)
+      cache = prefill_impl(params, prompts[:, :-1], cache, copies)
     rows = jnp.arange(b)
     last = prompts[rows, jnp.maximum(prompt_lens - 1, 0)]
     seen = _initial_seen(prompts, prompt_lens, scfg, vpad)
@@ -448,7 +448,7 @@ def make_decode_fns(model_config: model_lib.ModelConfig, sampling_config: Sampli
         step=jnp.int32(0), cache=cache, token=last, seen=seen,
         out=jnp.full((b, num_new), pad_id, jnp.int32),
         count=jnp.zeros((b,), jnp.int32), done=budgets <= 0, stopped=jnp.zeros((b,), bool))
-    state = _sampling_loop(step_impl, params, layers, state, rows=rows, prompt_lens=prompt_lens,
+    state = _sampling_loop(step_impl, params, copies, state, rows=rows, prompt_lens=prompt_lens,
                            budgets=budgets, row_keys=row_keys, stop=stop, scfg=scfg, vocab=vocab,
                            num_new=num_new, cache_len=cache_len, pad_id=pad_id)
     return state["out"], state["count"], state["stopped"]

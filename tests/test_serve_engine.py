@@ -65,7 +65,11 @@ def test_greedy_answers_equal_sampling_generate_alone_under_load(params):
   prompts = random_prompts(18)
   scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=20, max_len=MAX_LEN, batch_size=1)
   alone = [sampling.generate(CFG, params, [p], sampling_config=scfg, stop_ids=STOP)[0] for p in prompts]
-  engine = engine_lib.Engine(CFG, params, slots=4, max_len=MAX_LEN, stop_ids=STOP, steps_per_call=3)
+  engine = engine_lib.Engine(CFG, params, slots=4, max_len=MAX_LEN, stop_ids=STOP, steps_per_call=3,
+                             min_cache_len=16)
+  lengths = []  # The cache's length at each engine call.
+  generate = engine.generate
+  engine.generate = lambda: (generate(), lengths.append(engine.cache_len))[0]
   budgets = np.random.default_rng(1).integers(3, 21, size=len(prompts))
   settings = [engine_lib.SlotSettings.from_sampling(scfg, max_tokens=int(n)) for n in budgets]
   handles = staggered(engine, prompts, settings)
@@ -74,6 +78,9 @@ def test_greedy_answers_equal_sampling_generate_alone_under_load(params):
     assert h.tokens == a.tokens[:n]
     assert h.finish_reason == ("stop" if a.finish_reason == "stop" and a.generated_tokens <= n else "length")
   assert any(h.finish_reason == "stop" for h in handles) and any(h.finish_reason == "length" for h in handles)
+  grew = any(a < b for a, b in zip(lengths, lengths[1:]))
+  shrank = any(a > b for a, b in zip(lengths, lengths[1:]))
+  assert grew and shrank, lengths  # The cache followed the answers in flight.
 
 
 @pytest.mark.slow
@@ -95,7 +102,8 @@ def test_seeded_sampled_answer_is_the_same_alone_and_under_load(params):
 @pytest.mark.slow
 def test_no_compiles_after_warm_up_for_mixed_requests(params):
   engine = engine_lib.Engine(CFG, params, slots=4, max_len=MAX_LEN, stop_ids=STOP, steps_per_call=2,
-                             top_logprobs=5)
+                             top_logprobs=5, min_cache_len=16)
+  assert engine.cache_lengths == [16, 32, 64]
   engine.warm_up(with_score=True)
   rng = np.random.default_rng(3)
   prompts = random_prompts(50, seed=4, longest=60)

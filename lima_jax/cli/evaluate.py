@@ -350,7 +350,8 @@ def make_engine(loaded, scfg: sampling.SamplingConfig, serve_config: dict) -> en
   return engine_lib.Engine(
       loaded.model_config, loaded.params, slots=int(serve_config.get("slots", scfg.batch_size)),
       max_len=scfg.max_len, stop_ids=loaded.stop_ids, pad_id=loaded.tokenizer.pad_id or 0,
-      mesh=loaded.mesh, steps_per_call=int(serve_config.get("steps_per_call", 4)), top_logprobs=0)
+      mesh=loaded.mesh, steps_per_call=int(serve_config.get("steps_per_call", 4)), top_logprobs=0,
+      min_cache_len=int(serve_config.get("min_cache_len", 128)))
 
 
 def alpaca_eval_records(records: Sequence[dict], generator: str) -> list[dict]:

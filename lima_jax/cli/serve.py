@@ -52,8 +52,9 @@ def build_service(f, log):
   engine = engine_lib.Engine(
       loaded.model_config, loaded.params, slots=slots, max_len=max_len, stop_ids=loaded.stop_ids,
       pad_id=loaded.tokenizer.pad_id or 0, mesh=mesh, steps_per_call=int(serve.get("steps_per_call", 4)),
-      top_logprobs=int(serve.get("top_logprobs", 20)))
-  log(f"compiling the engine ({slots} slots, context {max_len}, prompt buckets {engine.buckets()})")
+      top_logprobs=int(serve.get("top_logprobs", 20)), min_cache_len=int(serve.get("min_cache_len", 128)))
+  log(f"compiling the engine ({slots} slots, context {max_len}, prompt buckets {engine.buckets()}, "
+      f"cache lengths {engine.cache_lengths})")
   engine.warm_up(with_score=True)
   batcher = batcher_lib.Batcher(engine, max_queue=int(serve.get("max_queue", 256)))
   name = f.served_model_name or inference.generator_name(loaded.path)

@@ -1,5 +1,9 @@
-"""The engine's compiled programs (`lima_jax.serve.engine` drives them): init, prefill, insert,
-release, generate and score, as pure functions of the parameters and the slots' state.
+"""The engine's compiled programs (`lima_jax.serve.engine` drives them): init, resize, prefill,
+insert, release, generate and score, as pure functions of the parameters and the slots' state.
+
+The state's cache may be shorter than `max_len` (the engine keeps it as long as the longest live
+answer needs, `resize` moves it between lengths): every program but `init` and `resize` takes
+its length from the state it is given, so jax compiles each once per cache length.
 
 Built from shapes alone (no parameters, no devices touched), so the same programs serve a running
 engine and ahead-of-time compilation for a TPU slice (`lower_generate`).
@@ -34,14 +38,14 @@ class Programs:
                pad_id: int, steps_per_call: int, top_logprobs: int, per_layer: bool):
     self.model_config, self.slots, self.max_len, self.mesh = model_config, slots, max_len, mesh
     self.pad_id, self.steps_per_call, self.top_logprobs = pad_id, steps_per_call, top_logprobs
-    self.per_layer = per_layer  # Per-layer weight and cache copies (CPU; sampling.per_layer_copies).
+    self.per_layer = per_layer  # CPU copies of the weights and caches (sampling.per_layer_copies).
     self.state_shardings = None if mesh is None else self._shardings(self.abstract_state())
     self.weight_formats = None  # The weights' device layouts, once `pin_weight_formats` chose them.
     self.fns = self._compile_fns()
 
-  def abstract_state(self):
+  def abstract_state(self, length: int | None = None):
     with self._context():
-      return jax.eval_shape(self._init_state)
+      return jax.eval_shape(lambda: self._init_state(length or self.max_len))
 
   def lower_generate(self, abstract_params):
     """`generate` lowered for ShapeDtypeStructs with shardings, the weights' layouts left to the
@@ -66,13 +70,15 @@ class Programs:
   def _context(self):
     return sharding.activation_sharding(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  def _jit(self, fn, *, donate=(), state_out: str | None = None, in_shardings=None):
+  def _jit(self, fn, *, donate=(), state_out: str | None = None, in_shardings=None, static=()):
     """jax.jit under the mesh's activation rules; `state_out` names where the state is returned
     ("all" or "first" of a pair), so it keeps one sharding from call to call (no recompiles)."""
     def traced(*args):
       with self._context():
         return fn(*args)
     kwargs = {} if in_shardings is None else {"in_shardings": in_shardings}
+    if static:
+      kwargs["static_argnums"] = static
     if self.state_shardings is not None and state_out is not None:
       kwargs["out_shardings"] = self.state_shardings if state_out == "all" else (self.state_shardings, None)
     return jax.jit(traced, donate_argnums=donate, **kwargs)
@@ -98,12 +104,12 @@ class Programs:
       cache = attention.unstack_cache(cache)
     return attention.constrain_cache(cache)
 
-  def _init_state(self):
+  def _init_state(self, length: int):
     b, vpad = self.slots, self.model_config.padded_vocab_size
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     zeros = lambda dtype, *shape: jnp.zeros((b,) + shape, dtype)
     return dict(
-        cache=self._new_cache(b, self.max_len), token=zeros(jnp.int32), position=zeros(jnp.int32),
+        cache=self._new_cache(b, length), token=zeros(jnp.int32), position=zeros(jnp.int32),
         count=zeros(jnp.int32), budget=zeros(jnp.int32), active=zeros(bool),
         key=zeros(jnp.uint32, *key_shape), temperature=jnp.ones((b,), jnp.float32),
         nucleus_cut=zeros(jnp.float32), penalty=jnp.ones((b,), jnp.float32), greedy=zeros(bool),
@@ -113,8 +119,9 @@ class Programs:
   def _compile_fns(self) -> dict[str, Any]:
     replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
     return dict(
-        init=self._jit(self._init_state, state_out="all"),
-        unstack=jax.jit(model_lib.unstack_layers),
+        init=self._jit(self._init_state, state_out="all", static=(0,)),
+        resize=self._jit(self._resize_impl, state_out="all", static=(1,)),
+        copies=jax.jit(model_lib.decode_copies),
         prefill=self._jit(self._prefill_impl, in_shardings=self._weights_in(None, replicated, replicated)),
         insert=self._jit(self._insert_impl, donate=(0,), state_out="all"),
         release=self._jit(lambda state, slot: {**state, "active": state["active"].at[slot].set(False)},
@@ -123,11 +130,16 @@ class Programs:
                            in_shardings=self._weights_in(None, self.state_shardings)),
         score=self._jit(self._score_impl, in_shardings=self._weights_in(replicated)))
 
-  def _prefill_impl(self, params, layers, tokens, length):
+  def _resize_impl(self, state, length: int):
+    """The state with its cache cut or zero-padded to `length` positions (what lies past a live
+    answer's position is never read: `visible` masks it until the answer writes there)."""
+    return dict(state, cache=attention.constrain_cache(attention.resize_cache(state["cache"], length)))
+
+  def _prefill_impl(self, params, copies, tokens, length):
     width = tokens.shape[1]
     positions = jnp.arange(width, dtype=jnp.int32)[None]
     _, cache = model_lib.bind(self.model_config, params).decode(
-        tokens, positions, self._new_cache(1, width), padded_vocab=True, layers=layers)
+        tokens, positions, self._new_cache(1, width), padded_vocab=True, copies=copies)
     valid = positions < length
     seen = sampling.token_presence(tokens, valid, self.model_config.padded_vocab_size)[0]
     return {"cache": attention.constrain_cache(cache), "seen": seen}
@@ -149,7 +161,7 @@ class Programs:
                key=state["key"].at[slot].set(key), seen=state["seen"].at[slot].set(seen))
     return new
 
-  def _generate_impl(self, params, layers, state):
+  def _generate_impl(self, params, copies, state):
     cfg = self.model_config
     model = model_lib.bind(cfg, params)
     k = self.top_logprobs
@@ -157,7 +169,7 @@ class Programs:
 
     def step(s, _):
       logits, cache = model.decode(s["token"][:, None], s["position"][:, None], s["cache"],
-                                   padded_vocab=True, layers=layers)
+                                   padded_vocab=True, copies=copies)
       raw = sampling.mask_padded_vocab(logits[:, 0].astype(jnp.float32), cfg.vocab_size)
       processed = sampling.process_logits_per_row(raw, s["seen"], s["penalty"], s["temperature"],
                                                   s["nucleus_cut"], s["greedy"])
