@@ -84,19 +84,23 @@ def bench_ours(cfg, params, prompts, new_tokens, repeats):
   return results, seconds, first
 
 
-def bench_hf(model, prompts, new_tokens, repeats):
+def hf_generate(model, prompts, new_tokens: int) -> list[list[int]]:
+  """transformers `generate`, greedy, exactly `new_tokens` new tokens a prompt."""
   import torch  # pylint: disable=g-import-not-at-top
   ids = torch.tensor(prompts, dtype=torch.long)
-  mask = torch.ones_like(ids)
-  def run(n=new_tokens):
-    with torch.inference_mode():
-      return model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                            max_new_tokens=n, min_new_tokens=n)
-  run(4)  # Warm-up: nothing to compile, a few tokens suffice.
+  with torch.inference_mode():
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+  return out[:, ids.shape[1]:].tolist()
+
+
+def bench_hf(model, prompts, new_tokens, repeats):
+  run = lambda: hf_generate(model, prompts, new_tokens)
+  hf_generate(model, prompts, 4)  # Warm-up: nothing to compile, a few tokens suffice.
   start = time.perf_counter()
   out = run()
   seconds = min(time.perf_counter() - start, best_time(run, repeats - 1))
-  return out[:, ids.shape[1]:].tolist(), seconds
+  return out, seconds
 
 
 def recompute_step_fn(cfg):

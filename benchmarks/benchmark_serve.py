@@ -241,7 +241,8 @@ def decode_vs_transformers(cfg, params, hf, slots, new_tokens, prompt_len, repea
   runs = {"engine": lambda: [h.tokens for h in batcher_lib.generate_all(engine, prompts, settings)]}
   runs["engine"]()  # Compiles.
   if hf is not None:
-    runs["transformers"] = lambda: benchmark_decode.bench_hf(hf, prompts, new_tokens, 1)[0]
+    benchmark_decode.hf_generate(hf, prompts, 4)  # Warm-up: nothing to compile.
+    runs["transformers"] = lambda: benchmark_decode.hf_generate(hf, prompts, new_tokens)
   best = best_in_turns(runs, repeats)
   tokens, seconds = best["engine"]
   result = {"slots": slots, "new_tokens": new_tokens, "engine_tokens_per_s": slots * new_tokens / seconds}

@@ -59,10 +59,10 @@ def _grouped(x, kv_heads):
   return x.reshape(b, s, kv_heads, h // kv_heads, d)
 
 
-def _scores(q, k, mask, key_layout: str = "btkd"):
-  """Grouped queries [B, S, KV, G, D] and keys (`key_layout`: [B, T, KV, D], or "bkdt" for a
-  layer's own cache) -> masked scaled scores [B, KV, G, S, T] (float32)."""
-  scores = jnp.einsum(f"bskgd,{key_layout}->bkgst", q, k, preferred_element_type=jnp.float32)
+def _scores(q, k, mask):
+  """Grouped queries [B, S, KV, G, D] and keys [B, T, KV, D] -> masked scaled scores
+  [B, KV, G, S, T] (float32)."""
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
   scores = scores * (q.shape[-1] ** -0.5)
   return jnp.where(mask[:, None, None], scores, MASK_VALUE)
 

@@ -43,9 +43,9 @@ class Programs:
     self.weight_formats = None  # The weights' device layouts, once `pin_weight_formats` chose them.
     self.fns = self._compile_fns()
 
-  def abstract_state(self, length: int | None = None):
+  def abstract_state(self):
     with self._context():
-      return jax.eval_shape(lambda: self._init_state(length or self.max_len))
+      return jax.eval_shape(lambda: self._init_state(self.max_len))
 
   def lower_generate(self, abstract_params):
     """`generate` lowered for ShapeDtypeStructs with shardings, the weights' layouts left to the
